@@ -1,0 +1,162 @@
+"""The ``gamverify`` command (python-fire): ``gamverify cam|synth|energy|version``; ``gamverify COMMAND --help``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "cam", "synth", "energy", "version"]
+
+_CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
+
+
+def _network_from_name(network: str, network_args: dict | str | None) -> Any:
+    from monai.bundle import ConfigParser
+
+    args = json.loads(network_args) if isinstance(network_args, str) else dict(network_args or {})
+    target = network if "." in network else f"monai.networks.nets.{network}"
+    try:
+        return ConfigParser({"net": {"_target_": target, **args}}).get_parsed_content("net")
+    except Exception as err:
+        raise ValueError(f"cannot build network {target!r} with {args}: {err}") from err
+
+
+def cam(
+    image: str,
+    out: str = "cam_out",
+    bundle_root: str | None = None,
+    network: str | None = None,
+    network_args: dict | str | None = None,
+    checkpoint: str | None = None,
+    layer: str | None = None,
+    method: str = "gradcam",
+    class_idx: int | None = None,
+    a_min: float | None = None,
+    a_max: float | None = None,
+    device: str | None = None,
+) -> dict:
+    """Explain one image: write the map as NIfTI (the input's affine), a PNG of three orthogonal slices and a JSON.
+
+    Give either a bundle (``--bundle_root``: its network, weights, inference preprocessing and declared CAM layer)
+    or a network by name (``--network resnet18 --network_args '{"spatial_dims": 3, "n_input_channels": 1,
+    "num_classes": 5}' --checkpoint model.pt --layer layer4``).
+
+    Args:
+        image: NIfTI (or any MONAI-readable) image.
+        out: output directory.
+        bundle_root: MONAI bundle directory.
+        network: ``monai.networks.nets`` name or a dotted path to a network class.
+        network_args: keyword arguments of the network (JSON string or dict).
+        checkpoint: weights (``torch.load(weights_only=True)``); without it a named network keeps random weights.
+        layer: target layer (default: the bundle's declared layer).
+        method: gradcam, gradcampp or scorecam.
+        class_idx: class (or output column) to explain; default: the predicted class.
+        a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
+        a_max: intensity window upper bound mapped to 1.
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+
+    Returns:
+        Summary dict (prediction, probabilities, written files).
+    """
+    import torch
+
+    import monai_gamverify as gv
+    from monai_gamverify.bundle import load_bundle, load_checkpoint
+    from monai_gamverify.io import load_image, save_nifti, write_json
+    from monai_gamverify.viz import overlay_png
+
+    if method.lower() not in _CAMS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_CAMS)}")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names: list[str] = []
+    if bundle_root is not None:
+        bm = load_bundle(bundle_root, device=dev)
+        net, layer, names = bm.network, layer or bm.target_layer, bm.class_names
+        pre = bm.preprocessing()
+        if pre is not None:
+            try:
+                img = pre({"image": str(image)})["image"]
+            except Exception as err:
+                raise ValueError(f"cannot preprocess {image} with the bundle's transforms: {err}") from err
+        else:
+            img = load_image(image)
+    elif network is not None:
+        net = _network_from_name(network, network_args)
+        if checkpoint:
+            load_checkpoint(net, checkpoint)
+        else:
+            print("warning: no --checkpoint given; the network keeps its random initial weights")
+        net = net.to(dev).eval()
+        img = load_image(image)
+        if a_min is not None and a_max is not None:
+            from monai.transforms import ScaleIntensityRange
+
+            img = ScaleIntensityRange(a_min, a_max, 0.0, 1.0, clip=True)(img)
+    else:
+        raise ValueError("give --bundle_root or --network")
+    if not layer:
+        raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
+    x = img.unsqueeze(0).to(dev)
+    explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
+    result = explainer.explain(x, class_idx=class_idx)
+    probs = result.logits.float().softmax(1)[0].tolist() if result.logits.shape[1] > 1 else None
+    pred = int(result.logits[0].argmax())
+    stem = Path(image).name.split(".")[0]
+    outdir = Path(out)
+    nii = save_nifti(result.maps[0], outdir / f"{stem}_{method}.nii.gz", reference=img)
+    png = overlay_png(img[0], result.maps[0, 0], outdir / f"{stem}_{method}.png", title=f"{method} {layer}: {stem}")
+    summary = {
+        "image": str(image),
+        "layer": layer,
+        "method": method,
+        "explained_class": int(result.class_idx[0]),
+        "prediction": pred,
+        "prediction_name": names[pred] if pred < len(names) else str(pred),
+        "probabilities": probs,
+        "map": str(nii),
+        "overlay": str(png),
+    }
+    write_json(summary, outdir / f"{stem}_{method}.json")
+    print(
+        f"{stem}: predicted {summary['prediction_name']}"
+        + (f" (p={max(probs):.2f})" if probs else "")
+        + f"; {method} map of {layer} -> {nii}, overlay -> {png}"
+    )
+    return summary
+
+
+def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0, out: str = "cohort", **kwargs: Any):
+    """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.synthetic.synth``."""
+    from monai_gamverify.synthetic import synth as _synth
+
+    return _synth(kind=kind, n=n, size=size, seed=seed, out=out, **kwargs)
+
+
+def energy(energy: str, scores: str, out: str = "energy_out", **kwargs: Any) -> dict:
+    """Attribution-energy analysis (AE CSV or map folder + scores CSV); see ``monai_gamverify.energy.energy_report``."""
+    from monai_gamverify.energy import energy_report
+
+    result = energy_report(energy, scores, out, **kwargs)
+    return {k: v for k, v in result.items() if k != "table"}
+
+
+def version() -> str:
+    """Package, MONAI and torch versions."""
+    import monai
+    import torch
+
+    import monai_gamverify
+
+    return f"monai-gamverify {monai_gamverify.__version__} (monai {monai.__version__}, torch {torch.__version__})"
+
+
+def main() -> None:
+    """Entry point of the ``gamverify`` console script."""
+    import fire
+
+    fire.Fire({"cam": cam, "synth": synth, "energy": energy, "version": version}, name="gamverify")
+
+
+if __name__ == "__main__":
+    main()

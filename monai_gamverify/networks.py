@@ -1,0 +1,371 @@
+"""ConvNeXt classifiers for 2D and 3D images, with an optional CBAM-style attention after each stage.
+
+MONAI ships no classification ConvNeXt; the verification study's reference model is "ConvNeXt+Attn". Both
+networks here are TorchScript-compatible (bundles export them with ``ckpt_export``) and use stable module names:
+
+- ``stem``: patchify convolution + channels-first LayerNorm.
+- ``stages.{i}``: stage ``i`` = ``downsample`` (identity for stage 0) -> ``blocks`` -> ``attn`` (identity without
+  attention). The output of ``stages.{n-1}`` (``n = len(depths)``) is the Grad-CAM target (:attr:`cam_target_layer`);
+  ``stages.0`` and ``stages.1`` are the early "layer 1 / layer 2" maps for feature-map verification
+  (:attr:`feature_layers`).
+- ``norm``: LayerNorm of the globally pooled features (the penultimate features), ``head_drop`` then ``head``: the
+  only ``nn.Linear`` of the network and the last module, so K+1 widening finds it.
+
+Example:
+    >>> net = convnext_attn_pico(spatial_dims=3, in_channels=1, out_channels=5)
+    >>> net(torch.zeros(2, 1, 32, 32, 32)).shape
+    torch.Size([2, 5])
+    >>> net.cam_target_layer, net.feature_layers
+    ('stages.2', ('stages.0', 'stages.1'))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers import DropPath
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+__all__ = [
+    "LayerNormChannelsFirst",
+    "ConvNeXtBlock",
+    "ChannelSpatialAttention",
+    "ConvNeXtStage",
+    "ConvNeXt",
+    "ConvNeXtAttention",
+    "convnext_pico",
+    "convnext_nano",
+    "convnext_tiny",
+    "convnext_attn_pico",
+    "convnext_attn_nano",
+]
+
+
+def _check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+class LayerNormChannelsFirst(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor (the ConvNeXt "channels_first" norm).
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: number of channels C.
+        eps: added to the variance.
+
+    Example:
+        >>> LayerNormChannelsFirst(3, 8)(torch.randn(2, 8, 4, 4, 4)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        shape = (channels,) + (1,) * _check_spatial_dims(spatial_dims)
+        # parameters already shaped for broadcasting: no reshape in forward, TorchScript-friendly
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise conv -> LayerNorm -> 1x1 conv (4x) -> GELU -> 1x1 conv -> layer scale -> drop path.
+
+    Pointwise layers are 1x1 convolutions (not ``nn.Linear``) so that the classifier head stays the only linear layer.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: input and output channels.
+        kernel_size: depthwise kernel size (7 in ConvNeXt).
+        mlp_ratio: expansion of the pointwise MLP.
+        drop_path: stochastic-depth probability of the residual branch.
+        layer_scale_init: initial value of the per-channel layer scale; ``0`` or ``None`` disables it.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        hidden = max(int(round(channels * mlp_ratio)), 1)
+        self.dwconv = conv(channels, channels, kernel_size=kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = LayerNormChannelsFirst(spatial_dims, channels)
+        self.pwconv1 = conv(channels, hidden, kernel_size=1)
+        self.act = nn.GELU()
+        self.pwconv2 = conv(hidden, channels, kernel_size=1)
+        self.use_scale = bool(layer_scale_init)
+        shape = (channels,) + (1,) * spatial_dims
+        self.gamma = nn.Parameter(torch.full(shape, float(layer_scale_init or 1.0)), requires_grad=self.use_scale)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+        if self.use_scale:
+            y = y * self.gamma
+        return x + self.drop_path(y)
+
+
+class ChannelSpatialAttention(nn.Module):
+    """CBAM-style attention: channel gate from avg+max pooled features, then a spatial gate from channel avg+max.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: number of channels.
+        reduction: channel reduction of the gate MLP.
+        kernel_size: kernel of the spatial-gate convolution.
+
+    Example:
+        >>> ChannelSpatialAttention(2, 16)(torch.randn(1, 16, 8, 8)).shape
+        torch.Size([1, 16, 8, 8])
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 4, kernel_size: int = 7) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, _check_spatial_dims(spatial_dims)]
+        hidden = max(channels // max(int(reduction), 1), 1)
+        self.dims = list(range(2, 2 + spatial_dims))
+        self.channel_mlp = nn.Sequential(
+            conv(channels, hidden, kernel_size=1), nn.ReLU(), conv(hidden, channels, kernel_size=1)
+        )
+        self.spatial_conv = conv(2, 1, kernel_size=kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = x.mean(dim=self.dims, keepdim=True)
+        mx = torch.amax(x, dim=self.dims, keepdim=True)
+        x = x * torch.sigmoid(self.channel_mlp(avg) + self.channel_mlp(mx))
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), torch.amax(x, dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial_conv(pooled))
+
+
+class ConvNeXtStage(nn.Module):
+    """One stage: optional downsampling (LayerNorm + stride-2 conv), ConvNeXt blocks, optional attention."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: int,
+        depth: int,
+        downsample: bool,
+        drop_paths: Sequence[float],
+        layer_scale_init: float | None,
+        kernel_size: int = 7,
+        attention: bool = False,
+        attention_reduction: int = 4,
+    ) -> None:
+        super().__init__()
+        conv = Conv[Conv.CONV, spatial_dims]
+        if downsample:
+            self.downsample: nn.Module = nn.Sequential(
+                LayerNormChannelsFirst(spatial_dims, in_channels), conv(in_channels, channels, kernel_size=2, stride=2)
+            )
+        elif in_channels != channels:
+            raise ValueError(
+                f"a stage without downsampling needs in_channels == channels, got {in_channels}/{channels}"
+            )
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                ConvNeXtBlock(
+                    spatial_dims, channels, kernel_size, drop_path=drop_paths[j], layer_scale_init=layer_scale_init
+                )
+                for j in range(depth)
+            ]
+        )
+        self.attn: nn.Module = (
+            ChannelSpatialAttention(spatial_dims, channels, reduction=attention_reduction)
+            if attention
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.blocks(self.downsample(x)))
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt classifier for 2D or 3D images (Liu et al., "A ConvNet for the 2020s", 2022), small by default.
+
+    The defaults (3 stages of widths 16/32/64, stem stride 2) suit 32^3-64^3 volumes on a CPU and keep the last
+    stage at 1/8 of the input size, so Grad-CAM maps still have structure. Use :func:`convnext_tiny` for the
+    original ConvNeXt-T layout.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: number of classes (or regression outputs).
+        depths: number of blocks per stage.
+        widths: channels per stage (same length as ``depths``).
+        stem_kernel: kernel size and stride of the patchify stem.
+        kernel_size: depthwise kernel size of the blocks.
+        drop_path_rate: stochastic depth, increased linearly over blocks from 0 to this value.
+        layer_scale_init: initial layer-scale value (``0``/``None``: no layer scale).
+        dropout_prob: dropout before the head.
+        head_init_scale: multiplies the initial head weights.
+
+    Example:
+        >>> net = ConvNeXt(spatial_dims=2, in_channels=1, out_channels=3)
+        >>> net(torch.zeros(4, 1, 64, 64)).shape
+        torch.Size([4, 3])
+    """
+
+    use_attention: bool = False
+    # class-level helpers (Python only) are not compiled by TorchScript
+    __jit_unused_properties__ = ["cam_target_layer", "feature_layers"]
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        depths: Sequence[int] = (1, 1, 2),
+        widths: Sequence[int] = (16, 32, 64),
+        stem_kernel: int = 2,
+        kernel_size: int = 7,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = 1e-6,
+        dropout_prob: float = 0.0,
+        head_init_scale: float = 1.0,
+        attention_reduction: int = 4,
+    ) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        depths, widths = [int(d) for d in depths], [int(w) for w in widths]
+        if not depths or len(depths) != len(widths):
+            raise ValueError(f"depths and widths must be non-empty and of equal length, got {depths} and {widths}")
+        if min(depths) < 1 or min(widths) < 1:
+            raise ValueError(f"depths and widths must be positive, got {depths} and {widths}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("stem_kernel", stem_kernel)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size!r}")
+        if not 0.0 <= drop_path_rate < 1.0 or not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"drop_path_rate and dropout_prob must be in [0, 1), got {drop_path_rate}, {dropout_prob}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.num_stages = len(depths)
+
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.stem = nn.Sequential(
+            conv(in_channels, widths[0], kernel_size=stem_kernel, stride=stem_kernel),
+            LayerNormChannelsFirst(spatial_dims, widths[0]),
+        )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, start = [], 0
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            stages.append(
+                ConvNeXtStage(
+                    spatial_dims,
+                    widths[max(i - 1, 0)],
+                    width,
+                    depth,
+                    downsample=i > 0,
+                    drop_paths=rates[start : start + depth],
+                    layer_scale_init=layer_scale_init,
+                    kernel_size=kernel_size,
+                    attention=self.use_attention,
+                    attention_reduction=attention_reduction,
+                )
+            )
+            start += depth
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(widths[-1], eps=1e-6)
+        self.head_drop = nn.Dropout(dropout_prob)
+        self.head = nn.Linear(widths[-1], out_channels)  # registered last: the last nn.Linear in module order
+        self.dims = list(range(2, 2 + spatial_dims))
+        self._init_weights(head_init_scale)
+
+    def _init_weights(self, head_init_scale: float) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+
+    @property
+    def cam_target_layer(self) -> str:
+        """Name of the last stage's output: the Grad-CAM target layer."""
+        return f"stages.{self.num_stages - 1}"
+
+    @property
+    def feature_layers(self) -> tuple[str, ...]:
+        """Names of the early "layer 1 / layer 2" outputs used for feature-map verification."""
+        return tuple(f"stages.{i}" for i in range(min(2, self.num_stages)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (B, widths[-1], *spatial / (stem_kernel * 2**(n-1)))."""
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x).mean(dim=self.dims)  # global average pooling
+        return self.head(self.head_drop(self.norm(x)))
+
+
+class ConvNeXtAttention(ConvNeXt):
+    """ConvNeXt with a CBAM-style channel + spatial attention at the end of every stage ("ConvNeXt+Attn").
+
+    Same arguments and module names as :class:`ConvNeXt`; the attention of stage ``i`` is ``stages.{i}.attn``, so the
+    Grad-CAM target ``stages.{n-1}`` sees the attended features.
+
+    Example:
+        >>> net = ConvNeXtAttention(spatial_dims=3, in_channels=1, out_channels=5)
+        >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 5])
+    """
+
+    use_attention: bool = True
+
+
+_PICO = {"depths": (1, 1, 2), "widths": (16, 32, 64), "stem_kernel": 2}
+_NANO = {"depths": (2, 2, 4, 2), "widths": (16, 32, 64, 128), "stem_kernel": 2}
+_TINY = {"depths": (3, 3, 9, 3), "widths": (96, 192, 384, 768), "stem_kernel": 4}
+
+
+def convnext_pico(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs) -> ConvNeXt:
+    """~0.1 M parameters in 3D; 3 stages, last stage at 1/8 of the input (32^3 -> 4^3)."""
+    return ConvNeXt(spatial_dims, in_channels, out_channels, **{**_PICO, **kwargs})
+
+
+def convnext_nano(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs) -> ConvNeXt:
+    """4 stages of widths 16-128; last stage at 1/16 of the input (64^3 -> 4^3)."""
+    return ConvNeXt(spatial_dims, in_channels, out_channels, **{**_NANO, **kwargs})
+
+
+def convnext_tiny(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs) -> ConvNeXt:
+    """The original ConvNeXt-T layout (depths 3-3-9-3, widths 96-768, stem stride 4); heavy on a CPU in 3D."""
+    return ConvNeXt(spatial_dims, in_channels, out_channels, **{**_TINY, **kwargs})
+
+
+def convnext_attn_pico(
+    spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs
+) -> ConvNeXtAttention:
+    """:func:`convnext_pico` with attention after each stage."""
+    return ConvNeXtAttention(spatial_dims, in_channels, out_channels, **{**_PICO, **kwargs})
+
+
+def convnext_attn_nano(
+    spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **kwargs
+) -> ConvNeXtAttention:
+    """:func:`convnext_nano` with attention after each stage."""
+    return ConvNeXtAttention(spatial_dims, in_channels, out_channels, **{**_NANO, **kwargs})

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates ./.venv (or $VENV) with the CPU torch wheel first, then this package.
+# Usage: bash scripts/setup.sh [dev]     ("dev" adds the test/lint tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first and pinned, so nothing later resolves a CUDA build.
+"$VENV/bin/python" -m pip install -q torch==2.13.0
+if [ "${1:-}" = "dev" ]; then
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+else
+  "$VENV/bin/python" -m pip install -q -e .
+fi
+"$VENV/bin/python" -c "import torch, monai, monai_gamverify; print('torch', torch.__version__, '| monai', monai.__version__, '| monai-gamverify', monai_gamverify.__version__)"

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# two cores: keep torch from oversubscribing them when pytest runs on CI
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+from monai_gamverify import GradCAM
+from monai_gamverify.networks import (
+    ChannelSpatialAttention,
+    ConvNeXt,
+    ConvNeXtAttention,
+    LayerNormChannelsFirst,
+    convnext_attn_pico,
+    convnext_nano,
+    convnext_pico,
+)
+
+# (constructor, spatial_dims, input shape, expected last-stage spatial size): 2D and 3D in one list
+CASES = [
+    (convnext_pico, 2, (2, 1, 32, 32), (4, 4)),
+    (convnext_pico, 3, (2, 1, 16, 16, 16), (2, 2, 2)),
+    (convnext_attn_pico, 2, (2, 3, 32, 32), (4, 4)),
+    (convnext_attn_pico, 3, (2, 1, 16, 16, 16), (2, 2, 2)),
+    (convnext_nano, 2, (1, 1, 32, 32), (2, 2)),
+    (convnext_nano, 3, (1, 2, 16, 16, 16), (1, 1, 1)),
+]
+
+
+def make(factory, dims, shape, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return factory(spatial_dims=dims, in_channels=shape[1], out_channels=5, **kwargs)
+
+
+@pytest.mark.parametrize("factory,dims,shape,feat", CASES)
+def test_forward_shapes_and_layer_names(factory, dims, shape, feat):
+    net = make(factory, dims, shape).eval()
+    x = torch.randn(shape)
+    x0 = x.clone()
+    y = net(x)
+    assert y.shape == (shape[0], 5) and torch.isfinite(y).all()
+    assert torch.equal(x, x0)  # input untouched
+    modules = dict(net.named_modules())
+    assert net.cam_target_layer in modules and all(n in modules for n in net.feature_layers)
+    assert net.feature_layers == ("stages.0", "stages.1")
+    f = net.forward_features(x)
+    assert tuple(f.shape[2:]) == feat
+    # the head is the only nn.Linear and the last module, which K+1 widening relies on
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    assert linears == ["head"] and list(modules)[-1] == "head"
+    assert isinstance(modules["stages.1.attn"], ChannelSpatialAttention) == isinstance(net, ConvNeXtAttention)
+
+
+@pytest.mark.parametrize("factory,dims,shape,feat", CASES[:4])
+def test_gradients_flow_to_every_parameter(factory, dims, shape, feat):
+    net = make(factory, dims, shape, layer_scale_init=0.1).train()
+    x = torch.randn(shape, requires_grad=True)
+    loss = nn.functional.cross_entropy(net(x), torch.tensor([0, 3]))
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("factory,dims,shape,feat", CASES[:4])
+def test_deterministic_with_seed(factory, dims, shape, feat):
+    x = torch.randn(shape)
+    a, b, c = make(factory, dims, shape, seed=3), make(factory, dims, shape, seed=3), make(factory, dims, shape, seed=4)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+    assert not torch.equal(a(x), c.eval()(x))
+
+
+def test_drop_path_is_random_in_training_only():
+    net = convnext_pico(2, 1, 3, drop_path_rate=0.5, layer_scale_init=1.0)
+    x = torch.randn(2, 1, 32, 32)
+    net.train()
+    torch.manual_seed(0)
+    y1 = net(x)
+    y2 = net(x)
+    assert not torch.equal(y1, y2)
+    net.eval()
+    assert torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize("factory,dims,shape,feat", CASES[:4])
+def test_torchscript_matches_eager(factory, dims, shape, feat):
+    net = make(factory, dims, shape).eval()
+    x = torch.randn(shape)
+    scripted = torch.jit.script(net)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["monai_gamverify.networks.ConvNeXt", "monai_gamverify.networks.ConvNeXtAttention"])
+def test_bundle_config_instantiation(target):
+    config = {
+        "network_def": {
+            "_target_": target,
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 5,
+            "depths": [1, 1],
+            "widths": [8, 16],
+            "drop_path_rate": 0.1,
+        }
+    }
+    net = ConfigParser(config).get_parsed_content("network_def")
+    assert isinstance(net, ConvNeXt) and type(net).__name__ == target.rsplit(".", 1)[1]
+    assert net.eval()(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 5)
+    assert net.cam_target_layer == "stages.1"
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_layernorm_channels_first_matches_torch(dims):
+    x = torch.randn(2, 6, *([5] * dims))
+    ln = LayerNormChannelsFirst(dims, 6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    ref = nn.LayerNorm(6, eps=ln.eps)
+    with torch.no_grad():
+        ref.weight.copy_(ln.weight.reshape(-1))
+        ref.bias.copy_(ln.bias.reshape(-1))
+    expected = ref(x.movedim(1, -1)).movedim(-1, 1)
+    torch.testing.assert_close(ln(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcam_on_last_stage():
+    net = convnext_attn_pico(3, 1, 4, layer_scale_init=1.0).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    maps = GradCAM(net, net.cam_target_layer)(x)
+    assert maps.shape == (2, 1, 16, 16, 16)
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"spatial_dims": 1}, "spatial_dims"),
+        ({"depths": (1, 1), "widths": (8,)}, "equal length"),
+        ({"depths": (0, 1), "widths": (8, 8)}, "positive"),
+        ({"out_channels": 0}, "out_channels"),
+        ({"kernel_size": 4}, "kernel_size"),
+        ({"drop_path_rate": 1.0}, "drop_path_rate"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvNeXt(**kwargs)
