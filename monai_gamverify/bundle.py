@@ -22,8 +22,8 @@ class BundleModel:
         network: the ``network_def`` with weights loaded (eval mode).
         root: bundle root directory.
         metadata: ``configs/metadata.json`` content.
-        target_layer: default CAM layer (metadata ``gamverify.target_layer``).
-        feature_layers: early layers for feature-map verification (metadata ``gamverify.feature_layers``).
+        target_layer: default CAM layer (config key ``cam_layer``, else metadata ``gamverify.target_layer``).
+        feature_layers: early layers for feature-map verification (config ``feature_layers``, else metadata).
         class_names: output names from ``network_data_format.outputs.pred.channel_def``.
         parser: the ``monai.bundle.ConfigParser`` holding the inference config.
     """
@@ -115,7 +115,12 @@ def load_bundle(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = network.to(dev).eval()
     metadata = json.loads(meta_path.read_text())
-    extra = metadata.get("gamverify", {})
+    extra = dict(metadata.get("gamverify", {}))
+    # the config's keys follow a --network_name override; metadata describes the default network only
+    if "cam_layer" in parser:
+        extra["target_layer"] = parser.get_parsed_content("cam_layer")
+    if "feature_layers" in parser:
+        extra["feature_layers"] = parser.get_parsed_content("feature_layers")
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     channel_def = next(iter(outputs.values()), {}).get("channel_def", {}) if outputs else {}
     names = [channel_def[k] for k in sorted(channel_def, key=lambda k: int(k))] if channel_def else []

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
-from .io import atomic_path
+from .viz import save_figure
 
 __all__ = [
     "reliability_bins",
@@ -173,11 +173,7 @@ def reliability_diagram_png(
     ax_hist.set_xlabel("confidence (top class)")
     ax_hist.set_ylabel("count")
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _logits_labels(logits: Any, labels: Any | None) -> tuple[torch.Tensor, torch.Tensor | None]:

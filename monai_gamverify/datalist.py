@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "check_image", "load_datalist", "list_images", "PATH_KEYS"]
+__all__ = ["DataError", "check_image", "load_datalist", "list_images", "require_file", "PATH_KEYS"]
 
 #: datalist entry keys holding file paths (resolved against the datalist's directory when relative)
 PATH_KEYS = ("image", "mask", "seg")
@@ -36,6 +36,28 @@ def _fail(message: str, exit_on_error: bool) -> None:
         # SystemExit is not caught by the config parser's ``except Exception``: the run ends with this line only
         raise SystemExit(f"ERROR: {message}")
     raise DataError(message)
+
+
+def require_file(
+    path: str | os.PathLike, what: str = "file", hint: str | None = None, exit_on_error: bool = False
+) -> str:
+    """Return ``path`` if it is an existing file, else fail with ``"<what> not found: <path> (<hint>)"``.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message (e.g. ``"trained weights"``).
+        hint: how to fix it.
+        exit_on_error: end the process with the message instead of raising :class:`DataError`.
+
+    Returns:
+        ``str(path)``.
+
+    Example:
+        >>> require_file("models/model.pt", "trained weights", hint="train the bundle first")
+    """
+    if not Path(path).is_file():
+        _fail(f"{what} not found: {path}" + (f" ({hint})" if hint else ""), exit_on_error)
+    return str(path)
 
 
 def check_image(

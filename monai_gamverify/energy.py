@@ -25,7 +25,8 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .io import atomic_path, write_csv, write_json
+from .io import write_csv, write_json
+from .viz import save_figure
 
 __all__ = [
     "attribution_energy",
@@ -716,10 +717,7 @@ def energy_scatter_png(
     ax.set_title(f"{title}\n{stat}" if title else stat, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return out
+    return save_figure(fig, path)
 
 
 def _read_wide_csv(path: str | os.PathLike, id_column: str, what: str) -> pd.DataFrame:

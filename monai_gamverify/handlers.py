@@ -117,8 +117,10 @@ def cam_overlay_rgb(image: Any, cam: Any, alpha: float = 0.45, cmap: str = "jet"
     if img.ndim == 2:
         pairs = [(img, heat)]
     elif img.ndim == 3:
-        peak = np.unravel_index(int(np.argmax(heat)), heat.shape) if heat.max() > heat.min() else tuple(
-            s // 2 for s in heat.shape
+        peak = (
+            np.unravel_index(int(np.argmax(heat)), heat.shape)
+            if heat.max() > heat.min()
+            else tuple(s // 2 for s in heat.shape)
         )
         pairs = [(np.take(img, peak[a], axis=a), np.take(heat, peak[a], axis=a)) for a in range(3)]
     else:
@@ -483,9 +485,7 @@ class Accuracy(IgniteMetricHandler):
         >>> Accuracy().attach(evaluator, "val_accuracy")
     """
 
-    def __init__(
-        self, output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True
-    ) -> None:
+    def __init__(self, output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True) -> None:
         super().__init__(ClassificationMetric("accuracy"), output_transform=output_transform, save_details=save_details)
 
 
@@ -500,9 +500,7 @@ class MacroF1(IgniteMetricHandler):
         >>> MacroF1().attach(evaluator, "val_f1")
     """
 
-    def __init__(
-        self, output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True
-    ) -> None:
+    def __init__(self, output_transform: Callable = from_engine(["pred", "label"]), save_details: bool = True) -> None:
         super().__init__(ClassificationMetric("f1"), output_transform=output_transform, save_details=save_details)
 
 

@@ -62,7 +62,7 @@ _CLASS_NAMES = {
     "ceph_chin": ["camouflage", "surgery"],
 }
 _MASK_NAMES = {
-    "sos": {"synchondrosis": 1},
+    "sos": {"plate": 1, "subchondral_plates": 2},  # the synchondrosis region (junction zone) is mask > 0
     "chin": {"symphysis": 1},
     "cvm": {"C2": 1, "C3": 2, "C4": 3},
     "ceph": {"mandible": 1},
@@ -181,6 +181,7 @@ def _balanced_labels(n: int, k: int, seed: int, kind: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------- SOS
 _SOS_FUSED_FRACTION = (0.0, 0.25, 0.5, 0.78, 1.0)
+_SOS_SUBCHONDRAL = 0.06  # thickness of each subchondral bone plate (normalised units, ~1.2 mm at 40 mm FOV)
 
 
 def _sos_subject(rng: np.random.Generator, stage: int, size: int, rotate: float) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -207,7 +208,8 @@ def _sos_subject(rng: np.random.Generator, stage: int, size: int, rotate: float)
     wn = (w + h_o) / (2 * h_o)  # 0 ectocranial .. 1 endocranial
     phase = rng.uniform(0, 2 * np.pi, 2)
     front = 1.0 - frac + 0.06 * (np.sin(5 * v + phase[0]) + 0.5 * np.sin(11 * v + phase[1])) * (0 < frac < 1)
-    fused = plate & (wn >= front)
+    bridged = (wn >= front) & (frac > 0)  # columns (across the plate) where bone has bridged the gap
+    fused = plate & bridged
     calcifying = plate & ~fused & (wn >= front - 0.08) & (frac > 0)
 
     tex = _smooth_noise(rng, (size,) * 3, 0.8)
@@ -221,9 +223,11 @@ def _sos_subject(rng: np.random.Generator, stage: int, size: int, rotate: float)
     hu[calcifying] = 400.0 + 60.0 * tex[calcifying]
     cart = plate & ~fused & ~calcifying
     hu[cart] = CARTILAGE + 12.0 * tex[cart]
-    # cortical shells, and subchondral bone plates on both faces of the open synchondrosis
+    # cortical shells, and subchondral bone plates on both faces of the synchondrosis; where bone has bridged the
+    # plate they are resorbed into continuous trabecular bone (remodelling), leaving only the scar of stage 5
+    faces = (r_occ <= 1) & (np.abs(d) > t / 2) & (np.abs(d) <= t / 2 + _SOS_SUBCHONDRAL)
     cort = (occ & (r_occ > 0.86)) | (sph & (r_sph > 0.88))
-    cort |= (r_occ <= 1) & ~fused[...] & (((d < -t / 2) & (d > -t / 2 - 0.06)) | ((d > t / 2) & (d < t / 2 + 0.06)))
+    cort |= faces & ~bridged
     cort &= occ | sph
     hu[cort] = 1300.0 * density + 60.0 * tex[cort]
     if stage == 5:  # faint sclerotic fusion scar
@@ -249,7 +253,11 @@ def _sos_subject(rng: np.random.Generator, stage: int, size: int, rotate: float)
         sinus_pneumatisation=round(float(pneu), 4),
         rotate_deg=float(rotate),
     )
-    return img, plate.astype(np.uint8), params
+    # ground truth = the synchondrosis region a radiologist outlines to judge fusion: the plate (open cartilage or
+    # its bridged part) = 1, and the subchondral bone plates bordering it on both faces = 2
+    mask = plate.astype(np.uint8)
+    mask[faces & (occ | sph)] = 2
+    return img, mask, params
 
 
 # ------------------------------------------------------------------------------------------------------ chin

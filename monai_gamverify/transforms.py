@@ -112,7 +112,9 @@ class CheckImaged(MapTransform):
                     f"expected {self.spatial_dims}"
                 )
             if self.num_channels is not None and shape[0] != self.num_channels:
-                raise ValueError(f"image {name} has {shape[0]} channel(s) (shape {shape}); expected {self.num_channels}")
+                raise ValueError(
+                    f"image {name} has {shape[0]} channel(s) (shape {shape}); expected {self.num_channels}"
+                )
             if len(shape) > 1 and min(shape[1:]) < self.min_size:
                 raise ValueError(f"image {name} has spatial shape {shape[1:]}: an axis is shorter than {self.min_size}")
             if self.check_finite:

@@ -26,7 +26,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from .io import affine_of, atomic_path, save_nifti, write_csv, write_json
-from .viz import overlay_png
+from .viz import overlay_png, save_figure
 
 __all__ = [
     "META_COLUMNS",
@@ -744,11 +744,7 @@ def roc_png(
     ax.set_title(title or "suitability verifier ROC", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 class _CAMOnDevice:

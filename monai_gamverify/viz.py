@@ -11,7 +11,7 @@ import torch
 
 from .io import atomic_path
 
-__all__ = ["overlay_png", "to_numpy"]
+__all__ = ["overlay_png", "save_figure", "to_numpy"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -20,6 +20,17 @@ def to_numpy(x: Any) -> np.ndarray:
     while arr.ndim > 2 and arr.shape[0] == 1 and arr.ndim in (3, 4):
         arr = arr[0]
     return arr
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return out
 
 
 def _window(img: np.ndarray) -> np.ndarray:
@@ -90,8 +101,4 @@ def overlay_png(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

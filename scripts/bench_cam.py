@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--nets", nargs="+", default=list(NETS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-scorecam", action="store_true", help="skip Score-CAM (channels x forward passes)")
+    p.add_argument("--scorecam-nets", nargs="+", default=["resnet18"], help="networks Score-CAM is timed on")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the markdown table here")
@@ -163,7 +164,7 @@ def main() -> None:
                     sync(dev)
                     times[m].append(time.perf_counter() - t0)
             med = {m: statistics.median(v) for m, v in times.items()}
-            if not a.no_scorecam and batch == min(a.batches):
+            if not a.no_scorecam and batch == min(a.batches) and net_name in a.scorecam_nets:
                 run = runner("ScoreCAM", net, layer, x)
                 t0 = time.perf_counter()
                 run()

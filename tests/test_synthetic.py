@@ -54,13 +54,22 @@ def test_determinism_shapes_and_balance(kind, ndim):
 def test_sos_masks_on_synchondrosis_and_stages():
     c = generate("sos", n=30, size=40, seed=0)
     stage = c.labels + 1
-    med = np.array([np.median(img[m > 0]) for img, m in zip(c.images, c.masks)])
+    assert c.meta["mask_labels"] == {"plate": 1, "subchondral_plates": 2}
+    assert all(set(np.unique(m)) == {0, 1, 2} for m in c.masks)
+    med = np.array([np.median(img[m == 1]) for img, m in zip(c.images, c.masks)])
     # stage 1: open cartilage plate (~100 HU, raised by partial volume of the bony borders), stage 5: bone
     assert np.all(med[stage == 1] < 400), med[stage == 1]
     assert np.all(med[stage == 5] > 600), med[stage == 5]
     # fusion is progressive: the median HU inside the mask rises with the stage
     means = [med[stage == s].mean() for s in range(1, 6)]
     assert all(np.diff(means) > 0), means
+    # the subchondral bone plates (label 2) are bone at every stage (cortical while the plate is open, trabecular
+    # once bridged), despite partial volume with the cartilage next to them
+    sub = np.array([np.median(img[m == 2]) for img, m in zip(c.images, c.masks)])
+    assert np.all(sub > 500), sub
+    # the junction zone (mask > 0) is outlined at every stage, fused or not: its size does not depend on the stage
+    frac = np.array([(m > 0).mean() for m in c.masks])
+    assert frac[stage == 1].mean() / frac[stage == 5].mean() < 1.5
     # the mask lies between the two bones: its neighbourhood is dense bone, not air or soft tissue
     for img, m in zip(c.images[:5], c.masks[:5]):
         assert np.percentile(img[m > 0], 90) > 300
