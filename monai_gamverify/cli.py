@@ -35,6 +35,7 @@ def cam(
     a_min: float | None = None,
     a_max: float | None = None,
     device: str | None = None,
+    overrides: dict | str | None = None,
 ) -> dict:
     """Explain one image: write the map as NIfTI (the input's affine), a PNG of three orthogonal slices and a JSON.
 
@@ -55,6 +56,8 @@ def cam(
         a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
         a_max: intensity window upper bound mapped to 1.
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        overrides: bundle config keys to override, as for ``monai.bundle run`` (e.g. ``'{"network_name":
+            "small_cnn"}'`` for a bundle trained with ``--network_name small_cnn``).
 
     Returns:
         Summary dict (prediction, probabilities, written files).
@@ -71,7 +74,8 @@ def cam(
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names: list[str] = []
     if bundle_root is not None:
-        bm = load_bundle(bundle_root, device=dev)
+        extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+        bm = load_bundle(bundle_root, device=dev, overrides=extra)
         net, layer, names = bm.network, layer or bm.target_layer, bm.class_names
         pre = bm.preprocessing()
         if pre is not None:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "convnext_tiny",
     "convnext_attn_pico",
     "convnext_attn_nano",
+    "SmallCNN",
 ]
 
 
@@ -369,3 +371,52 @@ def convnext_attn_nano(
 ) -> ConvNeXtAttention:
     """:func:`convnext_nano` with attention after each stage."""
     return ConvNeXtAttention(spatial_dims, in_channels, out_channels, **{**_NANO, **kwargs})
+
+
+class SmallCNN(nn.Sequential):
+    """A small BatchNorm CNN baseline (2D/3D) that learns the synthetic cohorts in CPU minutes.
+
+    Stride-2 stem, then one conv block at each of 1/2, 1/4 and 1/8 resolution (max-pool between), global average
+    pooling and a linear ``head`` (~54 k parameters at ``width=8`` in 3D). Named stages ``stem``, ``res2``,
+    ``down4``, ``res4``, ``down8``, ``res8``: ``res4`` (1/4 resolution) is the Grad-CAM target whose peak falls on
+    the synchondrosis most often (``scripts/learnability_sos.py``); ``stem`` and ``res2`` are the early feature layers.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: classes (or regression outputs).
+        width: channels of the first stage (doubled at 1/4 and at 1/8).
+
+    Example:
+        >>> SmallCNN(3, 1, 5)(torch.zeros(2, 1, 32, 32, 32)).shape
+        torch.Size([2, 5])
+    """
+
+    cam_target_layer = "res4"
+    feature_layers = ("stem", "res2")
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, width: int = 8) -> None:
+        dims = _check_spatial_dims(spatial_dims)
+        if width < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError("width, in_channels and out_channels must be >= 1")
+        conv, norm = Conv[Conv.CONV, dims], (nn.BatchNorm2d, nn.BatchNorm3d)[dims - 2]
+        pool = (nn.MaxPool2d, nn.MaxPool3d)[dims - 2]
+        gap = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[dims - 2]
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(conv(cin, cout, 3, stride=stride, padding=1, bias=False), norm(cout), nn.ReLU())
+
+        w = int(width)
+        super().__init__(
+            OrderedDict(
+                stem=block(in_channels, w, stride=2),
+                res2=block(w, w),
+                down4=nn.Sequential(pool(2), block(w, 2 * w)),
+                res4=block(2 * w, 2 * w),
+                down8=nn.Sequential(pool(2), block(2 * w, 4 * w)),
+                res8=block(4 * w, 4 * w),
+                pool=gap(1),
+                flat=nn.Flatten(),
+                head=nn.Linear(4 * w, out_channels),
+            )
+        )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from monai_gamverify import GradCAM
 from monai_gamverify.evaluation import pointing_game, relevance_mass
+from monai_gamverify.networks import SmallCNN
 from monai_gamverify.synthetic import generate
 
 #: Grad-CAM target layers of :func:`sos_cnn` and their resolution relative to the input
@@ -29,27 +29,8 @@ CAM_LAYERS = {"res2": "1/2", "res4": "1/4", "res8": "1/8"}
 
 
 def sos_cnn(n_classes: int = 5, width: int = 8) -> nn.Module:
-    """A small 3D CNN: stride-2 stem, then two conv blocks at each of 1/2, 1/4 and 1/8 resolution, global average
-    pooling and a linear head (~54 k parameters at width 8). Named stages ``res2``, ``res4``, ``res8``."""
-
-    def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        return nn.Sequential(conv, nn.BatchNorm3d(cout), nn.ReLU())
-
-    w = width
-    return nn.Sequential(
-        OrderedDict(
-            stem=block(1, w, stride=2),
-            res2=block(w, w),
-            down4=nn.Sequential(nn.MaxPool3d(2), block(w, 2 * w)),
-            res4=block(2 * w, 2 * w),
-            down8=nn.Sequential(nn.MaxPool3d(2), block(2 * w, 4 * w)),
-            res8=block(4 * w, 4 * w),
-            pool=nn.AdaptiveAvgPool3d(1),
-            flat=nn.Flatten(),
-            head=nn.Linear(4 * w, n_classes),
-        )
-    )
+    """The package's small 3D BatchNorm CNN (``monai_gamverify.networks.SmallCNN``), stages res2/res4/res8."""
+    return SmallCNN(spatial_dims=3, in_channels=1, out_channels=n_classes, width=width)
 
 
 def to_input(hu: np.ndarray) -> torch.Tensor:

@@ -156,3 +156,22 @@ def test_gradcam_on_last_stage():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConvNeXt(**kwargs)
+
+
+@pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)])
+def test_small_cnn_shapes_cam_layers_and_script(dims, size):
+    from monai_gamverify import GradCAM
+    from monai_gamverify.networks import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(spatial_dims=dims, in_channels=1, out_channels=4)
+    x = torch.randn(2, 1, *([size] * dims))
+    assert net(x).shape == (2, 4)
+    names = dict(net.named_modules())
+    assert net.cam_target_layer in names and all(n in names for n in net.feature_layers)
+    assert isinstance(net[-1], torch.nn.Linear) and net[-1] is names["head"]
+    assert GradCAM(net, net.cam_target_layer)(x).shape == (2, 1, *([size] * dims))
+    scripted = torch.jit.script(net.eval())
+    torch.testing.assert_close(scripted(x), net(x))
+    with pytest.raises(ValueError):
+        SmallCNN(spatial_dims=4)
