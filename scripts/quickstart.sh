@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-quickstart_out}
-EPOCHS=${EPOCHS:-12}
-N=${N:-120}
+EPOCHS=${EPOCHS:-40}
+N=${N:-200}
 SIZE=${SIZE:-32}
 NETWORK=${NETWORK:-small_cnn}
 bash scripts/setup.sh
