@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,12 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot load checkpoint {p} safely (weights_only=True): {err}") from err
+        # torch's message suggests weights_only=False: never show that advice; keep only what names the cause
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        first = f"{type(err).__name__}: {lines[0] if lines else ''}"
+        cause = next((ln for ln in lines if "Unsupported global" in ln), first).split(" Please use")[0]
+        cause = re.sub(r"\x1b\[[0-9;]*m", "", cause)
+        raise ValueError(f"cannot load checkpoint {p} safely (weights_only=True): {cause}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
