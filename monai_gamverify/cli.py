@@ -1,4 +1,4 @@
-"""The ``gamverify`` command (python-fire): ``gamverify cam|synth|energy|version``; ``gamverify COMMAND --help``."""
+"""The ``gamverify`` command (python-fire): ``gamverify cam|synth|verify|energy|version``; ``COMMAND --help``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "cam", "synth", "energy", "version"]
+__all__ = ["main", "cam", "synth", "verify", "energy", "version"]
 
 _CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
 
@@ -137,6 +137,20 @@ def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0
     return _synth(kind=kind, n=n, size=size, seed=seed, out=out, **kwargs)
 
 
+def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify_out", **kwargs: Any) -> None:
+    """Is each candidate bundle suitable for the data? Grad-CAM (or feature-map) similarity to a reference bundle,
+    Random-Forest verifier, cross-validated report (CSV/JSON/PNG/TensorBoard) in ``out``; see
+    ``monai_gamverify.verify_bundles.verify_bundles``.
+
+    Example:
+        gamverify verify --reference bundles/sos_a --candidates '{"sos_b": "bundles/sos_b", "chin": "bundles/chin"}'
+            --labels '{"sos_b": 1, "chin": 0}' --dataset_dir data/sos --out verify_out
+    """
+    from monai_gamverify.verify_bundles import verify_bundles
+
+    verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)  # prints its own summary
+
+
 def energy(energy: str, scores: str, out: str = "energy_out", **kwargs: Any) -> dict:
     """Attribution-energy analysis (AE CSV or map folder + scores CSV); see ``monai_gamverify.energy.energy_report``."""
     from monai_gamverify.energy import energy_report
@@ -159,7 +173,8 @@ def main() -> None:
     """Entry point of the ``gamverify`` console script."""
     import fire
 
-    fire.Fire({"cam": cam, "synth": synth, "energy": energy, "version": version}, name="gamverify")
+    commands = {"cam": cam, "synth": synth, "verify": verify, "energy": energy, "version": version}
+    fire.Fire(commands, name="gamverify")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""verify_bundles: reference + candidate bundles (untrained small_cnn weights) on a tiny cohort -> report directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from monai_gamverify.bundle import load_bundle
+from monai_gamverify.datalist import DataError
+from monai_gamverify.synthetic import make_cohort
+from monai_gamverify.verify_bundles import verify_bundles
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
+SMALL = {"network_name": "small_cnn"}
+
+
+def _bundle(tmp: Path, name: str, seed: int, num_classes: int | None = None) -> Path:
+    root = tmp / name
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("models", "eval"))
+    (root / "models").mkdir()
+    overrides = dict(SMALL, **({"num_classes": num_classes} if num_classes else {}))
+    torch.manual_seed(seed)
+    bm = load_bundle(root, require_weights=False, overrides=overrides, device="cpu")
+    torch.save(bm.network.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vb")
+    make_cohort("sos", n=12, size=24, seed=0, out_dir=tmp / "sos", progress=False)
+    make_cohort("chin", n=6, size=24, seed=1, out_dir=tmp / "chin", progress=False)
+    return {
+        "tmp": tmp,
+        "ref": _bundle(tmp, "ref", 0),
+        "sos_b": _bundle(tmp, "sos_b", 1),
+        "chin": _bundle(tmp, "chin_b", 2, num_classes=2),
+    }
+
+
+def _kwargs(s):
+    return {
+        "reference": str(s["ref"]),
+        "candidates": {"sos_b": str(s["sos_b"]), "chin": str(s["chin"])},
+        "dataset_dir": str(s["tmp"] / "sos"),
+        "labels": {"sos_b": 1, "chin": 0},
+        "split": "training",
+        "overrides": SMALL,
+        "candidate_overrides": {"*": SMALL, "chin": {"num_classes": 2}},
+        "n_splits": 2,
+        "n_estimators": 10,
+        "progress": False,
+        "device": "cpu",
+    }
+
+
+def test_verify_bundles_report(setup, capsys):
+    out = setup["tmp"] / "report"
+    kw = _kwargs(setup)
+    # JSON strings, as python-fire may pass them
+    kw["candidates"] = json.dumps(kw["candidates"])
+    kw["labels"] = json.dumps(kw["labels"])
+    report = verify_bundles(out=str(out), max_items=6, **kw)
+    n_items = report["n_items"]
+    assert n_items == 6
+    table = pd.read_csv(out / "features.csv")
+    assert len(table) == n_items * 2
+    assert set(table["model"]) == {"sos_b", "chin"}
+    assert table.groupby("model")["label"].first().to_dict() == {"chin": 0, "sos_b": 1}
+    cv = json.loads((out / "cv.json").read_text())
+    assert {"cross_validation", "per_model", "feature_importances", "method", "models"} <= set(cv)
+    assert cv["models"]["chin"]["layer"] == "res4"
+    for name in ("roc.png", "predictions.csv", "summary.csv", "verifier.skops", "reference_map.nii.gz"):
+        assert (out / name).is_file(), name
+    assert set(report["per_model"]) == {"sos_b", "chin"}
+    printed = capsys.readouterr().out
+    assert "mean P(suitable)" in printed and str(out) in printed
+
+
+def test_verify_bundles_featuremap(setup):
+    out = setup["tmp"] / "report_fm"
+    report = verify_bundles(out=str(out), method="featuremap", max_items=4, **_kwargs(setup))
+    assert report["reference"]["layer"] == "stem"
+    assert len(pd.read_csv(out / "features.csv")) == 8
+
+
+def test_verify_bundles_errors(setup):
+    kw = _kwargs(setup)
+    with pytest.raises(ValueError, match="unknown candidate"):
+        verify_bundles(**{**kw, "labels": {"sos_b": 1, "chinn": 0}})
+    with pytest.raises(ValueError, match="has no label"):
+        verify_bundles(**{**kw, "labels": {"sos_b": 1}})
+    with pytest.raises(FileNotFoundError, match="bundle not found"):
+        verify_bundles(**{**kw, "candidates": {"sos_b": str(setup["sos_b"]), "chin": str(setup["tmp"] / "nope")}})
+    no_weights = setup["tmp"] / "no_weights"
+    shutil.copytree(BUNDLE, no_weights, ignore=shutil.ignore_patterns("models", "eval"))
+    with pytest.raises(FileNotFoundError, match="no trained weights"):
+        verify_bundles(**{**kw, "candidates": {"sos_b": str(setup["sos_b"]), "chin": str(no_weights)}})
+    empty = setup["tmp"] / "empty"
+    empty.mkdir()
+    (empty / "datalist.json").write_text(json.dumps({"training": [], "test": []}))
+    with pytest.raises(DataError, match="no entries"):
+        verify_bundles(**{**kw, "dataset_dir": str(empty)})
+
+
+def test_verify_config(setup):
+    from monai.bundle import run
+
+    out = setup["tmp"] / "report_cfg"
+    run(
+        config_file=str(setup["ref"] / "configs" / "verify.json"),
+        bundle_root=str(setup["ref"]),
+        dataset_dir=str(setup["tmp"] / "sos"),
+        output_dir=str(out),
+        network_name="small_cnn",
+        candidates={"sos_b": str(setup["sos_b"]), "chin": str(setup["chin"])},
+        labels={"sos_b": 1, "chin": 0},
+        candidate_overrides={"*": SMALL, "chin": {"num_classes": 2}},
+        split="training",
+        n_splits=2,
+        n_estimators=10,
+        max_items=4,
+        progress=False,
+        device="cpu",
+    )
+    assert len(pd.read_csv(out / "features.csv")) == 8
+    assert (out / "cv.json").is_file()
