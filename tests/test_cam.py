@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _model_state import assert_same_state, snapshot
 from monai.networks.nets import DenseNet121, resnet10
 from torch import nn
 
@@ -29,31 +30,6 @@ def tiny_resnet(dims: int, num_classes: int = 4) -> nn.Module:
 
 def make_cam(cls, net, layer):
     return cls(net, layer, batch_size=12) if cls is ScoreCAM else cls(net, layer)
-
-
-def snapshot(net: nn.Module):
-    return (
-        {k: v.clone() for k, v in net.state_dict().items()},
-        {n: m.training for n, m in net.named_modules()},
-        {n: p.requires_grad for n, p in net.named_parameters()},
-        {n: getattr(m, "inplace", None) for n, m in net.named_modules()},
-    )
-
-
-def hook_count(net: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-        for m in net.modules()
-    )
-
-
-def assert_same_state(net: nn.Module, before) -> None:
-    after = snapshot(net)
-    for k, v in before[0].items():
-        assert torch.equal(v, after[0][k]), k
-    assert before[1:] == after[1:]
-    assert hook_count(net) == 0
-    assert all(p.grad is None for p in net.parameters())
 
 
 @pytest.mark.parametrize("dims,shape,layer", CASES)

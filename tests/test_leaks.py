@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from _model_state import hook_count
 from torch import nn
 
 from monai_gamverify import GradCAM, GradCAMpp, ScoreCAM
@@ -16,13 +17,7 @@ N_CALLS, WARMUP = 500, 50
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny 3D convolutions: OpenMP threads cost more than they save (20x slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rss_bytes() -> int:
@@ -64,13 +59,6 @@ class Net3D(nn.Module):
         if self.calls == self.fail_on_call:  # after the target layer: grad mode is already on inside the CAM
             raise RuntimeError("simulated failure inside forward")
         return self.head(h)
-
-
-def hook_count(net: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-        for m in net.modules()
-    )
 
 
 def flags(net: nn.Module):

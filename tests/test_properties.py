@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _model_state import assert_same_state, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -18,14 +19,7 @@ from monai_gamverify import GradCAM, GradCAMpp, ScoreCAM
 from monai_gamverify.cam import normalize_maps
 from monai_gamverify.similarity import ALL_METRICS, similarity_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: OpenMP threads cost more than they save (many times slower on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(
@@ -190,33 +184,13 @@ def cam_cases(draw, dims: int):
     return net, cam, x, class_idx
 
 
-def _state(net: nn.Module):
-    return (
-        {k: v.clone() for k, v in net.state_dict().items()},
-        {n: m.training for n, m in net.named_modules()},
-        {n: p.requires_grad for n, p in net.named_parameters()},
-        {n: getattr(m, "inplace", None) for n, m in net.named_modules()},
-    )
-
-
-def _assert_unchanged(net: nn.Module, before) -> None:
-    after = _state(net)
-    assert before[0].keys() == after[0].keys()
-    for k in before[0]:
-        assert torch.equal(before[0][k], after[0][k]), f"{k} changed"
-    assert before[1:] == after[1:]
-    for m in net.modules():
-        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks), m
-    assert all(p.grad is None for p in net.parameters())
-
-
 @pytest.mark.parametrize("dims", [2, 3])
 def test_cam_contract_on_random_networks(dims):
     @CAM_SETTINGS
     @given(case=cam_cases(dims))
     def check(case):
         net, cam, x, class_idx = case
-        x_before, before = x.clone(), _state(net)
+        x_before, before = x.clone(), snapshot(net)
         raw = cam(x, class_idx=class_idx, normalize=False)
         norm = cam(x, class_idx=class_idx, normalize=True)
         for m in (raw, norm):
@@ -230,7 +204,7 @@ def test_cam_contract_on_random_networks(dims):
             assert (row.max() == 1 and row.min() == 0) or (row == 0).all(), row
         torch.testing.assert_close(norm, normalize_maps(raw))  # the two calls explain the same thing
         assert torch.equal(x, x_before)
-        _assert_unchanged(net, before)
+        assert_same_state(net, before)
         assert torch.is_grad_enabled()
 
     check()
