@@ -12,7 +12,30 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BundleModel", "load_bundle", "load_checkpoint"]
+__all__ = ["BundleModel", "load_bundle", "load_checkpoint", "network_from_name"]
+
+
+def network_from_name(network: str, network_args: dict | str | None = None) -> nn.Module:
+    """Build a network from a ``monai.networks.nets`` name or a dotted path, with keyword arguments.
+
+    Args:
+        network: e.g. ``"resnet18"`` or ``"monai_gamverify.networks.SmallCNN"``.
+        network_args: keyword arguments as a dict or a JSON string.
+
+    Returns:
+        The network (random weights).
+
+    Example:
+        >>> net = network_from_name("resnet10", {"spatial_dims": 3, "n_input_channels": 1, "num_classes": 2})
+    """
+    from monai.bundle import ConfigParser
+
+    args = json.loads(network_args) if isinstance(network_args, str) else dict(network_args or {})
+    target = network if "." in network else f"monai.networks.nets.{network}"
+    try:
+        return ConfigParser({"net": {"_target_": target, **args}}).get_parsed_content("net")
+    except Exception as err:
+        raise ValueError(f"cannot build network {target!r} with {args}: {err}") from err
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The ``gamverify`` command (python-fire): ``gamverify cam|synth|verify|energy|version``; ``COMMAND --help``."""
+"""The ``gamverify`` command (python-fire): ``gamverify demo|cam|cohort|synth|verify|energy|version``; ``--help``."""
 
 from __future__ import annotations
 
@@ -6,20 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "cam", "synth", "verify", "energy", "version"]
+__all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "version"]
 
 _CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
 
 
-def _network_from_name(network: str, network_args: dict | str | None) -> Any:
-    from monai.bundle import ConfigParser
+def _slice_axis(x: Any, metadata: dict) -> int | None:
+    """Slice axis when a 2D network must explain a volume slice by slice (bundle metadata ``gamverify``), else None."""
+    info = metadata.get("gamverify", {}) if isinstance(metadata, dict) else {}
+    if int(info.get("spatial_dims", x.ndim - 2)) == 2 and x.ndim == 5:
+        return int(info.get("slice_axis", 2))
+    return None
 
-    args = json.loads(network_args) if isinstance(network_args, str) else dict(network_args or {})
-    target = network if "." in network else f"monai.networks.nets.{network}"
+
+def _is_regression(metadata: dict) -> bool:
+    """True when the bundle declares regression outputs (scores, not class logits: no softmax)."""
     try:
-        return ConfigParser({"net": {"_target_": target, **args}}).get_parsed_content("net")
-    except Exception as err:
-        raise ValueError(f"cannot build network {target!r} with {args}: {err}") from err
+        return metadata["network_data_format"]["outputs"]["pred"]["format"] == "regression"
+    except (KeyError, TypeError):
+        return False
 
 
 def cam(
@@ -86,7 +91,9 @@ def cam(
         else:
             img = load_image(image)
     elif network is not None:
-        net = _network_from_name(network, network_args)
+        from .bundle import network_from_name
+
+        net = network_from_name(network, network_args)
         if checkpoint:
             load_checkpoint(net, checkpoint)
         else:
@@ -102,19 +109,38 @@ def cam(
     if not layer:
         raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
     x = img.unsqueeze(0).to(dev)
-    explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
-    result = explainer.explain(x, class_idx=class_idx)
-    probs = result.logits.float().softmax(1)[0].tolist() if result.logits.shape[1] > 1 else None
-    pred = int(result.logits[0].argmax())
+    metadata = bm.metadata if bundle_root is not None else {}
+    slice_axis = _slice_axis(x, metadata)
+    if slice_axis is None:
+        explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
+        result = explainer.explain(x, class_idx=class_idx)
+        logits, maps, explained = result.logits, result.maps, int(result.class_idx[0])
+    else:  # a 2D network on a volume (e.g. cbct_quality): slice by slice, outputs averaged over the slices
+        from .cam import normalize_maps
+        from .energy_workflow import SliceAggregateInferer, SliceCAMd
+
+        with torch.no_grad():
+            logits = SliceAggregateInferer(spatial_dim=slice_axis)(x, net)
+        explained = int(logits[0].argmax()) if class_idx is None else int(class_idx)
+        if not 0 <= explained < logits.shape[1]:
+            raise ValueError(f"class_idx {class_idx} out of range for {logits.shape[1]} outputs")
+        slicer = SliceCAMd(
+            "image", net, layer, column=explained, method=method.lower(), slice_axis=slice_axis, normalize=False
+        )
+        maps = slicer.maps(x[0]).unsqueeze(0)
+        maps = normalize_maps(maps)  # over the whole volume, so slices keep their relative weight
+    probs = logits.float().softmax(1)[0].tolist() if logits.shape[1] > 1 and not _is_regression(metadata) else None
+    pred = int(logits[0].argmax())
     stem = Path(image).name.split(".")[0]
     outdir = Path(out)
-    nii = save_nifti(result.maps[0], outdir / f"{stem}_{method}.nii.gz", reference=img)
-    png = overlay_png(img[0], result.maps[0, 0], outdir / f"{stem}_{method}.png", title=f"{method} {layer}: {stem}")
+    nii = save_nifti(maps[0], outdir / f"{stem}_{method}.nii.gz", reference=img)
+    png = overlay_png(img[0], maps[0, 0], outdir / f"{stem}_{method}.png", title=f"{method} {layer}: {stem}")
     summary = {
         "image": str(image),
         "layer": layer,
         "method": method,
-        "explained_class": int(result.class_idx[0]),
+        "explained_class": explained,
+        "outputs": [float(v) for v in logits[0].tolist()],
         "prediction": pred,
         "prediction_name": names[pred] if pred < len(names) else str(pred),
         "probabilities": probs,
@@ -159,6 +185,48 @@ def energy(energy: str, scores: str, out: str = "energy_out", **kwargs: Any) -> 
     return {k: v for k, v in result.items() if k != "table"}
 
 
+def demo(
+    out: str = "demo_out",
+    seed: int = 0,
+    quick: bool = False,
+    device: str | None = None,
+    train: bool | None = None,
+) -> str:
+    """Run the whole package on synthetic data and write one report directory; returns the report's path.
+
+    Cohorts, five small bundle models (shipped weights, or ``--train True`` to train them here), Grad-CAM
+    explanations, verification (Methods 1 and 2), attribution energy and the K+1 garbage class; a self-contained
+    ``report.html`` with CSV/JSON tables, NIfTI maps, PNG figures and TensorBoard logs. See
+    ``monai_gamverify.demo.run_demo`` and docs/demo.md.
+
+    Example:
+        gamverify demo --out demo_out
+    """
+    from monai_gamverify.demo import run_demo
+
+    return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
+
+
+def cohort(data: str, out: str = "cohort_out", **kwargs: Any) -> dict:
+    """Explain/verify every image of a cohort (datalist JSON, folder or glob): prediction, Grad-CAM NIfTI, attribution
+    energy, similarity features and verdict per image. Resumable (rerun the same command), bad items are skipped and
+    listed in errors.csv, items are split between processes under torchrun; see ``monai_gamverify.cohort.run_cohort``
+    and docs/cohort.md.
+
+    Example:
+        gamverify cohort data/sos/datalist.json --out cohort_out --bundle_root bundles/sos_staging
+    """
+    import sys
+
+    from monai_gamverify.cohort import CohortInterrupted, run_cohort
+
+    try:
+        result = run_cohort(data, out, **kwargs)
+    except CohortInterrupted:
+        sys.exit(130)  # run_cohort printed what is saved and how to resume
+    return {k: result[k] for k in ("n_items", "n_succeeded", "n_failed", "out_dir")}
+
+
 def version() -> str:
     """Package, MONAI and torch versions."""
     import monai
@@ -173,7 +241,15 @@ def main() -> None:
     """Entry point of the ``gamverify`` console script."""
     import fire
 
-    commands = {"cam": cam, "synth": synth, "verify": verify, "energy": energy, "version": version}
+    commands = {
+        "demo": demo,
+        "cam": cam,
+        "cohort": cohort,
+        "synth": synth,
+        "verify": verify,
+        "energy": energy,
+        "version": version,
+    }
     fire.Fire(commands, name="gamverify")
 
 

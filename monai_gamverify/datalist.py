@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "check_image", "load_datalist", "list_images", "require_file", "PATH_KEYS"]
+__all__ = [
+    "DataError",
+    "check_image",
+    "load_datalist",
+    "read_datalist_split",
+    "list_images",
+    "require_file",
+    "PATH_KEYS",
+]
 
 #: datalist entry keys holding file paths (resolved against the datalist's directory when relative)
 PATH_KEYS = ("image", "mask", "seg")
@@ -119,6 +127,43 @@ def _check_label(label: Any, num_classes: int | None, where: str) -> None:
         raise DataError(f"{where}: label {label!r} is not a class index in 0..{num_classes - 1}")
 
 
+def read_datalist_split(path: str | os.PathLike, key: str = "training", allow_empty: bool = False) -> list[Any]:
+    """The raw entries of one split of a Decathlon-style datalist JSON, with errors that name the file.
+
+    Args:
+        path: the datalist JSON.
+        key: the split (``training``, ``validation``, ``test``, ...).
+        allow_empty: return ``[]`` for a missing or empty split instead of raising.
+
+    Returns:
+        The list as stored (entries not validated: see :func:`load_datalist` for that).
+
+    Raises:
+        DataError: missing file, invalid JSON, not an object, missing/empty split, split not a list.
+
+    Example:
+        >>> entries = read_datalist_split("data/sos/datalist.json", "test")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"datalist {path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise DataError(f"datalist {path} must be a JSON object with a {key!r} list")
+    items = content.get(key)
+    if not items:
+        if allow_empty:
+            return []
+        found = [k for k, v in content.items() if isinstance(v, list) and v]
+        raise DataError(f"datalist {path} has no entries under {key!r} (non-empty lists: {found or 'none'})")
+    if not isinstance(items, list):
+        raise DataError(f"datalist {path}: {key!r} must be a list, got {type(items).__name__}")
+    return items
+
+
 def load_datalist(
     datalist: str | os.PathLike,
     key: str = "training",
@@ -186,22 +231,9 @@ def _load_datalist(
             f"`gamverify synth --kind sos --out {dataset_dir}`, or pass --dataset_dir)"
         )
     path = Path(datalist)
-    if not path.is_file():
-        raise DataError(f"datalist not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"datalist {path} is not valid JSON: {err}") from err
-    if not isinstance(content, dict):
-        raise DataError(f"datalist {path} must be a JSON object with a {key!r} list")
-    items = content.get(key)
+    items = read_datalist_split(path, key, allow_empty=allow_empty)
     if not items:
-        if allow_empty:
-            return []
-        found = [k for k, v in content.items() if isinstance(v, list) and v]
-        raise DataError(f"datalist {path} has no entries under {key!r} (non-empty lists: {found or 'none'})")
-    if not isinstance(items, list):
-        raise DataError(f"datalist {path}: {key!r} must be a list, got {type(items).__name__}")
+        return []
     base = path.parent
     out = []
     for i, item in enumerate(items):

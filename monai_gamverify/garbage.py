@@ -30,7 +30,9 @@ from .hooks import preserved_state, record_activations
 __all__ = [
     "find_classifier_head",
     "widen_classifier",
+    "init_from_checkpoint",
     "mix_garbage",
+    "mix_garbage_dirs",
     "class_weights",
     "RejectGarbaged",
     "RejectGarbageD",
@@ -157,6 +159,69 @@ def widen_classifier(
     return target
 
 
+def init_from_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    layer_name: str | None = None,
+    init: str = "mean",
+    seed: int = 0,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a K-class checkpoint into a K+N-class ``model``, widening its head with :func:`widen_classifier`.
+
+    The checkpoint (``torch.load(weights_only=True)``; a state dict, or a dict with a ``"model"`` state dict as MONAI's
+    ``CheckpointSaver`` writes with several objects) must match ``model`` except for the head's number of rows. A
+    checkpoint that already has the model's number of classes is loaded as is. The first K logits of the result equal
+    the K-class model's exactly; the new rows are initialised by ``init``.
+
+    Args:
+        model: the K+N-class network (modified in place and returned; e.g. a bundle's ``network_def`` with 6 outputs).
+        path: the K-class (or K+N-class) checkpoint.
+        layer_name: the head's name; ``None`` takes the last ``nn.Linear``.
+        init: initialisation of the new rows (see :func:`widen_classifier`).
+        seed: seed of the ``"random"`` init.
+        map_location: where tensors are loaded.
+
+    Returns:
+        ``model`` with the loaded (and widened) weights.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: the checkpoint does not fit the model (other layers differ, or it has more classes than the model).
+
+    Example:
+        >>> net6 = init_from_checkpoint(SmallCNN(3, 1, 6), "models/model.pt")   # trained 5-stage model + garbage row
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init checkpoint not found: {path}")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    name, head = find_classifier_head(model, layer_name)
+    weight_key = f"{name}.weight"
+    if weight_key not in state:
+        raise ValueError(f"{path} has no {weight_key!r}: it was not saved from a {type(model).__name__}")
+    k, total = int(state[weight_key].shape[0]), head.out_features
+    if k > total:
+        raise ValueError(f"{path} has {k} classes but the model only {total}; cannot narrow a classifier")
+    narrow = model
+    if k < total:
+        narrow = copy.deepcopy(model)
+        parent_name, _, child = name.rpartition(".")
+        small = nn.Linear(head.in_features, k, bias=head.bias is not None)
+        setattr(narrow.get_submodule(parent_name) if parent_name else narrow, child, small)
+    try:
+        narrow.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {type(model).__name__} (apart from the head): {err}") from err
+    if k < total:
+        widen_classifier(narrow, num_new=total - k, layer_name=name, init=init, seed=seed, inplace=True)
+        model.load_state_dict(narrow.state_dict(), strict=True)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,6 +249,7 @@ def mix_garbage(
     source_key: str = "source",
     real_source: str = "real",
     shuffle: bool = True,
+    keys: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Add garbage items with label ``num_classes`` (= K) to a K-class datalist.
 
@@ -200,6 +266,9 @@ def mix_garbage(
         source_key: field naming where an item comes from (real items get ``real_source`` unless they have one).
         real_source: source name of the real items.
         shuffle: shuffle the mixed list.
+        keys: keep only these fields (plus ``label_key`` and ``source_key``) in every item, so that real and
+            garbage items have the same fields and collate into one batch (a garbage cohort's items carry other
+            fields, e.g. ``source_label``); ``None`` keeps everything.
 
     Returns:
         New list of dicts.
@@ -260,9 +329,98 @@ def mix_garbage(
             entry[source_key] = name
             garbage.append(entry)
     mixed = real + garbage
+    if keys is not None:
+        keep = {*keys, label_key, source_key}
+        mixed = [{k: v for k, v in item.items() if k in keep} for item in mixed]
     if shuffle:
         mixed = [mixed[i] for i in rng.permutation(len(mixed))]
     return mixed
+
+
+def mix_garbage_dirs(
+    datalist: Sequence[Mapping[str, Any]],
+    garbage_dirs: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    num_classes: int,
+    split: str = "training",
+    ratio: float | None = None,
+    seed: int = 0,
+    keys: Sequence[str] | None = ("image", "label", "source"),
+    check: str | bool = "full",
+    spatial_dims: int | None = 3,
+    exit_on_error: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`mix_garbage` with the garbage read from cohort directories (``gamverify synth`` output), for configs.
+
+    Each directory must hold a ``datalist.json``; its ``split`` list is the garbage source (labels there are
+    ignored). The source name is the directory's ``cohort.json`` ``kind`` (``chin``, ``cvm``, ...) or, failing that,
+    the directory name; give a dict name -> directory to choose the names.
+
+    Args:
+        datalist: the real K-class items.
+        garbage_dirs: one directory, a list of them, or a dict source name -> directory.
+        num_classes: K (garbage gets label K).
+        split: the garbage datalist's list to read (``training``, ``validation``, ``test``).
+        ratio: garbage items per real item (see :func:`mix_garbage`); ``None`` adds every garbage item once.
+        seed: seed of the sampling and the shuffle.
+        keys: fields kept in every item (``None``: all); the default keeps what the bundles load.
+        check: image check of :func:`monai_gamverify.datalist.load_datalist` (``"full"``, ``"exists"``, ``"none"``).
+        spatial_dims: expected dimensionality of the garbage images.
+        exit_on_error: end the process with a one-line message (what bundle configs use) instead of raising.
+
+    Returns:
+        The mixed list of dicts.
+
+    Raises:
+        DataError: a missing garbage directory, datalist or image (the message names it), a real label equal to K
+            (collision with the garbage label) or outside ``0..K-1``.
+
+    Example:
+        >>> train = load_datalist("data/sos/datalist.json", "training", num_classes=6)
+        >>> mixed = mix_garbage_dirs(train, "data/chin", num_classes=5, ratio=0.2, seed=0)
+    """
+    import json
+    from pathlib import Path
+
+    from .datalist import DataError, _fail, load_datalist
+
+    try:
+        if isinstance(garbage_dirs, Mapping):
+            named = {str(k): v for k, v in garbage_dirs.items()}
+        else:
+            dirs = [garbage_dirs] if isinstance(garbage_dirs, (str, os.PathLike)) else list(garbage_dirs)
+            named = {}
+            for d in dirs:
+                meta_file = Path(d) / "cohort.json"
+                name = Path(d).resolve().name
+                if meta_file.is_file():
+                    try:
+                        name = str(json.loads(meta_file.read_text()).get("kind", name))
+                    except (OSError, ValueError):
+                        pass
+                while name in named:
+                    name += "_"
+                named[name] = d
+        if not named:
+            raise DataError("no garbage directory given (e.g. --garbage_dir data/chin)")
+        sources = {}
+        for name, d in named.items():
+            if not Path(d).is_dir():
+                raise DataError(
+                    f"garbage directory not found: {d} (create one first, e.g. `gamverify synth --kind chin --out {d}`)"
+                )
+            sources[name] = load_datalist(
+                Path(d) / "datalist.json",
+                split,
+                dataset_dir=d,
+                spatial_dims=spatial_dims,
+                require_label=False,
+                num_classes=None,
+                check=check,
+            )
+        return mix_garbage(datalist, sources, num_classes=num_classes, ratio=ratio, seed=seed, keys=keys)
+    except (DataError, ValueError, TypeError) as err:
+        _fail(str(err), exit_on_error)
+        raise  # unreachable: _fail always raises
 
 
 def class_weights(labels: Iterable[Any], num_classes: int) -> torch.Tensor:
@@ -423,8 +581,10 @@ class RejectionCounter:
 
     Logs TensorBoard scalars ``{tag}/iteration`` (count per iteration), ``{tag}/epoch_count`` and ``{tag}/epoch_rate``
     when a writer is given, stores ``{tag}_count`` and ``{tag}_rate`` in ``engine.state.metrics`` at each epoch end,
-    and writes the rejected items (``id, epoch, iteration, garbage_prob``) as CSV when the run completes. Counts and
-    records restart at every run (``STARTED``), so with an evaluator they describe the last evaluation.
+    and writes the rejected items (``id, epoch, iteration, garbage_prob``) as CSV when the run completes; with
+    ``decisions_csv_path`` it also writes every item's decision (``id, epoch, iteration, rejected, garbage_prob,
+    best_real_class, best_real_prob``). Counts and records restart at every run (``STARTED``), so with an evaluator
+    they describe the last evaluation.
 
     Args:
         output_transform: maps ``engine.state.output`` to the rejection flags (bool sequence / tensor), or to a tuple
@@ -432,6 +592,8 @@ class RejectionCounter:
             or from a batched dict, and ids from ``id_key``.
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter``.
         csv_path: where to write the rejected items at ``COMPLETED``; ``None`` writes nothing.
+        decisions_csv_path: where to write one row per item (accepted ones too) with the :class:`RejectGarbaged`
+            columns; ``None`` writes nothing. Needs the default output reading (no ``output_transform``).
         tag: name of the scalars and metrics.
         rejected_key: output field with the flags.
         id_key: output field identifying an item (a string, or an image whose metadata holds ``filename_or_obj``);
@@ -450,10 +612,14 @@ class RejectionCounter:
         tag: str = "rejections",
         rejected_key: str = "rejected",
         id_key: str = "image",
+        decisions_csv_path: str | os.PathLike | None = None,
     ) -> None:
+        if decisions_csv_path is not None and output_transform is not None:
+            raise ValueError("decisions_csv_path reads the RejectGarbaged fields; do not give an output_transform")
         self.output_transform = output_transform
         self.summary_writer = summary_writer
         self.csv_path = csv_path
+        self.decisions_csv_path = decisions_csv_path
         self.tag = tag
         self.rejected_key = rejected_key
         self.id_key = id_key
@@ -467,6 +633,7 @@ class RejectionCounter:
         self.total_rejected = 0
         self.total_seen = 0
         self.records: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:
         """Register the handler's events on an ignite ``Engine``."""
@@ -483,6 +650,10 @@ class RejectionCounter:
         self.epoch_seen = 0
 
     def _extract(self, output: Any) -> tuple[list[bool], list[str | None], list[float | None]]:
+        flags, ids, probs, _ = self._extract_all(output)
+        return flags, ids, probs
+
+    def _extract_all(self, output: Any) -> tuple[list[bool], list[str | None], list[float | None], list[tuple]]:
         if self.output_transform is not None:
             out = self.output_transform(output)
             flags, ids = out if isinstance(out, tuple) else (out, None)
@@ -490,36 +661,52 @@ class RejectionCounter:
             ids = [None] * len(flags) if ids is None else [None if i is None else str(i) for i in ids]
             if len(ids) != len(flags):
                 raise ValueError(f"output_transform returned {len(flags)} flags but {len(ids)} ids")
-            return flags, ids, [None] * len(flags)
+            return flags, ids, [None] * len(flags), [(None, None)] * len(flags)
         items = [output] if isinstance(output, Mapping) else list(output) if isinstance(output, Sequence) else None
         if not items or not all(isinstance(i, Mapping) and self.rejected_key in i for i in items):
             raise ValueError(
                 f"engine output has no {self.rejected_key!r} field: add RejectGarbaged to the post-processing "
                 "or give an output_transform"
             )
-        flags, ids, probs = [], [], []
+        flags, ids, probs, best = [], [], [], []
+
+        def values(item: Mapping[str, Any], key: str, n: int) -> list[Any]:
+            v = item.get(key)
+            return [None] * n if v is None else torch.as_tensor(v).reshape(-1).tolist()
+
         for item in items:
             f = torch.as_tensor(item[self.rejected_key]).reshape(-1).tolist()
-            p = item.get("garbage_prob")
-            p = [None] * len(f) if p is None else torch.as_tensor(p).reshape(-1).tolist()
             flags.extend(bool(v) for v in f)
-            probs.extend(p)
+            probs.extend(values(item, "garbage_prob", len(f)))
+            best.extend(zip(values(item, "best_real_class", len(f)), values(item, "best_real_prob", len(f))))
             ids.extend([_item_id(item, self.id_key)] * len(f) if len(f) == 1 else [None] * len(f))
-        return flags, ids, probs
+        return flags, ids, probs, best
 
     def iteration_completed(self, engine: Any) -> None:
         """Count the current iteration's rejections and record the rejected items."""
-        flags, ids, probs = self._extract(engine.state.output)
+        flags, ids, probs, best = self._extract_all(engine.state.output)
         epoch, iteration = engine.state.epoch, engine.state.iteration
         self.iteration_rejected = sum(flags)
         self.epoch_rejected += self.iteration_rejected
         self.epoch_seen += len(flags)
         self.total_rejected += self.iteration_rejected
         self.total_seen += len(flags)
-        for pos, (flag, item_id, prob) in enumerate(zip(flags, ids, probs)):
+        for pos, (flag, item_id, prob, (cls, cls_prob)) in enumerate(zip(flags, ids, probs, best)):
+            name = item_id if item_id is not None else f"epoch{epoch}_iter{iteration}_{pos}"
             if flag:
-                name = item_id if item_id is not None else f"epoch{epoch}_iter{iteration}_{pos}"
                 self.records.append({"id": name, "epoch": epoch, "iteration": iteration, "garbage_prob": prob})
+            if self.decisions_csv_path is not None:
+                self.decisions.append(
+                    {
+                        "id": name,
+                        "epoch": epoch,
+                        "iteration": iteration,
+                        "rejected": flag,
+                        "garbage_prob": prob,
+                        "best_real_class": cls,
+                        "best_real_prob": cls_prob,
+                    }
+                )
         if self.summary_writer is not None:
             self.summary_writer.add_scalar(f"{self.tag}/iteration", self.iteration_rejected, iteration)
 
@@ -534,12 +721,15 @@ class RejectionCounter:
 
     def completed(self, engine: Any) -> None:
         """Write the CSV of rejected items and flush the writer."""
+        import pandas as pd
+
+        from .io import write_csv
+
         if self.csv_path is not None:
-            import pandas as pd
-
-            from .io import write_csv
-
             write_csv(pd.DataFrame(self.records, columns=["id", "epoch", "iteration", "garbage_prob"]), self.csv_path)
+        if self.decisions_csv_path is not None:
+            columns = ["id", "epoch", "iteration", "rejected", "garbage_prob", "best_real_class", "best_real_prob"]
+            write_csv(pd.DataFrame(self.decisions, columns=columns), self.decisions_csv_path)
         if self.summary_writer is not None and hasattr(self.summary_writer, "flush"):
             self.summary_writer.flush()
 

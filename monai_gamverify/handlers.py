@@ -292,12 +292,9 @@ class CAMWriter:
         return out
 
     def _invert(self, cam: torch.Tensor, img: Any) -> Any:
-        from monai.data import MetaTensor
-        from monai.transforms import Invertd
+        from .transforms import invert_to_input
 
-        mt = MetaTensor(cam, meta=dict(img.meta), applied_operations=list(img.applied_operations))
-        inverter = Invertd(keys="cam", transform=self.invert_transform, orig_keys="image", nearest_interp=False)
-        return inverter({"cam": mt, "image": img})["cam"]
+        return invert_to_input(cam, img, self.invert_transform)
 
     def __call__(self, engine: Engine) -> None:
         from .io import save_nifti

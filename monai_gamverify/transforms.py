@@ -22,7 +22,38 @@ from torch import nn
 
 from .cam import BaseCAM, GradCAM, GradCAMpp, ScoreCAM
 
-__all__ = ["CAM_METHODS", "make_cam", "unwrap_network", "image_name", "CheckImaged", "ComputeCAMd"]
+__all__ = [
+    "CAM_METHODS",
+    "make_cam",
+    "unwrap_network",
+    "image_name",
+    "invert_to_input",
+    "CheckImaged",
+    "ComputeCAMd",
+]
+
+
+def invert_to_input(cam: torch.Tensor, image: Any, transform: Any) -> Any:
+    """Map a CAM computed on the preprocessed ``image`` back onto the input's own grid and affine.
+
+    Args:
+        cam: (C, *spatial) map on the preprocessed grid.
+        image: the preprocessed ``MetaTensor`` (its ``applied_operations`` record the preprocessing).
+        transform: the invertible preprocessing (e.g. a bundle's ``preprocessing`` ``Compose``) keyed on ``"image"``.
+
+    Returns:
+        ``MetaTensor`` map with the input's shape and affine (it overlays the input in 3D Slicer / ITK-SNAP).
+
+    Example:
+        >>> cam_in = invert_to_input(cam, data["image"], bundle.preprocessing)
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    mt = MetaTensor(cam, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    inverter = Invertd(keys="cam", transform=transform, orig_keys="image", nearest_interp=False)
+    return inverter({"cam": mt, "image": image})["cam"]
+
 
 #: method name (case-insensitive, ``-``/``_``/``+`` ignored) -> CAM class
 CAM_METHODS: dict[str, type[BaseCAM]] = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "scorecam": ScoreCAM}

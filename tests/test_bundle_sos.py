@@ -69,7 +69,7 @@ def trained(tmp_path_factory, cohort) -> Path:
 def test_bundle_layout_and_metadata_offline():
     for rel in ("LICENSE", "docs/README.md", "models/.gitkeep", "configs/logging.conf"):
         assert (BUNDLE / rel).is_file(), rel
-    for name in ("metadata", "train", "evaluate", "inference", "multi_gpu_train"):
+    for name in ("metadata", "train", "evaluate", "inference", "multi_gpu_train", "train_garbage", "inference_garbage"):
         json.loads((BUNDLE / "configs" / f"{name}.json").read_text())
     assert (BUNDLE / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
     from monai.bundle import verify_metadata

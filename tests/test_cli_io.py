@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from monai_gamverify import cli
-from monai_gamverify.bundle import load_checkpoint
+from monai_gamverify.bundle import load_checkpoint, network_from_name
 from monai_gamverify.io import atomic_path, load_image, save_nifti, write_json
 from monai_gamverify.viz import overlay_png
 
@@ -24,7 +24,7 @@ def cohort(tmp_path_factory):
 
 def test_cam_command_writes_aligned_map_png_json(cohort, tmp_path):
     image = sorted((cohort / "images").glob("*.nii.gz"))[0]
-    net = cli._network_from_name("resnet10", NET_ARGS)
+    net = network_from_name("resnet10", NET_ARGS)
     torch.save(net.state_dict(), tmp_path / "w.pt")
     summary = cli.cam(
         str(image),

@@ -1,0 +1,100 @@
+"""Train the five ``gamverify demo`` models and write the weights the package ships (``monai_gamverify/demo_weights``).
+
+The models are trained exactly as ``gamverify demo --train True`` would train them: the demo's cohorts (same
+settings and seed, so byte-identical volumes) and each bundle's ``configs/train.json`` through
+``monai.bundle.ConfigWorkflow`` (:func:`monai_gamverify.demo.train_models`). The best checkpoint of each run is
+re-saved as a plain state dict (``<name>.pt``, loaded with ``torch.load(weights_only=True)``), and
+``manifest.json`` records the settings (the demo only uses the weights when its settings and seed match), the
+SHA-256 of every file, the validation metric, the training time and the versions.
+
+Usage:
+    python scripts/make_demo_weights.py --seed 0 [--out monai_gamverify/demo_weights] [--work /tmp/gv_weights]
+        [--device cpu]
+
+The shipped files were produced with ``--seed 0`` on CPU (see ``docs/demo.md`` for the measured metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from monai_gamverify.demo import MODELS, WEIGHTS_DIR, demo_settings, prepare_cohorts, train_models, weights_config
+from monai_gamverify.io import atomic_path, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0, help="base seed of the cohorts and of training (demo default 0)")
+    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where the weights and manifest.json are written")
+    ap.add_argument("--work", default="/tmp/gamverify_demo_weights", help="scratch folder (cohorts, runs, logs)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import monai
+
+    import monai_gamverify
+
+    settings = demo_settings(quick=False)
+    work, out = Path(args.work), Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    prepare_cohorts(work / "data", settings, seed=args.seed)
+    runs = train_models(
+        work / "data",
+        work / "models",
+        settings,
+        seed=args.seed,
+        device=args.device,
+        tb_dir=work / "tensorboard",
+        log_dir=work / "logs",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name, run in runs.items():
+        state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        dst = out / f"{name}.pt"
+        with atomic_path(dst) as tmp:
+            torch.save(state, tmp)
+        models[name] = {
+            "file": dst.name,
+            "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(),
+            "bytes": dst.stat().st_size,
+            **{k: v for k, v in run.items() if k != "checkpoint"},
+            "bundle": MODELS[name]["bundle"],
+        }
+    manifest = {
+        "created_with": f"python scripts/make_demo_weights.py --seed {args.seed}",
+        "config": weights_config(settings, args.seed),
+        "models": models,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "versions": {
+            "monai_gamverify": monai_gamverify.__version__,
+            "monai": monai.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    }
+    write_json(manifest, out / "manifest.json")
+    keys = ("best_metric_name", "best_metric", "seconds")
+    print(json.dumps({k: {kk: v[kk] for kk in keys} for k, v in models.items()}))
+    print(f"weights and manifest -> {out} ({manifest['total_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
