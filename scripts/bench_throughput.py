@@ -4,14 +4,17 @@ Over the same N synthetic SOS volumes (written as NIfTI to a temporary directory
 
 - **inference**: load + the bundle's inference ``preprocessing`` + one forward pass (``torch.inference_mode``), as
   the bundle's evaluator does;
-- **full**: :func:`monai_gamverify.cohort.run_cohort`'s item loop: load + preprocessing + one forward pass with the
-  Grad-CAM of the predicted class + attribution energy + the map inverted onto the input grid and written as NIfTI +
-  the seven similarity features against a reference map + the verdict of a 200-tree verifier + the item JSON;
+- **full**: :func:`monai_gamverify.cohort.run_cohort`'s item loop: load + the same preprocessing + one forward pass
+  with the Grad-CAM of the predicted class + attribution energy + the seven similarity features against a reference
+  map (batched, 8 items a call) + the map inverted onto the input grid and written as ``.nii.gz`` + the item JSON +
+  the verdicts of a 200-tree verifier;
 - the same with the map written on the preprocessed grid (``--no_invert``: no resampling back), and without any
   map file (``--no_maps``).
 
 Runs are interleaved (inference, full, full without maps) ``--repeats`` times after a warm-up; the table gives the
-median seconds per volume and the ratio to inference. Random weights: the timings do not depend on them.
+median wall seconds per volume and the ratio to inference, and the same for the CPU time of the process (all its
+threads: on a machine shared with other jobs it moves less than wall time). Random weights: the timings do not
+depend on them.
 
     python scripts/bench_throughput.py                          # 24 volumes, 32^3, convnext_attn_pico and small_cnn
     python scripts/bench_throughput.py --n 24 --size 48 --networks small_cnn --repeats 3
@@ -41,9 +44,11 @@ STEPS = (
     "forward (inference mode)",
     "forward + Grad-CAM (explain)",
     "energy + normalisation",
-    "7 similarity features",
-    "map resampled onto the input grid",
-    "map written (.nii.gz)",
+    "7 similarity features, one item per call",
+    "7 similarity features, batched call of 8 (default), per item",
+    "map resampled onto the input grid, MONAI Invertd (before)",
+    "map resampled onto the input grid, fast_invert (now)",
+    "map written (.nii.gz, save_map)",
     "item JSON written",
 )
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
@@ -95,31 +100,35 @@ def setup(tmp: Path, network_name: str, n: int, size: int, seed: int) -> dict:
     }
 
 
-def plain_inference(images: list[str], net: torch.nn.Module, pre) -> float:
-    """Seconds per volume of load + preprocessing + forward."""
-    start = time.perf_counter()
+def plain_inference(images: list[str], net: torch.nn.Module, pre) -> tuple[float, float]:
+    """(wall, CPU) seconds per volume of load + preprocessing + forward."""
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for path in images:
             x = pre({"image": path})["image"].unsqueeze(0)
             net(x).softmax(1)
-    return (time.perf_counter() - start) / len(images)
+    return (time.perf_counter() - start) / len(images), (time.process_time() - cpu) / len(images)
 
 
-def full_run(images: list[str], out: Path, kwargs: dict, save_maps: bool, invert: bool = True) -> float:
-    """Seconds per volume of the cohort item loop (every item recomputed) and its batched verdicts."""
+def full_run(images: list[str], out: Path, kwargs: dict, save_maps: bool, invert: bool = True) -> tuple[float, float]:
+    """(wall, CPU of all threads) seconds per volume of the cohort item loop (every item recomputed) and its
+    batched verdicts."""
     from monai_gamverify.cohort import run_cohort
 
     result = run_cohort(images, out, save_maps=save_maps, invert=invert, **kwargs)
     if result["n_failed"]:
         raise RuntimeError(f"{result['n_failed']} items failed: {result['failed_ids']}")
-    return result["seconds"]["items"] / len(images)
+    return result["seconds"]["items"] / len(images), result["seconds"]["items_cpu"] / len(images)
 
 
+# the step lambdas of breakdown() are called at once, inside the iteration that binds their variables
+# ruff: noqa: B023
 def breakdown(s: dict, name: str, tmp: Path, repeats: int) -> dict[str, float]:
     """Median ms per volume of each step, timed one at a time in the main thread (no overlap)."""
     from monai_gamverify.cam import normalize_maps
+    from monai_gamverify.cohort import fast_invert, save_map
     from monai_gamverify.energy import attribution_energy
-    from monai_gamverify.io import save_nifti, write_json
+    from monai_gamverify.io import write_json
     from monai_gamverify.similarity import similarity_metrics
     from monai_gamverify.transforms import invert_to_input, make_cam
     from monai_gamverify.verification import ReferenceMap
@@ -127,32 +136,35 @@ def breakdown(s: dict, name: str, tmp: Path, repeats: int) -> dict[str, float]:
     net, pre, images = s["bm"].network, s["pre"], s["images"]
     cam = make_cam(net, s["bm"].target_layer, "gradcam")
     ref = ReferenceMap.load(tmp / f"ref_{name}").value
-    steps: dict[str, list[float]] = {}
+    steps: dict[str, list[float]] = {k: [] for k in STEPS}
+    batch: list[torch.Tensor] = []
+
+    def timed(step: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        steps[step].append(time.perf_counter() - start)
+        return value
+
     for _ in range(repeats):
         for path in images:
-            t = [time.perf_counter()]
-            img = pre({"image": path})["image"]
+            img = timed(STEPS[0], lambda: pre({"image": path})["image"])
             x = img.unsqueeze(0)
-            t.append(time.perf_counter())
             with torch.inference_mode():
-                net(x).softmax(1)
-            t.append(time.perf_counter())
-            result = cam.explain(x, normalize=False)
-            t.append(time.perf_counter())
+                timed(STEPS[1], lambda: net(x).softmax(1))
+            result = timed(STEPS[2], lambda: cam.explain(x, normalize=False))
             raw = result.maps.as_tensor()
-            energy = float(attribution_energy(raw)[0])
-            norm = normalize_maps(raw)
-            t.append(time.perf_counter())
-            feats = similarity_metrics(norm, ref)
-            t.append(time.perf_counter())
-            mapped = invert_to_input(norm[0], img, pre)
-            t.append(time.perf_counter())
-            save_nifti(mapped, tmp / "map.nii.gz", reference=mapped)
-            t.append(time.perf_counter())
-            write_json({"energy": energy, **{k: float(v[0]) for k, v in feats.items()}}, tmp / "item.json")
-            t.append(time.perf_counter())
-            for k, a, b in zip(STEPS, t[:-1], t[1:]):
-                steps.setdefault(k, []).append(b - a)
+            energy, norm = timed(STEPS[3], lambda: (float(attribution_energy(raw)[0]), normalize_maps(raw)))
+            feats = timed(STEPS[4], lambda: similarity_metrics(norm, ref))
+            batch.append(norm)
+            if len(batch) == 8:  # the cohort run's batched call (feature_batch=8)
+                timed(STEPS[5], lambda: similarity_metrics(torch.cat(batch), ref))
+                steps[STEPS[5]][-1] /= len(batch)
+                batch.clear()
+            timed(STEPS[6], lambda: invert_to_input(norm[0], img, pre))
+            mapped, affine = timed(STEPS[7], lambda: fast_invert(norm[0], img))
+            timed(STEPS[8], lambda: save_map(mapped, tmp / "map.nii.gz", reference=affine))
+            row = {"energy": energy, **{k: float(v[0]) for k, v in feats.items()}}
+            timed(STEPS[9], lambda: write_json(row, tmp / "item.json"))
     return {k: statistics.median(v) * 1000 for k, v in steps.items()}
 
 
@@ -175,7 +187,7 @@ def main() -> None:
             net, pre, images = s["bm"].network, s["pre"], s["images"]
             plain_inference(images[:2], net, pre)  # warm-up
             full_run(images[:2], tmp / "warm", s["kwargs"], True)
-            times: dict[str, list[float]] = {k: [] for k in KINDS}
+            times: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
             for r in range(args.repeats):
                 times[KINDS[0]].append(plain_inference(images, net, pre))
                 times[KINDS[1]].append(full_run(images, tmp / f"out_{name}", s["kwargs"], True))
@@ -184,22 +196,22 @@ def main() -> None:
                 short = [k.split(" (")[0].split(",")[-1].strip() for k in times]
                 print(
                     f"{name} repeat {r + 1}: "
-                    + ", ".join(f"{k} {v[-1] * 1000:.1f} ms" for k, v in zip(short, times.values()))
+                    + ", ".join(f"{k} {v[-1][0] * 1000:.1f} ms" for k, v in zip(short, times.values()))
                 )
             if args.breakdown:
                 parts[name] = breakdown(s, name, tmp, args.repeats)
-            base = statistics.median(times[KINDS[0]])
+            base = [statistics.median(t[i] for t in times[KINDS[0]]) for i in (0, 1)]
             for kind, values in times.items():
-                med = statistics.median(values)
-                rows.append((name, kind, med * 1000, med / base))
+                wall, cpu = (statistics.median(t[i] for t in values) for i in (0, 1))
+                rows.append((name, kind, wall * 1000, wall / base[0], cpu * 1000, cpu / base[1]))
     print(
         f"\n{args.n} SOS volumes {args.size}^3 (sos_staging preprocessing: 1.25 mm, 32^3), {args.threads} thread(s), "
         f"median of {args.repeats} interleaved repeats\n"
     )
-    print("| network | per volume | ms / volume | × inference |")
-    print("|---|---|---:|---:|")
-    for name, kind, ms, ratio in rows:
-        print(f"| {name} | {kind} | {ms:.1f} | {ratio:.2f} |")
+    print("| network | per volume | wall ms / volume | × inference | CPU ms / volume | × inference (CPU) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, kind, ms, ratio, cpu_ms, cpu_ratio in rows:
+        print(f"| {name} | {kind} | {ms:.1f} | **{ratio:.2f}** | {cpu_ms:.1f} | {cpu_ratio:.2f} |")
     if parts:
         names = list(parts)
         print("\n| step (alone, median ms / volume) | " + " | ".join(names) + " |")

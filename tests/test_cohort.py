@@ -271,6 +271,43 @@ def test_bundle_maps_are_inverted_onto_the_input_grid(cohort, tmp_path, one_thre
         assert cam.get_fdata().max() > 0
 
 
+@pytest.mark.parametrize(
+    "shape, affine",
+    [
+        ((16, 16, 16), AFFINE),  # resampled 1.5/2 mm -> 1.25 mm, then padded to 32^3
+        ((32, 32, 32), np.diag([1.25, 1.25, 1.25, 1.0])),  # already the preprocessed grid: nothing to resample
+        ((40, 30, 50), np.diag([1.0, 1.1, 0.9, 1.0])),  # cropped along one axis, padded along another
+        ((20, 36, 28), np.array([[-1.3, 0, 0, 30.0], [0, -0.8, 0, 20.0], [0, 0, 1.6, -5.0], [0, 0, 0, 1]])),  # LPI
+        ((24, 18, 30), np.array([[0, 0, 1.2, 1.0], [1.4, 0, 0, 2.0], [0, -1.0, 0, 3.0], [0, 0, 0, 1]])),  # permuted
+        ((22, 22, 22), np.array([[1.2, 0.2, 0, 1.0], [-0.2, 1.2, 0, 2.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]])),  # oblique
+    ],
+)
+def test_fast_invert_equals_monai_invertd(tmp_path, shape, affine, one_thread):
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Rotate90d
+
+    from monai_gamverify.bundle import load_bundle
+    from monai_gamverify.cohort import fast_invert
+    from monai_gamverify.transforms import invert_to_input
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
+    pre = load_bundle(bundle, device="cpu", require_weights=False).preprocessing()
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), affine), str(path))
+    img = pre({"image": str(path)})["image"]
+    torch.manual_seed(0)
+    cam = normalize_maps(torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, 4), img.shape[1:], mode="trilinear"))
+    want = invert_to_input(cam[0], img, pre)
+    got, got_affine = fast_invert(cam[0], img)
+    assert got.shape == want.shape == (1, *shape)
+    np.testing.assert_allclose(got.numpy(), want.as_tensor().numpy(), rtol=0, atol=1e-5)  # equal here
+    np.testing.assert_allclose(got_affine, want.affine.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(got_affine, nib.load(str(path)).affine)  # the input's own affine
+    # a preprocessing with a transform it does not handle: None, and the cohort run falls back to Invertd
+    other = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), Rotate90d("image")])
+    rotated = other({"image": str(path)})["image"]
+    assert fast_invert(torch.zeros_like(rotated), rotated) is None
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
