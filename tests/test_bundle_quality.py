@@ -1,4 +1,4 @@
-"""The cbct_quality bundle end to end on a tiny synthetic cohort (32^3 volumes, 32^2 slices, a 4-8-8 network)."""
+"""The cbct_quality bundle end to end on a tiny synthetic cohort (32^3 volumes, 32^2 slices, a width-4 SmallCNN)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_train_slices_and_tensorboard(trained, cohort):
     assert len(item) == 4 and tuple(item[0]["image"].shape) == (1, 32, 32)  # 4 axial 2D slices per volume
     assert item[0]["label"].shape == (5,)
     state = torch.load(trained / "models" / "model.pt", weights_only=True)
-    assert state["head.weight"].shape == (5, 8)
+    assert state["head.weight"].shape == (5, 16)  # SmallCNN width 4: 4 -> 8 -> 16 channels
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(trained / "eval" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
@@ -131,15 +131,20 @@ def test_evaluate_writes_energy_table_and_plots(trained, cohort):
     assert vol["id"].tolist() == [e["id"] for e in test]
     for c in QUALITY_CATEGORIES:
         assert np.allclose(vol[f"consensus_{c}"], [e[c] for e in test], atol=1e-5)
-        assert (vol[f"ae_{c}"] > 0).all()
+        # raw Grad-CAM is ReLU'd, so AE >= 0; after one tiny epoch a category's map may be all zero
+        assert (vol[f"ae_{c}"] >= 0).all()
+    assert (vol[[f"ae_{c}" for c in QUALITY_CATEGORIES]].to_numpy() > 0).any(axis=1).all()
     reg = pd.read_csv(out / "regression_metrics.csv").set_index("category")
     err = (vol["pred_overall"] - vol["consensus_overall"]).abs().mean()
     assert reg.loc["overall", "mae"] == pytest.approx(err, rel=1e-4)
     table = pd.read_csv(out / "energy_table.csv").set_index("category")
-    assert list(table.index) == list(QUALITY_CATEGORIES)
-    rho = stats.spearmanr(vol["ae_mandible"], vol["consensus_mandible"]).statistic
-    assert table.loc["mandible", "rho"] == pytest.approx(rho, abs=1e-6)
-    for c in QUALITY_CATEGORIES:
+    # a category whose AE is constant (e.g. all-zero maps after one tiny epoch) has no rho: skipped with a warning
+    usable = [c for c in QUALITY_CATEGORIES if vol[f"ae_{c}"].nunique() > 1]
+    assert list(table.index) == usable and len(usable) >= 1
+    for c in usable:
+        rho = stats.spearmanr(vol[f"ae_{c}"], vol[f"consensus_{c}"]).statistic
+        assert table.loc[c, "rho"] == pytest.approx(rho, abs=1e-6)
+    for c in usable:
         assert (out / f"energy_scatter_{c}.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "energy_atypical.csv").is_file() and (out / "energy_loo.csv").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -221,13 +226,13 @@ def test_ckpt_export_torchscript(trained, tmp_path):
         meta_file=str(trained / "configs" / "metadata.json"),
         config_file=str(trained / "configs" / "inference.json"),
         bundle_root=str(trained),
-        **{"networks#convnext_pico#widths": [4, 8, 8]},
+        **{"networks#small_cnn#width": 4},
     )
     scripted, meta, _ = load_net_with_metadata(str(ts))
     from monai_gamverify.bundle import load_checkpoint
-    from monai_gamverify.networks import convnext_pico
+    from monai_gamverify.networks import SmallCNN
 
-    eager = load_checkpoint(convnext_pico(2, 1, 5, widths=(4, 8, 8)), trained / "models" / "model.pt")
+    eager = load_checkpoint(SmallCNN(2, 1, 5, width=4), trained / "models" / "model.pt")
     x = torch.rand(3, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager.eval()(x), atol=1e-5)
