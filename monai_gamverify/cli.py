@@ -250,7 +250,13 @@ def main() -> None:
         "energy": energy,
         "version": version,
     }
-    fire.Fire(commands, name="gamverify")
+    import sys
+
+    argv = sys.argv[1:]
+    # commands taking **kwargs would swallow --help as a keyword: hand it to fire as a flag instead
+    if "--" not in argv and any(a in ("-h", "--help") for a in argv):
+        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
+    fire.Fire(commands, command=argv, name="gamverify")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,14 @@ def test_overlay_png(tmp_path, shape):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="differs"):
         overlay_png(img, torch.zeros(3, 3), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("argv", [["synth", "--help"], ["energy", "-h"], ["--help"]])
+def test_help_prints_usage_not_a_traceback(argv):
+    import subprocess
+    import sys
+
+    env = {"PAGER": "cat", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "monai_gamverify.cli", *argv], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert ("FLAGS" if argv[0] != "--help" else "COMMANDS") in res.stdout + res.stderr
