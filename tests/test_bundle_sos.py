@@ -206,7 +206,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
     from monai.data import load_net_with_metadata
 
     scripted, meta, _ = load_net_with_metadata(str(ts))
-    assert meta["version"] == "0.1.0"
+    assert meta["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
     from monai_gamverify.bundle import load_checkpoint
     from monai_gamverify.networks import convnext_attn_pico
 
