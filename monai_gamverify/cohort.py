@@ -793,8 +793,8 @@ def run_cohort(
         device: ``cpu``/``cuda``; under ``torchrun`` with CUDA each process uses ``cuda:LOCAL_RANK``.
         overwrite: start again in an ``out`` written with another configuration (its results are deleted).
         progress: progress bar (rank 0 only).
-        background_writes: write maps and item JSONs in a writer thread, overlapping the next item's forward pass
-            (``False``: in the loop).
+        background_writes: compute the similarity features and write the maps and item JSONs of each batch in a
+            writer thread, overlapping the next batch's forward passes on a second core (``False``: in the loop).
         feature_batch: with ``reference``, the similarity features of this many items are computed in one batched
             call (the same values as one call per item, at about half the cost per item); their maps and item
             JSONs are written after it, so an interrupted run recomputes at most this many items more.
@@ -922,18 +922,24 @@ def run_cohort(
         waiting: list[tuple[dict, tuple[torch.Tensor, Any]]] = []  # computed items whose features are not done
         batch = max(1, int(feature_batch)) if ref_value is not None else 1
 
-        def settle(outcome: tuple[str, dict]) -> None:
-            (rows if outcome[0] == "ok" else errors).append(outcome[1])
+        def settle(outcomes: list[tuple[str, dict]]) -> None:
+            for kind, rec in outcomes:
+                (rows if kind == "ok" else errors).append(rec)
+
+        def finish_batch(group: list[tuple[dict, tuple[torch.Tensor, Any]]]) -> list[tuple[str, dict]]:
+            """Features of a batch of items in one call, then their maps and item JSONs."""
+            failures = runner.features(group)
+            return [runner.finish(row, pending, config_hash, f) for (row, pending), f in zip(group, failures)]
 
         def flush() -> None:
-            """Features of the waiting items in one call, then their maps and item JSONs (writer thread)."""
-            failures = runner.features(waiting)
-            for (row, pending), failure in zip(waiting, failures):
-                if pool is None:
-                    settle(runner.finish(row, pending, config_hash, failure))
-                    continue
-                queue.append(pool.submit(runner.finish, row, pending, config_hash, failure))
-                while len(queue) > 2 + batch:  # bounded: at most a few maps wait in memory
+            # in the writer thread the features and map files of this batch overlap the next batch's forward passes
+            if not waiting:
+                return
+            if pool is None:
+                settle(finish_batch(list(waiting)))
+            else:
+                queue.append(pool.submit(finish_batch, list(waiting)))
+                while len(queue) > 2:  # bounded: at most a few batches of maps wait in memory
                     settle(queue.popleft().result())
             waiting.clear()
 

@@ -284,7 +284,8 @@ def test_monailabel_task_is_built_lazily(monkeypatch, image, tmp_path):
     conf = {"gamverify_threshold": "0.7"}
     task = task_cls(str(SOS), conf, overrides=TINY, require_weights=False, output_dir=tmp_path)
     assert task.type == "classification" and task.labels == {n: i for i, n in enumerate(NAMES)}
-    assert task.path is None and task.core.pipeline.threshold == 0.7 and task.info()["version"] == "0.1.0"
+    version = json.loads((SOS / "configs" / "metadata.json").read_text())["version"]
+    assert task.path is None and task.core.pipeline.threshold == 0.7 and task.info()["version"] == version
     assert task.pre_transforms() and task.post_transforms() == []
     cam_file, result = task({"image": str(image), "device": "cpu"})
     assert Path(cam_file).is_file() and result["label_names"] == task.labels
