@@ -177,11 +177,42 @@ def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify
     verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)  # prints its own summary
 
 
-def energy(energy: str, scores: str, out: str = "energy_out", **kwargs: Any) -> dict:
-    """Attribution-energy analysis (AE CSV or map folder + scores CSV); see ``monai_gamverify.energy.energy_report``."""
-    from monai_gamverify.energy import energy_report
+def energy(
+    energy: str | None = None,
+    scores: str | None = None,
+    out: str = "energy_out",
+    bundle_root: str | None = None,
+    datalist: str | None = None,
+    split: str = "test",
+    overrides: dict | str | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Attribution-energy analysis: AE vs scores per category, leave-one-out Spearman, CI, Holm, atypical cases.
 
-    result = energy_report(energy, scores, out, **kwargs)
+    Either precomputed AE (a CSV ``id, <category>...`` or a folder of raw NIfTI maps) and a scores CSV
+    (``monai_gamverify.energy.energy_report``), or a bundle and a datalist: the AE of the bundle's model is computed
+    here, the scores come from ``scores`` or from the datalist entries (``energy_workflow.bundle_energy``).
+
+    Example:
+        gamverify energy ae.csv consensus.csv --out energy_out
+        gamverify energy --bundle_root bundles/cbct_quality --datalist data/quality/datalist.json --out energy_out
+    """
+    if bundle_root is not None:
+        from monai_gamverify.energy_workflow import bundle_energy
+
+        if datalist is None:
+            raise ValueError("--bundle_root needs --datalist (the volumes to explain)")
+        if energy is not None:
+            raise ValueError("give either an AE table/map folder or --bundle_root with --datalist, not both")
+        if isinstance(overrides, str):
+            overrides = json.loads(overrides)
+        result = bundle_energy(bundle_root, datalist, out, split=split, scores=scores, overrides=overrides, **kwargs)
+    else:
+        from monai_gamverify.energy import energy_report
+
+        if energy is None or scores is None:
+            raise ValueError("give an AE CSV (or map folder) and a scores CSV, or --bundle_root and --datalist")
+        result = energy_report(energy, scores, out, **kwargs)
     return {k: v for k, v in result.items() if k != "table"}
 
 

@@ -769,7 +769,9 @@ def energy_report(
     Inputs are wide tables keyed by volume id: the energy CSV has ``id`` and one AE column per category (or is a
     folder of raw NIfTI maps, see :func:`energy_from_maps`); the scores CSV has ``id`` and one consensus column per
     category. Every volume with AE must have a score row; score rows without AE are ignored. Empty cells drop
-    that volume from that category only (the table's ``n`` shows it).
+    that volume from that category only (the table's ``n`` shows it). A category whose AE or scores are constant
+    (or that has fewer than 3 volumes) has no Spearman rho: it is left out with a warning and listed under
+    ``skipped`` (with the reason) in the result and in ``energy_table.json``; no usable category is an error.
 
     Written to ``out_dir``: ``energy_table.csv``, ``energy_table.json`` (table, folds, atypical cases, settings),
     ``energy_loo.csv`` (category, left-out id, rho, p), ``energy_atypical.csv`` and ``energy_scatter_<category>.png``.
@@ -788,7 +790,7 @@ def energy_report(
         progress: progress bars.
 
     Returns:
-        dict with the written paths and the table as records.
+        dict with the written paths, the table as records and the skipped categories (name -> reason).
 
     Example:
         >>> energy_report("ae.csv", "consensus.csv", "out/energy")
@@ -827,6 +829,17 @@ def energy_report(
         if len(pair) < len(e_df):
             logger.warning("category %r: %d volume(s) without AE or score are left out", c, len(e_df) - len(pair))
         e_by[c], s_by[c], ids_by[c] = pair["e"].to_numpy(), pair["s"].to_numpy(), pair.index.tolist()
+    skipped: dict[str, str] = {}
+    for c in list(cats):  # e.g. all-zero maps of one output: that category has no rho, the others still do
+        try:
+            spearman_loo(e_by[c], s_by[c], n_boot=0)
+        except ValueError as err:
+            skipped[c] = str(err)
+            cats.remove(c)
+            logger.warning("category %r is left out of the AE analysis: %s", c, err)
+    if not cats:
+        raise ValueError(f"no category can be analysed: {skipped}")
+    e_by, s_by, ids_by = ({c: d[c] for c in cats} for d in (e_by, s_by, ids_by))
 
     table = energy_table(e_by, s_by, n_boot=n_boot, ci=ci, seed=seed, alpha=alpha, progress=progress)
     loo_rows, atyp, written = [], [], {}
@@ -861,6 +874,7 @@ def energy_report(
         "table": table.to_dict(orient="records"),
         "folds": loo_df.to_dict(orient="records"),
         "atypical": atyp_df[atyp_df.flag].to_dict(orient="records"),
+        "skipped": skipped,
         "settings": {
             "n_boot": n_boot,
             "ci": ci,
@@ -872,4 +886,8 @@ def energy_report(
         },
     }
     written["table_json"] = write_json(_json_safe(summary), out / "energy_table.json")
-    return {"paths": {key: str(v) for key, v in written.items()}, "table": _json_safe(summary["table"])}
+    return {
+        "paths": {key: str(v) for key, v in written.items()},
+        "table": _json_safe(summary["table"]),
+        "skipped": skipped,
+    }

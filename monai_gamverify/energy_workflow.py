@@ -50,6 +50,7 @@ __all__ = [
     "SliceCAMd",
     "AttributionEnergyHandler",
     "regression_metrics",
+    "bundle_energy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -623,3 +624,106 @@ class AttributionEnergyHandler:
                 ("ae_median_loo_p", "median_loo_p"),
             ):
                 scalars[f"{name}_{c}"] = math.nan if row[col] is None else float(row[col])
+
+
+# ------------------------------------------------------------------------------------------------- bundle + datalist
+def bundle_energy(
+    bundle_root: str | os.PathLike,
+    datalist: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    scores: str | os.PathLike | None = None,
+    categories: Sequence[str] | str | None = None,
+    overrides: dict | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    method: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """AE of a bundle's model on every volume of a datalist split, then :func:`monai_gamverify.energy.energy_report`.
+
+    Each image goes through the bundle's inference preprocessing, one at a time; a 2D bundle on volumes (metadata
+    ``gamverify.spatial_dims`` = 2, e.g. ``cbct_quality``) is explained slice by slice along
+    ``gamverify.slice_axis``, streamed in slice batches, all categories in one pass. The scores come from
+    ``scores`` (a CSV ``id, <category>...``) or, without it, from the datalist entries themselves (the synthetic
+    ``quality`` datalist carries each volume's consensus scores).
+
+    Args:
+        bundle_root: bundle directory (``configs/inference.json``, ``models/model.pt``).
+        datalist: MONAI datalist JSON.
+        out_dir: output folder: ``ae.csv``, ``scores.csv`` and everything ``energy_report`` writes.
+        split: datalist key.
+        scores: consensus-score CSV (default: the scores in the datalist entries).
+        categories: output names, in output order (default: metadata ``gamverify.categories``, else the output
+            ``channel_def``); a comma-separated string is accepted.
+        overrides: config overrides of the bundle (e.g. ``{"network_name": "resnet18"}``).
+        checkpoint: weights other than ``models/model.pt``.
+        method: ``gradcam`` (default: metadata ``gamverify.cam_method``), ``gradcampp`` or ``scorecam``.
+        batch_size: slices per CAM call.
+        device: CAM device (default: CUDA when available).
+        n_boot, seed: bootstrap settings of the Spearman analysis.
+        progress: progress bars.
+
+    Returns:
+        what ``energy_report`` returns, plus ``ae`` and ``scores`` (the two CSV paths) and ``n`` (volumes).
+
+    Raises:
+        ValueError: unknown method, categories that do not match the outputs, an item whose image cannot be
+            preprocessed or explained (named), scores missing from the datalist entries.
+
+    Example:
+        >>> bundle_energy("bundles/cbct_quality", "data/quality/datalist.json", "energy_out")["paths"]["table_csv"]
+    """
+    from tqdm.auto import tqdm
+
+    from . import cam as cams
+    from .bundle import load_bundle
+    from .datalist import load_datalist
+
+    bm = load_bundle(bundle_root, checkpoint=checkpoint, device=device, overrides=overrides)
+    info = bm.metadata.get("gamverify", {}) if isinstance(bm.metadata, dict) else {}
+    names = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
+    method = (method or info.get("cam_method", "gradcam")).lower()
+    if method not in names:
+        raise ValueError(f"unknown method {method!r}: choose one of {sorted(names)}")
+    if isinstance(categories, str):
+        categories = [c.strip() for c in categories.split(",") if c.strip()]
+    cats = list(categories or info.get("categories") or bm.class_names)
+    if not cats:
+        raise ValueError("the bundle names no outputs: pass categories")
+    if bm.target_layer is None:
+        raise ValueError(f"bundle {bundle_root} defines no cam_layer / gamverify.target_layer")
+    items = load_datalist(datalist, split, check="exists", spatial_dims=None, require_label=False)
+    pre = bm.preprocessing()
+    cam = getattr(cams, names[method])(bm.network, bm.target_layer)
+    two_d = int(info.get("spatial_dims", 3)) == 2
+    dev = next(bm.network.parameters()).device
+    columns = {c: i for i, c in enumerate(cats)}
+    rows = []
+    for e in tqdm(items, desc="AE volumes", disable=not progress):
+        vid = str(e.get("id", Path(e["image"]).name.split(".")[0]))
+        try:
+            x = pre({"image": e["image"]})["image"] if pre is not None else e["image"]
+            axis = int(info.get("slice_axis", 2)) if two_d and x.ndim == 4 else None
+            ae = volume_energy_multi(
+                cam, x, columns, slice_axis=axis, batch_size=batch_size, device=dev, progress=False
+            )
+        except Exception as err:
+            raise ValueError(f"attribution energy of {e['image']}: {err}") from err
+        rows.append({"id": vid, **ae})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(pd.DataFrame(rows), out / "ae.csv")
+    if scores is None:
+        lacking = sorted({c for e in items for c in cats if c not in e})
+        if lacking:
+            raise ValueError(f"the datalist entries of {split!r} have no score for {lacking}: pass scores=<CSV>")
+        table = pd.DataFrame([{"id": r["id"], **{c: float(e[c]) for c in cats}} for r, e in zip(rows, items)])
+        write_csv(table, out / "scores.csv")
+        scores = out / "scores.csv"
+    report = energy_report(out / "ae.csv", scores, out, categories=cats, n_boot=n_boot, seed=seed, progress=progress)
+    return {**report, "ae": str(out / "ae.csv"), "scores": str(scores), "n": len(rows)}

@@ -173,6 +173,45 @@ def test_evaluate_energy_matches_library(trained, cohort):
         assert vol.loc[0, f"ae_{c}"] == pytest.approx(ae[c], rel=1e-3)
 
 
+def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
+    """`gamverify energy --bundle_root --datalist`: the same AE as evaluate.json, scores from the datalist entries,
+    the same table as energy_report on those two CSVs; bad combinations of arguments are refused."""
+    from monai_gamverify import cli
+    from monai_gamverify.energy import energy_report
+
+    out = trained / "eval" / "energy_test" / "volume_scores.csv"
+    if not out.is_file():
+        _run(trained, "evaluate.json", dataset_dir=str(cohort), n_boot=50)
+    vol = pd.read_csv(out)
+    res = cli.energy(
+        out=str(tmp_path / "e"), bundle_root=str(trained), datalist=str(cohort / "datalist.json"),
+        overrides=json.dumps(TINY), n_boot=50, progress=False, device="cpu",
+    )  # fmt: skip
+    assert res["n"] == len(vol)
+    ae, sc = pd.read_csv(res["ae"]), pd.read_csv(res["scores"])
+    assert ae["id"].tolist() == vol["id"].tolist()
+    for c in QUALITY_CATEGORIES:
+        assert np.allclose(ae[c], vol[f"ae_{c}"], rtol=1e-4)
+        assert np.allclose(sc[c], vol[f"consensus_{c}"], atol=1e-5)
+    ref = energy_report(res["ae"], res["scores"], tmp_path / "ref", n_boot=50, progress=False, plots=False)
+    table = pd.read_csv(tmp_path / "e" / "energy_table.csv")
+    assert np.allclose(table["rho"], pd.DataFrame(ref["table"])["rho"], equal_nan=True)
+    with pytest.raises(ValueError, match="needs --datalist"):
+        cli.energy(bundle_root=str(trained), out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="AE CSV"):
+        cli.energy(out=str(tmp_path / "x"))
+    bare = tmp_path / "bare.json"  # entries without scores and no scores CSV
+    entries = [
+        {"image": str(cohort / e["image"]), "id": e["id"]}
+        for e in json.loads((cohort / "datalist.json").read_text())["test"]
+    ]
+    bare.write_text(json.dumps({"test": entries}))
+    with pytest.raises(ValueError, match="no score for"):
+        cli.energy(
+            out=str(tmp_path / "y"), bundle_root=str(trained), datalist=str(bare), overrides=TINY, progress=False
+        )
+
+
 def test_inference_scores_and_slice_cams(trained, cohort):
     images = sorted((cohort / "images").glob("*.nii.gz"))[:3]
     _run(trained, "inference.json", input_dir=str(cohort / "images" / "quality_000[0-2].nii.gz"))

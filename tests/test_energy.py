@@ -396,3 +396,26 @@ def test_result_summary_is_scalar():
     assert isinstance(res, SpearmanLOO)
     summary = res.summary()
     assert "loo_rho" not in summary and summary["n"] == 16 and summary["median_rho"] == res.median_rho
+
+
+def test_energy_report_leaves_out_a_degenerate_category(tmp_path, caplog):
+    """All-zero maps of one output give constant AE: that category is skipped with its reason, the rest analysed;
+    nothing usable is an error naming the reasons."""
+    rng = np.random.default_rng(3)
+    ids = [f"v{i}" for i in range(8)]
+    scores = pd.DataFrame({"id": ids, "parotid": rng.random(8), "larynx": rng.random(8)})
+    energy = pd.DataFrame({"id": ids, "parotid": rng.random(8), "larynx": np.zeros(8)})
+    energy.to_csv(tmp_path / "ae.csv", index=False)
+    scores.to_csv(tmp_path / "sc.csv", index=False)
+    with caplog.at_level("WARNING"):
+        out = energy_report(tmp_path / "ae.csv", tmp_path / "sc.csv", tmp_path / "out", n_boot=20, progress=False)
+    assert list(pd.read_csv(tmp_path / "out" / "energy_table.csv").category) == ["parotid"]
+    assert set(out["skipped"]) == {"larynx"} and "energy is constant" in out["skipped"]["larynx"]
+    assert "larynx" in caplog.text
+    js = json.loads((tmp_path / "out" / "energy_table.json").read_text())
+    assert set(js["skipped"]) == {"larynx"}
+    assert not (tmp_path / "out" / "energy_scatter_larynx.png").exists()
+    energy["parotid"] = 1.0
+    energy.to_csv(tmp_path / "ae0.csv", index=False)
+    with pytest.raises(ValueError, match="no category can be analysed.*constant"):
+        energy_report(tmp_path / "ae0.csv", tmp_path / "sc.csv", tmp_path / "out0", progress=False)
