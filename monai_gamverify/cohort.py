@@ -1119,5 +1119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result["n_failed"] == 0 else 1
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``; a worker of a multi-process run skips the interpreter's teardown (after flushing), where
+    gloo's C++ threads can abort an already finished process ("terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -96,8 +96,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "quality": {
         "bundle": "cbct_quality",
         "data": "quality",
-        # slices/lr pinned: the shipped weights were trained with them (the bundle's defaults have moved on since)
-        "overrides": {"network_name": "small_cnn", "image_size": 32, "slices_per_volume": 8, "learning_rate": 0.002},
+        # pinned (not the bundle's defaults, which may move on): the shipped weights were trained with these
+        "overrides": {"network_name": "small_cnn", "image_size": 32, "slices_per_volume": 16, "learning_rate": 0.003},
         "seed": 4,
     },
 }
@@ -122,9 +122,9 @@ class DemoSettings:
 
     size: int = 32
     quality_size: int = 32
-    n: dict[str, int] = field(default_factory=lambda: {"sos": 100, "chin": 60, "cvm": 40, "quality": 60, "noise": 10})
+    n: dict[str, int] = field(default_factory=lambda: {"sos": 100, "chin": 60, "cvm": 40, "quality": 120, "noise": 10})
     epochs: dict[str, int] = field(
-        default_factory=lambda: {"sos_ref": 30, "sos_b": 30, "chin": 20, "sos_kplus1": 30, "quality": 15}
+        default_factory=lambda: {"sos_ref": 30, "sos_b": 30, "chin": 20, "sos_kplus1": 30, "quality": 20}
     )
     val_interval: int = 2
     garbage_ratio: float = 0.5

@@ -29,7 +29,8 @@ def _cli_overrides(overrides: dict) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # faulthandler: a crash in a subprocess (e.g. in gloo teardown) shows its Python stack in the test output
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
