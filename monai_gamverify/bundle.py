@@ -64,6 +64,14 @@ class BundleModel:
         """The bundle's inference ``preprocessing`` transform, or ``None`` when it defines none."""
         return self.parser.get_parsed_content("preprocessing") if "preprocessing" in self.parser else None
 
+    def slice_axis(self, spatial_ndim: int) -> int | None:
+        """The spatial axis along which a 2D network explains an image of ``spatial_ndim`` spatial axes slice by
+        slice (metadata ``gamverify.spatial_dims`` = 2 on a volume, e.g. ``cbct_quality``), else ``None``."""
+        info = self.metadata.get("gamverify", {}) if isinstance(self.metadata, dict) else {}
+        if int(spatial_ndim) == 3 and int(info.get("spatial_dims", spatial_ndim)) == 2:
+            return int(info.get("slice_axis", 2))
+        return None
+
 
 def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     """Load weights into ``network`` from a ``.pt`` file written by a bundle (plain state dict or ``{"model": ...}``).

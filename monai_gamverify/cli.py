@@ -11,14 +11,6 @@ __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "versio
 _CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
 
 
-def _slice_axis(x: Any, metadata: dict) -> int | None:
-    """Slice axis when a 2D network must explain a volume slice by slice (bundle metadata ``gamverify``), else None."""
-    info = metadata.get("gamverify", {}) if isinstance(metadata, dict) else {}
-    if int(info.get("spatial_dims", x.ndim - 2)) == 2 and x.ndim == 5:
-        return int(info.get("slice_axis", 2))
-    return None
-
-
 def _is_regression(metadata: dict) -> bool:
     """True when the bundle declares regression outputs (scores, not class logits: no softmax)."""
     try:
@@ -110,7 +102,7 @@ def cam(
         raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
     x = img.unsqueeze(0).to(dev)
     metadata = bm.metadata if bundle_root is not None else {}
-    slice_axis = _slice_axis(x, metadata)
+    slice_axis = bm.slice_axis(x.ndim - 2) if bundle_root is not None else None
     if slice_axis is None:
         explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
         result = explainer.explain(x, class_idx=class_idx)

@@ -223,38 +223,6 @@ def _dist_setup(device: str | torch.device | None) -> tuple[int, int, torch.devi
     return rank, world, dev, initialised
 
 
-def _dist_teardown(finished: bool) -> None:
-    """Destroy the process group this module initialised; after a normal finish, rank 0 (the host of the TCPStore)
-    leaves last, so that no rank tears its connections down against a store or peer that is already gone (gloo
-    aborts the process with "terminate called without an active exception" when that happens)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    rank, world, store = dist.get_rank(), dist.get_world_size(), None
-    if finished:
-        try:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            store = _get_default_store()
-            dist.barrier()
-        except Exception as err:  # teardown never hides the results already written
-            print(f"cohort: rank {rank}: barrier before shutdown failed: {err}", file=sys.stderr, flush=True)
-            store = None
-    dist.destroy_process_group()
-    if store is None:
-        return
-    try:
-        if rank:
-            store.set(f"gamverify_cohort_left_{rank}", "1")
-        else:
-            store.wait([f"gamverify_cohort_left_{r}" for r in range(1, world)], timedelta(seconds=60))
-    except Exception as err:
-        print(f"cohort: rank {rank}: ordered shutdown incomplete: {err}", file=sys.stderr, flush=True)
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -832,7 +800,6 @@ def run_cohort(
     items = cohort_items(data, split=split)
     out = Path(out)
     rank, world, dev, initialised = _dist_setup(device)
-    finished = False
     try:
         # ------------------------------------------------------------------ model and preprocessing
         config: dict[str, Any] = {"method": method, "spatial_dims": spatial_dims, "a_min": a_min, "a_max": a_max}
@@ -1013,11 +980,13 @@ def run_cohort(
                 "total": time.perf_counter() - started,
             },
         )
-        finished = True
         return summary
     finally:
         if initialised:
-            _dist_teardown(finished)
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()  # the barrier above already lines the ranks up
 
 
 def _reference_file(reference: str | os.PathLike) -> Path:

@@ -830,9 +830,10 @@ def energy_report(
             logger.warning("category %r: %d volume(s) without AE or score are left out", c, len(e_df) - len(pair))
         e_by[c], s_by[c], ids_by[c] = pair["e"].to_numpy(), pair["s"].to_numpy(), pair.index.tolist()
     skipped: dict[str, str] = {}
+    loo_by: dict[str, SpearmanLOO] = {}
     for c in list(cats):  # e.g. all-zero maps of one output: that category has no rho, the others still do
         try:
-            spearman_loo(e_by[c], s_by[c], n_boot=0)
+            loo_by[c] = spearman_loo(e_by[c], s_by[c], n_boot=0)
         except ValueError as err:
             skipped[c] = str(err)
             cats.remove(c)
@@ -844,7 +845,7 @@ def energy_report(
     table = energy_table(e_by, s_by, n_boot=n_boot, ci=ci, seed=seed, alpha=alpha, progress=progress)
     loo_rows, atyp, written = [], [], {}
     for c in cats:
-        res = spearman_loo(e_by[c], s_by[c], n_boot=0)
+        res = loo_by[c]
         loo_rows += [
             {"category": c, "left_out": i, "loo_rho": r, "loo_p": p}
             for i, r, p in zip(ids_by[c], res.loo_rho, res.loo_p)

@@ -680,16 +680,12 @@ def bundle_energy(
     """
     from tqdm.auto import tqdm
 
-    from . import cam as cams
     from .bundle import load_bundle
     from .datalist import load_datalist
+    from .io import load_image
 
     bm = load_bundle(bundle_root, checkpoint=checkpoint, device=device, overrides=overrides)
     info = bm.metadata.get("gamverify", {}) if isinstance(bm.metadata, dict) else {}
-    names = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
-    method = (method or info.get("cam_method", "gradcam")).lower()
-    if method not in names:
-        raise ValueError(f"unknown method {method!r}: choose one of {sorted(names)}")
     if isinstance(categories, str):
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     cats = list(categories or info.get("categories") or bm.class_names)
@@ -699,18 +695,16 @@ def bundle_energy(
         raise ValueError(f"bundle {bundle_root} defines no cam_layer / gamverify.target_layer")
     items = load_datalist(datalist, split, check="exists", spatial_dims=None, require_label=False)
     pre = bm.preprocessing()
-    cam = getattr(cams, names[method])(bm.network, bm.target_layer)
-    two_d = int(info.get("spatial_dims", 3)) == 2
+    cam = make_cam(bm.network, bm.target_layer, method or info.get("cam_method", "gradcam"))
     dev = next(bm.network.parameters()).device
     columns = {c: i for i, c in enumerate(cats)}
     rows = []
     for e in tqdm(items, desc="AE volumes", disable=not progress):
         vid = str(e.get("id", Path(e["image"]).name.split(".")[0]))
         try:
-            x = pre({"image": e["image"]})["image"] if pre is not None else e["image"]
-            axis = int(info.get("slice_axis", 2)) if two_d and x.ndim == 4 else None
+            x = pre({"image": e["image"]})["image"] if pre is not None else load_image(e["image"])
             ae = volume_energy_multi(
-                cam, x, columns, slice_axis=axis, batch_size=batch_size, device=dev, progress=False
+                cam, x, columns, slice_axis=bm.slice_axis(x.ndim - 1), batch_size=batch_size, device=dev, progress=False
             )
         except Exception as err:
             raise ValueError(f"attribution energy of {e['image']}: {err}") from err

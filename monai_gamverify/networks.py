@@ -26,8 +26,8 @@ LayerNorm, He init instead of trunc-normal(0.02), and an overlapping conv stem i
 
 Measured on SOS 32^3 (150 training subjects of ``generate("sos", 200, size=32, seed=0)``, 30 per stage; test
 ``generate("sos", 100, size=32, seed=1000)``), ``kernel_size=3``, AdamW lr 2e-3 wd 0.05, cosine over 20 epochs,
-batch 8, random left-right flips, one seed, 1 CPU thread (``/tmp/cnx_f/exp.py``); train/test = eval-mode accuracy
-at epoch 12 / 20, chance 0.20:
+batch 8, random left-right flips, one seed, 1 CPU thread (a one-off script, not shipped); train/test = eval-mode
+accuracy at epoch 12 / 20, chance 0.20:
 
 =====================================================  ===========  ===========  =======
 variant (``convnext_attn_pico`` unless said)            train        test         s (20 ep)
@@ -325,8 +325,6 @@ class ConvNeXt(nn.Module):
         _check_spatial_dims(spatial_dims)
         if stem not in ("patch", "conv"):
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
-        if norm not in ("layer", "batch"):
-            raise ValueError(f"norm must be 'layer' or 'batch', got {norm!r}")
         depths, widths = [int(d) for d in depths], [int(w) for w in widths]
         if not depths or len(depths) != len(widths):
             raise ValueError(f"depths and widths must be non-empty and of equal length, got {depths} and {widths}")

@@ -209,7 +209,7 @@ def _bars(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def test_batchnorm_convnext_fits_toy_problem_in_eval_mode():
+def test_batchnorm_convnext_fits_toy_problem_in_eval_mode(one_thread):
     # regression test of the "stays at chance" bug: with trunc_normal(0.02) init the pre-BatchNorm activations had
     # variance ~1e-4 while running_var starts at 1, so after a few dozen steps the training loss was ~0 but the
     # eval-mode accuracy on the very training samples was 0.50 (chance); now 0.96
@@ -218,16 +218,11 @@ def test_batchnorm_convnext_fits_toy_problem_in_eval_mode():
     net = convnext_attn_pico(3, 1, 2, kernel_size=3)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)  # the bundles' learning rate
     net.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ~5 s on one core; two threads on a shared 2-core machine can be many times slower
-    try:
-        for _ in range(25):
-            loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(25):  # ~5 s on one thread
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     net.eval()
     with torch.no_grad():
         acc = (net(x).argmax(1) == y).float().mean().item()
