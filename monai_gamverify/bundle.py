@@ -19,7 +19,7 @@ def network_from_name(network: str, network_args: dict | str | None = None) -> n
     """Build a network from a ``monai.networks.nets`` name or a dotted path, with keyword arguments.
 
     Args:
-        network: e.g. ``"resnet18"`` or ``"monai_gamverify.networks.SmallCNN"``.
+        network: e.g. ``"resnet18"`` or ``"monai_gamverify.networks.nets.SmallCNN"``.
         network_args: keyword arguments as a dict or a JSON string.
 
     Returns:

@@ -64,7 +64,7 @@ def cam(
     import monai_gamverify as gv
     from monai_gamverify.bundle import load_bundle, load_checkpoint
     from monai_gamverify.io import load_image, save_nifti, write_json
-    from monai_gamverify.viz import overlay_png
+    from monai_gamverify.visualize.plots import overlay_png
 
     if method.lower() not in _CAMS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(_CAMS)}")
@@ -83,7 +83,7 @@ def cam(
         else:
             img = load_image(image)
     elif network is not None:
-        from .bundle import network_from_name
+        from monai_gamverify.bundle import network_from_name
 
         net = network_from_name(network, network_args)
         if checkpoint:
@@ -108,8 +108,8 @@ def cam(
         result = explainer.explain(x, class_idx=class_idx)
         logits, maps, explained = result.logits, result.maps, int(result.class_idx[0])
     else:  # a 2D network on a volume (e.g. cbct_quality): slice by slice, outputs averaged over the slices
-        from .cam import normalize_maps
-        from .energy_workflow import SliceAggregateInferer, SliceCAMd
+        from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
+        from monai_gamverify.visualize.cam import normalize_maps
 
         with torch.no_grad():
             logits = SliceAggregateInferer(spatial_dim=slice_axis)(x, net)
@@ -149,8 +149,8 @@ def cam(
 
 
 def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0, out: str = "cohort", **kwargs: Any):
-    """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.synthetic.synth``."""
-    from monai_gamverify.synthetic import synth as _synth
+    """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.data.synth``."""
+    from monai_gamverify.data.synthetic import synth as _synth
 
     return _synth(kind=kind, n=n, size=size, seed=seed, out=out, **kwargs)
 
@@ -158,13 +158,13 @@ def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0
 def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify_out", **kwargs: Any) -> None:
     """Is each candidate bundle suitable for the data? Grad-CAM (or feature-map) similarity to a reference bundle,
     Random-Forest verifier, cross-validated report (CSV/JSON/PNG/TensorBoard) in ``out``; see
-    ``monai_gamverify.verify_bundles.verify_bundles``.
+    ``monai_gamverify.verification.bundles.verify_bundles``.
 
     Example:
         gamverify verify --reference bundles/sos_a --candidates '{"sos_b": "bundles/sos_b", "chin": "bundles/chin"}'
             --labels '{"sos_b": 1, "chin": 0}' --dataset_dir data/sos --out verify_out
     """
-    from monai_gamverify.verify_bundles import verify_bundles
+    from monai_gamverify.verification.bundles import verify_bundles
 
     verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)  # prints its own summary
 
@@ -190,7 +190,7 @@ def energy(
         gamverify energy --bundle_root bundles/cbct_quality --datalist data/quality/datalist.json --out energy_out
     """
     if bundle_root is not None:
-        from monai_gamverify.energy_workflow import bundle_energy
+        from monai_gamverify.energy.workflow import bundle_energy
 
         if datalist is None:
             raise ValueError("--bundle_root needs --datalist (the volumes to explain)")
@@ -200,7 +200,7 @@ def energy(
             overrides = json.loads(overrides)
         result = bundle_energy(bundle_root, datalist, out, split=split, scores=scores, overrides=overrides, **kwargs)
     else:
-        from monai_gamverify.energy import energy_report
+        from monai_gamverify.energy.analysis import energy_report
 
         if energy is None or scores is None:
             raise ValueError("give an AE CSV (or map folder) and a scores CSV, or --bundle_root and --datalist")
@@ -220,12 +220,12 @@ def demo(
     Cohorts, five small bundle models (shipped weights, or ``--train True`` to train them here), Grad-CAM
     explanations, verification (Methods 1 and 2), attribution energy and the K+1 garbage class; a self-contained
     ``report.html`` with CSV/JSON tables, NIfTI maps, PNG figures and TensorBoard logs. See
-    ``monai_gamverify.demo.run_demo`` and docs/demo.md.
+    ``monai_gamverify.apps.demo.run_demo`` and docs/demo.md.
 
     Example:
         gamverify demo --out demo_out
     """
-    from monai_gamverify.demo import run_demo
+    from monai_gamverify.apps.demo import run_demo
 
     return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
 
@@ -233,7 +233,7 @@ def demo(
 def cohort(data: str, out: str = "cohort_out", **kwargs: Any) -> dict:
     """Explain/verify every image of a cohort (datalist JSON, folder or glob): prediction, Grad-CAM NIfTI, attribution
     energy, similarity features and verdict per image. Resumable (rerun the same command), bad items are skipped and
-    listed in errors.csv, items are split between processes under torchrun; see ``monai_gamverify.cohort.run_cohort``
+    listed in errors.csv, items are split between processes under torchrun; see ``apps.cohort.run_cohort``
     and docs/cohort.md.
 
     Example:
@@ -241,7 +241,7 @@ def cohort(data: str, out: str = "cohort_out", **kwargs: Any) -> dict:
     """
     import sys
 
-    from monai_gamverify.cohort import CohortInterrupted, run_cohort
+    from monai_gamverify.apps.cohort import CohortInterrupted, run_cohort
 
     try:
         result = run_cohort(data, out, **kwargs)

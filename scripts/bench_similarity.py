@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.stats import entropy, wasserstein_distance
 from skimage.metrics import structural_similarity
 
-from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
+from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
 
 
 def smooth_maps(n: int, size: int, seed: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from monai_gamverify.synthetic import KINDS, generate, make_cohort
+from monai_gamverify.data.synthetic import KINDS, generate, make_cohort
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Over the same N synthetic SOS volumes (written as NIfTI to a temporary directory
 
 - **inference**: load + the bundle's inference ``preprocessing`` + one forward pass (``torch.inference_mode``), as
   the bundle's evaluator does;
-- **full**: :func:`monai_gamverify.cohort.run_cohort`'s item loop: load + the same preprocessing + one forward pass
+- **full**: :func:`monai_gamverify.apps.cohort.run_cohort`'s item loop: load + the same preprocessing + one forward pass
   with the Grad-CAM of the predicted class + attribution energy + the seven similarity features against a reference
   map (batched, 8 items a call) + the map inverted onto the input grid and written as ``.nii.gz`` + the item JSON +
   the verdicts of a 200-tree verifier;
@@ -59,10 +59,10 @@ def setup(tmp: Path, network_name: str, n: int, size: int, seed: int) -> dict:
     import pandas as pd
 
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.similarity import DEFAULT_METRICS
-    from monai_gamverify.synthetic import make_cohort
-    from monai_gamverify.transforms import make_cam
-    from monai_gamverify.verification import ReferenceMap, SuitabilityVerifier
+    from monai_gamverify.data.synthetic import make_cohort
+    from monai_gamverify.metrics.similarity import DEFAULT_METRICS
+    from monai_gamverify.transforms.dictionary import make_cam
+    from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
 
     data = tmp / "sos"
     if not (data / "images").is_dir():
@@ -113,7 +113,7 @@ def plain_inference(images: list[str], net: torch.nn.Module, pre) -> tuple[float
 def full_run(images: list[str], out: Path, kwargs: dict, save_maps: bool, invert: bool = True) -> tuple[float, float]:
     """(wall, CPU of all threads) seconds per volume of the cohort item loop (every item recomputed) and its
     batched verdicts."""
-    from monai_gamverify.cohort import run_cohort
+    from monai_gamverify.apps.cohort import run_cohort
 
     result = run_cohort(images, out, save_maps=save_maps, invert=invert, **kwargs)
     if result["n_failed"]:
@@ -125,13 +125,14 @@ def full_run(images: list[str], out: Path, kwargs: dict, save_maps: bool, invert
 # ruff: noqa: B023
 def breakdown(s: dict, name: str, tmp: Path, repeats: int) -> dict[str, float]:
     """Median ms per volume of each step, timed one at a time in the main thread (no overlap)."""
-    from monai_gamverify.cam import normalize_maps
-    from monai_gamverify.cohort import fast_invert, save_map
-    from monai_gamverify.energy import attribution_energy
+    from monai_gamverify.energy.analysis import attribution_energy
     from monai_gamverify.io import write_json
-    from monai_gamverify.similarity import similarity_metrics
-    from monai_gamverify.transforms import invert_to_input, make_cam
-    from monai_gamverify.verification import ReferenceMap
+    from monai_gamverify.io.grid import fast_invert, invert_to_input
+    from monai_gamverify.io.nifti import save_map
+    from monai_gamverify.metrics.similarity import similarity_metrics
+    from monai_gamverify.transforms.dictionary import make_cam
+    from monai_gamverify.verification.verifier import ReferenceMap
+    from monai_gamverify.visualize.cam import normalize_maps
 
     net, pre, images = s["bm"].network, s["pre"], s["images"]
     cam = make_cam(net, s["bm"].target_layer, "gradcam")

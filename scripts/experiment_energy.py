@@ -1,6 +1,6 @@
 """Attribution-energy experiment on the synthetic head-and-neck CBCT quality cohort (the study's table, replicated).
 
-A 2D slice regressor (``monai_gamverify.networks.SmallCNN(spatial_dims=2)``, the ``small_cnn`` option of the
+A 2D slice regressor (``monai_gamverify.networks.nets.SmallCNN(spatial_dims=2)``, the ``small_cnn`` option of the
 ``cbct_quality`` bundle) is trained on axial slices, each labelled with its volume's five consensus scores
 (standardised with the training mean/std). On held-out volumes it is applied to every axial slice and the slice
 predictions are averaged (``SliceAggregateInferer``); per-category MAE and Spearman rho of prediction vs consensus
@@ -33,12 +33,12 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from monai_gamverify.cam import GradCAM
-from monai_gamverify.energy import cohort_energy, energy_report, spearman_loo
-from monai_gamverify.energy_workflow import SliceAggregateInferer, regression_metrics
+from monai_gamverify.data.synthetic import QUALITY_CATEGORIES, generate
+from monai_gamverify.energy.analysis import cohort_energy, energy_report, spearman_loo
+from monai_gamverify.energy.workflow import SliceAggregateInferer, regression_metrics
 from monai_gamverify.io import write_csv
-from monai_gamverify.networks import SmallCNN
-from monai_gamverify.synthetic import QUALITY_CATEGORIES, generate
+from monai_gamverify.networks.nets import SmallCNN
+from monai_gamverify.visualize.cam import GradCAM
 
 __all__ = ["to_input", "train_slice_regressor", "predict_volumes", "image_only_quality", "main"]
 
@@ -153,7 +153,7 @@ def image_only_quality(table: pd.DataFrame) -> pd.DataFrame:
     """The part of each true quality that the image carries: ``true_<cat>``, except for the larynx.
 
     The phantom rates the larynx from ``0.5 * image degradation + 0.5 * 1.4 * larynx_latent`` (see
-    ``monai_gamverify.synthetic._quality_subject``); inverting ``true = 1 + 4 exp(-degr)`` and removing the latent
+    ``monai_gamverify.data.synthetic._quality_subject``); inverting ``true = 1 + 4 exp(-degr)`` and removing the latent
     term gives the larynx quality the image alone determines, ``1 + 4 exp(-image degradation)``.
 
     Args:

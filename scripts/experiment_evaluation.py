@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment_verify import md_table  # noqa: E402
 from train_zoo import CAM_LAYER, DATA_ARCH, family, load_member, predict, split, start_run, to_input  # noqa: E402
 
-from monai_gamverify.cam import GradCAM, GradCAMpp, ScoreCAM  # noqa: E402
-from monai_gamverify.evaluation import (  # noqa: E402
+from monai_gamverify.data.synthetic import generate  # noqa: E402
+from monai_gamverify.io import write_csv  # noqa: E402
+from monai_gamverify.metrics import (  # noqa: E402
     TemperatureScaler,
     deletion_curve,
     expected_calibration_error,
@@ -44,8 +45,7 @@ from monai_gamverify.evaluation import (  # noqa: E402
     maximum_calibration_error,
     reliability_diagram_png,
 )
-from monai_gamverify.io import write_csv  # noqa: E402
-from monai_gamverify.synthetic import generate  # noqa: E402
+from monai_gamverify.visualize.cam import GradCAM, GradCAMpp, ScoreCAM  # noqa: E402
 
 METHODS = {"GradCAM": GradCAM, "GradCAMpp": GradCAMpp, "ScoreCAM": ScoreCAM}
 

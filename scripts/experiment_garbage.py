@@ -1,9 +1,9 @@
 """K+1 garbage class on the synthetic SOS cohort: the study's report and rejection of garbage *not seen in training*.
 
-1. Train a plain 5-stage SOS classifier (default ``small_cnn`` = :class:`monai_gamverify.networks.SmallCNN`).
-2. Widen it to 6 classes (:func:`~monai_gamverify.garbage.widen_classifier`) and fine-tune on SOS + garbage
-   (:func:`~monai_gamverify.garbage.mix_garbage`, class-weighted cross-entropy from
-   :func:`~monai_gamverify.garbage.class_weights`), (a) with garbage = chin and (b) with garbage = cvm. Per-class
+1. Train a plain 5-stage SOS classifier (default ``small_cnn`` = :class:`monai_gamverify.networks.nets.SmallCNN`).
+2. Widen it to 6 classes (:func:`~monai_gamverify.kplus1.widen_classifier`) and fine-tune on SOS + garbage
+   (:func:`~monai_gamverify.kplus1.mix_garbage`, class-weighted cross-entropy from
+   :func:`~monai_gamverify.kplus1.class_weights`), (a) with garbage = chin and (b) with garbage = cvm. Per-class
    precision / recall / F1 / support on held-out SOS + held-out garbage of the same type, and the 5-stage accuracy
    with and without the garbage class (study form).
 3. With the chin-trained K+1 model and the plain 5-class model: AUROC and FPR at 95 % TPR (SOS test = positive,
@@ -13,7 +13,7 @@
 
 Every volume reaches the network as the bundle's preprocessing would deliver it: 1.25 mm voxels (cohorts with another
 spacing are resampled trilinearly and centre-cropped/padded to ``--size``), HU window [-1000, 2000] -> [0, 1].
-The brain-MRI-like phantom (no such kind in :mod:`monai_gamverify.synthetic`) is made here: a whole head on the input
+The brain-MRI-like phantom (no such kind in :mod:`monai_gamverify.data`) is made here: a whole head on the input
 grid, ellipsoidal scalp (bright, fat-like), skull shell (dark cortical bone on T1), CSF rim, grey and white matter
 and two lateral ventricles, at T1-like intensities 0-900 (arbitrary MRI units, fed unchanged into the CT window as a
 clinic sending an MRI to a CBCT model would), with blur and noise; seeded per subject.
@@ -35,7 +35,8 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 from tqdm.auto import tqdm
 
-from monai_gamverify.garbage import (
+from monai_gamverify.data.synthetic import generate
+from monai_gamverify.kplus1 import (
     MahalanobisDetector,
     class_weights,
     energy_score,
@@ -46,7 +47,6 @@ from monai_gamverify.garbage import (
     ood_metrics,
     widen_classifier,
 )
-from monai_gamverify.synthetic import generate
 
 __all__ = ["build_network", "to_input", "brain_phantom", "noise_volumes", "train", "predict_logits", "main"]
 

@@ -39,16 +39,16 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_zoo import CAM_LAYER, DATA_ARCH, FEATURE_LAYERS, family, load_member, start_run, to_input  # noqa: E402
 
-from monai_gamverify.featuremaps import FeatureMap  # noqa: E402
+from monai_gamverify.data.synthetic import generate  # noqa: E402
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
-from monai_gamverify.synthetic import generate  # noqa: E402
-from monai_gamverify.verification import (  # noqa: E402
+from monai_gamverify.verification.verifier import (  # noqa: E402
     SuitabilityVerifier,
     feature_table,
     reference_map,
     roc_png,
     run_verification,
 )
+from monai_gamverify.visualize.featuremaps import FeatureMap  # noqa: E402
 
 SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc"]
 

@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from monai_gamverify import GradCAM
-from monai_gamverify.evaluation import pointing_game, relevance_mass
-from monai_gamverify.networks import SmallCNN
-from monai_gamverify.synthetic import generate
+from monai_gamverify.data.synthetic import generate
+from monai_gamverify.metrics.evaluation import pointing_game, relevance_mass
+from monai_gamverify.networks.nets import SmallCNN
 
 #: Grad-CAM target layers of :func:`sos_cnn` and their resolution relative to the input
 CAM_LAYERS = {"res2": "1/2", "res4": "1/4", "res8": "1/8"}
 
 
 def sos_cnn(n_classes: int = 5, width: int = 8) -> nn.Module:
-    """The package's small 3D BatchNorm CNN (``monai_gamverify.networks.SmallCNN``), stages res2/res4/res8."""
+    """The package's small 3D BatchNorm CNN (``monai_gamverify.networks.nets.SmallCNN``), stages res2/res4/res8."""
     return SmallCNN(spatial_dims=3, in_channels=1, out_channels=n_classes, width=width)
 
 

@@ -2,7 +2,7 @@
 
 The models are trained exactly as ``gamverify demo --train True`` would train them: the demo's cohorts (same
 settings and seed, so byte-identical volumes) and each bundle's ``configs/train.json`` through
-``monai.bundle.ConfigWorkflow`` (:func:`monai_gamverify.demo.train_models`). The best checkpoint of each run is
+``monai.bundle.ConfigWorkflow`` (:func:`monai_gamverify.apps.demo.train_models`). The best checkpoint of each run is
 re-saved as a plain state dict (``<name>.pt``, loaded with ``torch.load(weights_only=True)``), and
 ``manifest.json`` records the settings (the demo only uses the weights when its settings and seed match), the
 SHA-256 of every file, the validation metric, the training time and the versions.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from monai_gamverify.demo import MODELS, WEIGHTS_DIR, demo_settings, prepare_cohorts, train_models, weights_config
+from monai_gamverify.apps.demo import MODELS, WEIGHTS_DIR, demo_settings, prepare_cohorts, train_models, weights_config
 from monai_gamverify.io import atomic_path, write_json
 
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import monai_gamverify.networks as gnets
+import monai_gamverify.networks.nets as gnets
+from monai_gamverify.data.synthetic import generate, stratified_split
 from monai_gamverify.io import atomic_path, write_json
-from monai_gamverify.synthetic import generate, stratified_split
 
 HU_WINDOW = (-1000.0, 2000.0)
 N_CLASSES = {"sos": 5, "chin": 2, "cvm": 6}

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from monai_gamverify.synthetic import make_cohort
+from monai_gamverify.data.synthetic import make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ceph_class3"
@@ -92,7 +92,7 @@ def test_bundle_layout_and_metadata_offline():
         cfg = json.loads((BUNDLE / "configs" / f"{config}.json").read_text())
         assert cfg["class_names"] == ["camouflage", "surgery"]
         assert meta["gamverify"]["target_layer"] == cfg["cam_layers"][cfg["network_name"]]
-    from monai_gamverify.networks import convnext_attn_pico
+    from monai_gamverify.networks.nets import convnext_attn_pico
 
     net = convnext_attn_pico(2, 1, 2)
     assert meta["gamverify"]["target_layer"] == net.cam_target_layer
@@ -135,7 +135,7 @@ def test_train_outputs(trained):
 
 
 def test_evaluate_and_inference(trained, cohorts):
-    from monai_gamverify.datalist import load_datalist
+    from monai_gamverify.data.datalist import load_datalist
 
     data = cohorts["ceph"]
     _run(trained, "evaluate.json", dataset_dir=str(data))
@@ -194,7 +194,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
     scripted, meta, _ = load_net_with_metadata(str(ts))
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "surgery"
     from monai_gamverify.bundle import load_checkpoint
-    from monai_gamverify.networks import convnext_attn_pico
+    from monai_gamverify.networks.nets import convnext_attn_pico
 
     eager = load_checkpoint(convnext_attn_pico(2, 1, 2, widths=(4, 8, 8)), trained / "models" / "model.pt")
     x = torch.rand(2, 1, 32, 32)

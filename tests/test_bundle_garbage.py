@@ -19,8 +19,9 @@ from ignite.engine import Engine
 from monai.networks.nets import UNet
 from torch import nn
 
-from monai_gamverify.datalist import DataError
-from monai_gamverify.garbage import (
+from monai_gamverify.data.datalist import DataError
+from monai_gamverify.data.synthetic import make_cohort
+from monai_gamverify.kplus1 import (
     RejectGarbaged,
     RejectionCounter,
     init_from_checkpoint,
@@ -28,8 +29,7 @@ from monai_gamverify.garbage import (
     mix_garbage_dirs,
     widen_classifier,
 )
-from monai_gamverify.networks import SmallCNN
-from monai_gamverify.synthetic import make_cohort
+from monai_gamverify.networks.nets import SmallCNN
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sos_staging"
@@ -61,7 +61,7 @@ def test_mix_garbage_keys_make_items_collatable():
 
 
 def test_mix_garbage_dirs_reads_cohort_and_names_source(cohorts):
-    from monai_gamverify.datalist import load_datalist
+    from monai_gamverify.data.datalist import load_datalist
 
     real = load_datalist(cohorts["sos"] / "datalist.json", "training", num_classes=6, check="exists")
     mixed = mix_garbage_dirs(real, cohorts["chin"], num_classes=5, ratio=0.5, seed=0, check="exists")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
-from monai_gamverify.synthetic import QUALITY_CATEGORIES, make_cohort
+from monai_gamverify.data.synthetic import QUALITY_CATEGORIES, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "cbct_quality"
@@ -159,7 +159,7 @@ def test_evaluate_energy_matches_library(trained, cohort):
     """The AE written by evaluate.json equals volume_energy_multi of the bundle's network on the same volume."""
     from monai_gamverify import GradCAM
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.energy import volume_energy_multi
+    from monai_gamverify.energy.analysis import volume_energy_multi
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():
@@ -178,7 +178,7 @@ def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
     """`gamverify energy --bundle_root --datalist`: the same AE as evaluate.json, scores from the datalist entries,
     the same table as energy_report on those two CSVs; bad combinations of arguments are refused."""
     from monai_gamverify import cli
-    from monai_gamverify.energy import energy_report
+    from monai_gamverify.energy.analysis import energy_report
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():
@@ -230,7 +230,7 @@ def test_gamverify_cam_explains_a_volume_slice_by_slice(trained, cohort, tmp_pat
     outputs = the slice predictions averaged (as the bundle's inferer does), no softmax on regression scores."""
     from monai_gamverify import GradCAM, cli
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.energy_workflow import SliceAggregateInferer
+    from monai_gamverify.energy.workflow import SliceAggregateInferer
 
     image = sorted((cohort / "images").glob("*.nii.gz"))[0]
     summary = cli.cam(
@@ -270,7 +270,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
     )
     scripted, meta, _ = load_net_with_metadata(str(ts))
     from monai_gamverify.bundle import load_checkpoint
-    from monai_gamverify.networks import SmallCNN
+    from monai_gamverify.networks.nets import SmallCNN
 
     eager = load_checkpoint(SmallCNN(2, 1, 5, width=4), trained / "models" / "model.pt")
     x = torch.rand(3, 1, 32, 32)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from monai_gamverify.datalist import DataError, check_image, list_images, load_datalist, require_file
-from monai_gamverify.synthetic import make_cohort
+from monai_gamverify.data.datalist import DataError, check_image, list_images, load_datalist, require_file
+from monai_gamverify.data.synthetic import make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sos_staging"
@@ -81,7 +81,7 @@ def test_bundle_layout_and_metadata_offline():
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     assert [channel_def[str(i)] for i in range(5)] == train["class_names"]
     assert meta["gamverify"]["target_layer"] == train["cam_layers"][train["network_name"]]
-    from monai_gamverify.networks import convnext_attn_pico
+    from monai_gamverify.networks.nets import convnext_attn_pico
 
     net = convnext_attn_pico(3, 1, 5)
     assert meta["gamverify"]["target_layer"] == net.cam_target_layer
@@ -209,7 +209,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
     scripted, meta, _ = load_net_with_metadata(str(ts))
     assert meta["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
     from monai_gamverify.bundle import load_checkpoint
-    from monai_gamverify.networks import convnext_attn_pico
+    from monai_gamverify.networks.nets import convnext_attn_pico
 
     eager = load_checkpoint(
         convnext_attn_pico(3, 1, 5, kernel_size=3, widths=(4, 8, 8)), trained / "models" / "model.pt"

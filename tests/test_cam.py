@@ -11,7 +11,7 @@ from monai.networks.nets import DenseNet121, resnet10
 from torch import nn
 
 from monai_gamverify import GradCAM, GradCAMpp, ScoreCAM
-from monai_gamverify.cam import normalize_maps
+from monai_gamverify.visualize.cam import normalize_maps
 
 captum = pytest.importorskip("captum.attr")
 

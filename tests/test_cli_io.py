@@ -10,7 +10,7 @@ import torch
 from monai_gamverify import cli
 from monai_gamverify.bundle import load_checkpoint, network_from_name
 from monai_gamverify.io import atomic_path, load_image, save_nifti, write_json
-from monai_gamverify.viz import overlay_png
+from monai_gamverify.visualize.plots import overlay_png
 
 NET_ARGS = {"spatial_dims": 3, "n_input_channels": 1, "num_classes": 5, "widen_factor": 0.25}
 

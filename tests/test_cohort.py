@@ -18,13 +18,13 @@ import pytest
 import torch
 from monai.data import DistributedSampler
 
-from monai_gamverify.cam import GradCAM, normalize_maps
-from monai_gamverify.cohort import _shard, cohort_items, main, run_cohort
-from monai_gamverify.datalist import DataError
-from monai_gamverify.networks import SmallCNN
+from monai_gamverify.apps.cohort import _shard, cohort_items, main, run_cohort
+from monai_gamverify.data.datalist import DataError
+from monai_gamverify.networks.nets import SmallCNN
+from monai_gamverify.visualize.cam import GradCAM, normalize_maps
 
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "width": 4}
-NET = "monai_gamverify.networks.SmallCNN"
+NET = "monai_gamverify.networks.nets.SmallCNN"
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.5, 0, 4.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
 N_GOOD = 8
 BAD = {  # id -> expected start of the errors.csv message
@@ -218,8 +218,8 @@ def test_items_ids_and_sharding(cohort, tmp_path):
 
 
 def test_verdicts_from_reference_map_and_verifier(cohort, tmp_path, one_thread):
-    from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
-    from monai_gamverify.verification import ReferenceMap, SuitabilityVerifier
+    from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
+    from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
 
     items = [str(cohort / "img" / f"v{i:02d}.nii.gz") for i in range(4)]
     net = SmallCNN(**NET_ARGS)
@@ -286,8 +286,7 @@ def test_fast_invert_equals_monai_invertd(tmp_path, shape, affine, one_thread):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Rotate90d
 
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.cohort import fast_invert
-    from monai_gamverify.transforms import invert_to_input
+    from monai_gamverify.io.grid import fast_invert, invert_to_input
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
     pre = load_bundle(bundle, device="cpu", require_weights=False).preprocessing()
@@ -330,8 +329,8 @@ def test_sigkill_then_sigint_then_resume_equals_uninterrupted_run(cohort, baseli
     script.write_text(
         "import sys, time\n"
         "from pathlib import Path\n"
-        "import monai.bundle, monai.transforms, monai_gamverify.cli, monai_gamverify.handlers\n"
-        "import monai_gamverify.cohort as c\n"
+        "import monai.bundle, monai.transforms, monai_gamverify.cli, monai_gamverify.handlers.writers\n"
+        "import monai_gamverify.apps.cohort as c\n"
         "orig = c._ItemRunner.compute\n"
         "def slow(self, item):\n"
         "    time.sleep(0.3)\n"
@@ -385,7 +384,7 @@ def test_two_processes_under_torch_distributed_equal_single_process(cohort, base
     ref, _ = baseline
     out = tmp_path / "out"
     # the environment torchrun gives its workers (`torchrun --standalone --nproc_per_node=2 -m
-    # monai_gamverify.cohort ...` does the same; started directly here to spare the launcher's start-up)
+    # monai_gamverify.apps.cohort ...` does the same; started directly here to spare the launcher's start-up)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -394,7 +393,7 @@ def test_two_processes_under_torch_distributed_equal_single_process(cohort, base
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}  # fmt: skip
-        cmd = [sys.executable, "-m", "monai_gamverify.cohort", *_cli_args(cohort, out)]
+        cmd = [sys.executable, "-m", "monai_gamverify.apps.cohort", *_cli_args(cohort, out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):

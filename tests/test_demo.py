@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from monai_gamverify.demo import (
+from monai_gamverify.apps.demo import (
     MODELS,
     WEIGHTS_DIR,
     demo_settings,
@@ -22,7 +22,7 @@ from monai_gamverify.demo import (
     shipped_weights,
     weights_config,
 )
-from monai_gamverify.report import PNG_SIGNATURE, external_references
+from monai_gamverify.apps.report import PNG_SIGNATURE, external_references
 
 SUMMARY_KEYS = {
     "out",
@@ -125,7 +125,7 @@ def test_shipped_weights(tmp_path):
     found = shipped_weights(settings, seed=0)
     if found is None:
         pytest.skip(f"no shipped weights in {WEIGHTS_DIR}")
-    from monai_gamverify.demo import _load
+    from monai_gamverify.apps.demo import _load
 
     for name, path in found.items():  # every file loads into its bundle network with weights_only=True
         bm = _load(name, path, torch.device("cpu"))

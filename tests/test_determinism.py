@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_gamverify.networks import SmallCNN
-from monai_gamverify.synthetic import generate, make_cohort
-from monai_gamverify.verification import run_verification
+from monai_gamverify.data.synthetic import generate, make_cohort
+from monai_gamverify.networks.nets import SmallCNN
+from monai_gamverify.verification.verifier import run_verification
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"roi_size": [16, 16, 16], "pixdim": [2.5, 2.5, 2.5], "network_name": "small_cnn", "batch_size": 4}

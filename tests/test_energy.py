@@ -12,8 +12,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from monai_gamverify.cam import GradCAM
-from monai_gamverify.energy import (
+from monai_gamverify.energy.analysis import (
     SpearmanLOO,
     _spearman_rows,
     attribution_energy,
@@ -29,6 +28,7 @@ from monai_gamverify.energy import (
     volume_energy_multi,
 )
 from monai_gamverify.io import save_nifti
+from monai_gamverify.visualize.cam import GradCAM
 
 N_OUT = 3
 

@@ -11,16 +11,16 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose
 from scipy import stats
 
-from monai_gamverify.cam import GradCAM
-from monai_gamverify.energy import volume_energy, volume_energy_multi
-from monai_gamverify.energy_workflow import (
+from monai_gamverify.energy.analysis import volume_energy, volume_energy_multi
+from monai_gamverify.energy.workflow import (
     AttributionEnergyd,
     AttributionEnergyHandler,
     SliceAggregateInferer,
     SliceCAMd,
     regression_metrics,
 )
-from monai_gamverify.networks import convnext_pico
+from monai_gamverify.networks.nets import convnext_pico
+from monai_gamverify.visualize.cam import GradCAM
 
 CATS = ["parotid", "larynx", "overall"]
 COLS = {c: i for i, c in enumerate(CATS)}

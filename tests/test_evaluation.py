@@ -10,15 +10,13 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from monai_gamverify import GradCAM
-from monai_gamverify.evaluation import (
+from monai_gamverify.metrics import (
     TemperatureScaled,
     TemperatureScaler,
     auc,
     binarize,
     cascading_randomization,
     deletion_curve,
-    describe_map,
-    describe_maps,
     expected_calibration_error,
     insertion_curve,
     map_dice,
@@ -32,6 +30,7 @@ from monai_gamverify.evaluation import (
     score_layers,
     sparseness,
 )
+from monai_gamverify.visualize.text import describe_map, describe_maps
 
 # 2D and 3D spatial shapes in one list
 SHAPES = [(20, 24), (12, 14, 16)]

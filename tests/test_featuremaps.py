@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from monai.networks.nets import resnet10
 from torch import nn
 
-from monai_gamverify.featuremaps import FeatureMap, feature_map, feature_map_table
-from monai_gamverify.similarity import similarity_metrics
+from monai_gamverify.metrics.similarity import similarity_metrics
+from monai_gamverify.verification.featuremap_table import feature_map_table
+from monai_gamverify.visualize.featuremaps import FeatureMap, feature_map
 
 
 def small_net(dims: int) -> nn.Module:

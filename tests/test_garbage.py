@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from monai_gamverify.garbage import (
+from monai_gamverify.kplus1 import (
     MahalanobisDetector,
     RejectGarbaged,
     RejectionCounter,
@@ -28,7 +28,7 @@ from monai_gamverify.garbage import (
     ood_metrics,
     widen_classifier,
 )
-from monai_gamverify.networks import convnext_attn_pico, convnext_pico
+from monai_gamverify.networks.nets import convnext_attn_pico, convnext_pico
 
 K = 5
 

@@ -12,7 +12,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.transforms import Activationsd, Compose, Spacingd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from monai_gamverify.handlers import (
+from monai_gamverify.handlers.writers import (
     Accuracy,
     CAMImageHandler,
     CAMWriter,
@@ -23,7 +23,7 @@ from monai_gamverify.handlers import (
     batch_items,
     cam_overlay_rgb,
 )
-from monai_gamverify.networks import convnext_attn_pico
+from monai_gamverify.networks.nets import convnext_attn_pico
 
 CASES = [(2, (16, 16)), (3, (16, 16, 16))]
 

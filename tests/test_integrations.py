@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from monai_gamverify.integrations import VERDICTS, SuitabilityPipeline, image_stem
-from monai_gamverify.integrations.deploy import GamverifyRunner, image_array_and_affine
-from monai_gamverify.integrations.monailabel import (
+from monai_gamverify.apps.integrations import VERDICTS, SuitabilityPipeline, image_stem
+from monai_gamverify.apps.integrations.deploy import GamverifyRunner, image_array_and_affine
+from monai_gamverify.apps.integrations.monailabel import (
     SuitabilityInfer,
     check_bundle_for_monailabel,
     infer_type_from_name,
@@ -156,8 +156,8 @@ def test_pipeline_prediction_and_map_against_references(pipeline, image, tmp_pat
 
 def test_pipeline_verdict_with_reference_and_verifier(pipeline, image, tmp_path):
     from monai_gamverify.io import save_nifti
-    from monai_gamverify.similarity import DEFAULT_METRICS
-    from monai_gamverify.verification import SuitabilityVerifier
+    from monai_gamverify.metrics.similarity import DEFAULT_METRICS
+    from monai_gamverify.verification.verifier import SuitabilityVerifier
 
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 16)] * 3, indexing="ij"))
     ref_map = np.exp(-(grid**2).sum(0) * 2).astype(np.float32)
@@ -270,7 +270,7 @@ def _fake_monailabel(monkeypatch) -> None:
 
 
 def test_monailabel_task_is_built_lazily(monkeypatch, image, tmp_path):
-    import monai_gamverify.integrations.monailabel as ml
+    import monai_gamverify.apps.integrations.monailabel as ml
 
     monkeypatch.setattr(ml, "_TASK_CLASS", None)
     monkeypatch.setitem(sys.modules, "monailabel", None)  # not installed
@@ -344,7 +344,7 @@ def test_deploy_operator_in_application(pipeline, image, tmp_path):
     from monai.deploy.conditions import CountCondition
     from monai.deploy.core import Application
 
-    from monai_gamverify.integrations.deploy import GamverifyOperator, ImageFileLoaderOperator
+    from monai_gamverify.apps.integrations.deploy import GamverifyOperator, ImageFileLoaderOperator
 
     state = pipeline.bundle.network.state_dict()
     ops = {}

@@ -8,7 +8,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from monai_gamverify import GradCAM
-from monai_gamverify.networks import (
+from monai_gamverify.networks.nets import (
     ChannelSpatialAttention,
     ConvNeXt,
     ConvNeXtAttention,
@@ -101,7 +101,9 @@ def test_torchscript_matches_eager(factory, dims, shape, feat):
     torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", ["monai_gamverify.networks.ConvNeXt", "monai_gamverify.networks.ConvNeXtAttention"])
+@pytest.mark.parametrize(
+    "target", ["monai_gamverify.networks.nets.ConvNeXt", "monai_gamverify.networks.nets.ConvNeXtAttention"]
+)
 def test_bundle_config_instantiation(target):
     config = {
         "network_def": {
@@ -162,7 +164,7 @@ def test_bad_arguments(kwargs, match):
 @pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)])
 def test_small_cnn_shapes_cam_layers_and_script(dims, size):
     from monai_gamverify import GradCAM
-    from monai_gamverify.networks import SmallCNN
+    from monai_gamverify.networks.nets import SmallCNN
 
     torch.manual_seed(0)
     net = SmallCNN(spatial_dims=dims, in_channels=1, out_channels=4)

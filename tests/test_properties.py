@@ -16,8 +16,8 @@ from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from monai_gamverify import GradCAM, GradCAMpp, ScoreCAM
-from monai_gamverify.cam import normalize_maps
-from monai_gamverify.similarity import ALL_METRICS, similarity_metrics
+from monai_gamverify.metrics.similarity import ALL_METRICS, similarity_metrics
+from monai_gamverify.visualize.cam import normalize_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

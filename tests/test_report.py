@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_gamverify.report import (
+from monai_gamverify.apps.report import (
     PNG_SIGNATURE,
     Report,
     build_report,

@@ -7,8 +7,8 @@ from monai.data import MetaTensor
 from scipy.stats import entropy, wasserstein_distance
 from skimage.metrics import structural_similarity
 
-from monai_gamverify import similarity
-from monai_gamverify.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
+from monai_gamverify.metrics import similarity
+from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
 
 TOL = 1e-9  # float64 inputs: only summation order differs from the references
 

@@ -1,4 +1,4 @@
-"""Tests for monai_gamverify.synthetic: determinism, balance, anatomy of masks, raters, files, errors."""
+"""Tests for monai_gamverify.data.synthetic: determinism, balance, anatomy of masks, raters, files, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_gamverify.synthetic import (
+from monai_gamverify.data.synthetic import (
     KINDS,
     QUALITY_CATEGORIES,
     QUALITY_REGIONS,

@@ -5,10 +5,11 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from monai_gamverify.cam import GradCAM
-from monai_gamverify.hooks import model_state
-from monai_gamverify.networks import convnext_attn_pico
-from monai_gamverify.transforms import CheckImaged, ComputeCAMd, image_name, make_cam, unwrap_network
+from monai_gamverify.networks.nets import convnext_attn_pico
+from monai_gamverify.transforms.dictionary import CheckImaged, ComputeCAMd, image_name, make_cam
+from monai_gamverify.visualize.cam import GradCAM
+from monai_gamverify.visualize.hooks import model_state
+from monai_gamverify.visualize.registry import unwrap_network
 
 # (spatial_dims, spatial shape) in one list for 2D and 3D
 CASES = [(2, (16, 16)), (3, (16, 16, 16))]

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from monai_gamverify.bundle import load_checkpoint
-from monai_gamverify.datalist import DataError, load_datalist
+from monai_gamverify.data.datalist import DataError, load_datalist
 from monai_gamverify.io import load_image
-from monai_gamverify.similarity import DEFAULT_METRICS
-from monai_gamverify.verification import SuitabilityVerifier
+from monai_gamverify.metrics.similarity import DEFAULT_METRICS
+from monai_gamverify.verification.verifier import SuitabilityVerifier
 
 
 class Payload:

@@ -14,9 +14,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
-from monai_gamverify.cam import GradCAM
-from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
-from monai_gamverify.verification import (
+from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
+from monai_gamverify.verification.verifier import (
     ReferenceMap,
     SuitabilityVerifier,
     feature_table,
@@ -25,6 +24,7 @@ from monai_gamverify.verification import (
     run_verification,
     summary_table,
 )
+from monai_gamverify.visualize.cam import GradCAM
 
 
 def small_net(dims: int, seed: int = 0) -> nn.Module:

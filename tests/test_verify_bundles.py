@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from monai_gamverify.bundle import load_bundle
-from monai_gamverify.datalist import DataError
-from monai_gamverify.synthetic import make_cohort
-from monai_gamverify.verify_bundles import verify_bundles
+from monai_gamverify.data.datalist import DataError
+from monai_gamverify.data.synthetic import make_cohort
+from monai_gamverify.verification.bundles import verify_bundles
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
 SMALL = {"network_name": "small_cnn"}

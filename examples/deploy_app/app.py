@@ -20,7 +20,7 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
-from monai_gamverify.integrations.deploy import GamverifyOperator, ImageFileLoaderOperator
+from monai_gamverify.apps.integrations.deploy import GamverifyOperator, ImageFileLoaderOperator
 
 
 def gamverify_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -1,0 +1,319 @@
+"""Load MONAI datalists and image lists for the bundles, failing early with a message that names the bad file.
+
+A bundle run that meets a missing dataset directory, an empty datalist, a missing or corrupted image or an image of
+the wrong dimensionality should stop before training starts, with one line saying which file is wrong, not with a
+stack trace from deep inside a data-loader worker. :func:`load_datalist` and :func:`list_images` check everything up
+front; with ``exit_on_error=True`` (what the bundle configs use) the run ends with that line only (``SystemExit``),
+otherwise a :class:`DataError` is raised.
+
+Example:
+    >>> train = load_datalist("data/sos/datalist.json", "training", spatial_dims=3, num_classes=5)
+    >>> train[0]["image"]
+    '/abs/path/data/sos/images/sos_0000.nii.gz'
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DataError",
+    "check_image",
+    "load_datalist",
+    "read_datalist_split",
+    "list_images",
+    "require_file",
+    "PATH_KEYS",
+]
+
+#: datalist entry keys holding file paths (resolved against the datalist's directory when relative)
+PATH_KEYS = ("image", "mask", "seg")
+
+
+class DataError(ValueError):
+    """Bad bundle input (dataset directory, datalist or image file); the message names the file."""
+
+
+def _fail(message: str, exit_on_error: bool) -> None:
+    if exit_on_error:
+        # SystemExit is not caught by the config parser's ``except Exception``: the run ends with this line only
+        raise SystemExit(f"ERROR: {message}")
+    raise DataError(message)
+
+
+def require_file(
+    path: str | os.PathLike, what: str = "file", hint: str | None = None, exit_on_error: bool = False
+) -> str:
+    """Return ``path`` if it is an existing file, else fail with ``"<what> not found: <path> (<hint>)"``.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message (e.g. ``"trained weights"``).
+        hint: how to fix it.
+        exit_on_error: end the process with the message instead of raising :class:`DataError`.
+
+    Returns:
+        ``str(path)``.
+
+    Example:
+        >>> require_file("models/model.pt", "trained weights", hint="train the bundle first")
+    """
+    if not Path(path).is_file():
+        _fail(f"{what} not found: {path}" + (f" ({hint})" if hint else ""), exit_on_error)
+    return str(path)
+
+
+def check_image(
+    path: str | os.PathLike,
+    spatial_dims: int | None = 3,
+    num_channels: int | None = 1,
+    min_size: int = 2,
+    check_finite: bool = True,
+) -> tuple[int, ...]:
+    """Read ``path`` completely and check that it is a finite image of the expected dimensionality.
+
+    Args:
+        path: image file (NIfTI, NRRD, MHA, ... anything MONAI's ``LoadImage`` reads).
+        spatial_dims: expected number of spatial axes (``None``: no check).
+        num_channels: expected number of channels (``None``: no check).
+        min_size: every spatial axis must have at least this many voxels (a 2D slice stored as a 3D file with one
+            slice is not a volume).
+        check_finite: refuse NaN or infinite voxels.
+
+    Returns:
+        The channel-first shape of the image.
+
+    Raises:
+        DataError: naming the file, when it is missing, unreadable, has the wrong shape or holds NaN/inf.
+
+    Example:
+        >>> check_image("data/sos/images/sos_0000.nii.gz", spatial_dims=3)
+        (1, 32, 32, 32)
+    """
+    from monai_gamverify.io import load_image
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image file not found: {p}")
+    try:
+        img = load_image(p, channel_first=True, check_finite=check_finite)
+    except Exception as err:  # readers raise many types: one clear message naming the file
+        raise DataError(f"cannot use image {p}: {err}") from err
+    shape = tuple(int(s) for s in img.shape)
+    if spatial_dims is not None and len(shape) - 1 != spatial_dims:
+        raise DataError(
+            f"image {p} has {len(shape) - 1} spatial dimension(s) (channel-first shape {shape}); "
+            f"this bundle expects {spatial_dims}D {'volumes' if spatial_dims == 3 else 'images'}"
+        )
+    if num_channels is not None and shape[0] != num_channels:
+        raise DataError(f"image {p} has {shape[0]} channel(s) (shape {shape}); this bundle expects {num_channels}")
+    if min(shape[1:]) < min_size:
+        raise DataError(
+            f"image {p} has spatial shape {shape[1:]} with an axis shorter than {min_size} voxels; "
+            f"expected a {spatial_dims or len(shape) - 1}D image"
+        )
+    return shape
+
+
+def _check_label(label: Any, num_classes: int | None, where: str) -> None:
+    if num_classes is None:
+        return
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label!r} is not a class index in 0..{num_classes - 1}")
+
+
+def read_datalist_split(path: str | os.PathLike, key: str = "training", allow_empty: bool = False) -> list[Any]:
+    """The raw entries of one split of a Decathlon-style datalist JSON, with errors that name the file.
+
+    Args:
+        path: the datalist JSON.
+        key: the split (``training``, ``validation``, ``test``, ...).
+        allow_empty: return ``[]`` for a missing or empty split instead of raising.
+
+    Returns:
+        The list as stored (entries not validated: see :func:`load_datalist` for that).
+
+    Raises:
+        DataError: missing file, invalid JSON, not an object, missing/empty split, split not a list.
+
+    Example:
+        >>> entries = read_datalist_split("data/sos/datalist.json", "test")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"datalist {path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise DataError(f"datalist {path} must be a JSON object with a {key!r} list")
+    items = content.get(key)
+    if not items:
+        if allow_empty:
+            return []
+        found = [k for k, v in content.items() if isinstance(v, list) and v]
+        raise DataError(f"datalist {path} has no entries under {key!r} (non-empty lists: {found or 'none'})")
+    if not isinstance(items, list):
+        raise DataError(f"datalist {path}: {key!r} must be a list, got {type(items).__name__}")
+    return items
+
+
+def load_datalist(
+    datalist: str | os.PathLike,
+    key: str = "training",
+    dataset_dir: str | os.PathLike | None = None,
+    spatial_dims: int | None = 3,
+    num_channels: int | None = 1,
+    require_label: bool = True,
+    num_classes: int | None = None,
+    check: str | bool = "full",
+    allow_empty: bool = False,
+    exit_on_error: bool = False,
+) -> list[dict]:
+    """Entries ``datalist[key]`` of a MONAI (decathlon-style) datalist JSON with absolute paths, checked.
+
+    Relative paths in :data:`PATH_KEYS` are resolved against the JSON's directory (as ``gamverify synth`` writes
+    them).
+
+    Args:
+        datalist: the JSON file.
+        key: list to read (``training``, ``validation``, ``test``).
+        dataset_dir: the dataset directory the datalist belongs to; when given, it must exist (a clearer message
+            than "datalist not found" when the whole cohort is missing).
+        spatial_dims: expected spatial dimensionality of every image (``None``: not checked).
+        num_channels: expected channels of every image (``None``: not checked).
+        require_label: every entry must have a ``label``.
+        num_classes: when given, labels must be integer class indices in ``0..num_classes-1``.
+        check: ``"full"`` reads every image completely (corrupted files, shape, NaN), ``"exists"`` only checks that
+            files exist, ``False``/``"none"`` checks nothing but the JSON itself.
+        allow_empty: return ``[]`` instead of failing when the list is missing or empty.
+        exit_on_error: end the process with the message (``SystemExit``) instead of raising :class:`DataError`; the
+            bundle configs use this so a bad input gives one line, not a stack trace.
+
+    Returns:
+        List of entry dicts (copies) with absolute paths.
+
+    Example:
+        >>> val = load_datalist("data/sos/datalist.json", "validation", dataset_dir="data/sos", num_classes=5)
+    """
+    try:
+        return _load_datalist(
+            datalist,
+            key,
+            dataset_dir,
+            spatial_dims,
+            num_channels,
+            require_label,
+            num_classes,
+            check,
+            allow_empty,
+        )
+    except DataError as err:
+        _fail(str(err), exit_on_error)
+        raise  # unreachable: _fail always raises
+
+
+def _load_datalist(
+    datalist, key, dataset_dir, spatial_dims, num_channels, require_label, num_classes, check, allow_empty
+) -> list[dict]:
+    check = "none" if check is False else "full" if check is True else str(check).lower()
+    if check not in ("full", "exists", "none"):
+        raise ValueError(f"check must be 'full', 'exists' or 'none', got {check!r}")
+    if dataset_dir is not None and not Path(dataset_dir).is_dir():
+        raise DataError(
+            f"dataset directory not found: {dataset_dir} (create a cohort first, e.g. "
+            f"`gamverify synth --kind sos --out {dataset_dir}`, or pass --dataset_dir)"
+        )
+    path = Path(datalist)
+    items = read_datalist_split(path, key, allow_empty=allow_empty)
+    if not items:
+        return []
+    base = path.parent
+    out = []
+    for i, item in enumerate(items):
+        where = f"datalist {path}, {key}[{i}]"
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict) or "image" not in item:
+            raise DataError(f"{where}: each entry needs an 'image' path, got {item!r}")
+        entry = dict(item)
+        for k in PATH_KEYS:
+            if isinstance(entry.get(k), str):
+                p = Path(entry[k]).expanduser()
+                entry[k] = str(p if p.is_absolute() else (base / p).resolve())
+        if require_label and "label" not in entry:
+            raise DataError(f"{where} ({entry['image']}): no 'label'")
+        if "label" in entry:
+            _check_label(entry["label"], num_classes, f"{where} ({entry['image']})")
+        if check != "none":
+            for k in PATH_KEYS:
+                if isinstance(entry.get(k), str) and not Path(entry[k]).is_file():
+                    raise DataError(f"{k} file listed in {where} not found: {entry[k]}")
+        if check == "full":
+            check_image(entry["image"], spatial_dims=spatial_dims, num_channels=num_channels)
+        out.append(entry)
+    return out
+
+
+def list_images(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    spatial_dims: int | None = 3,
+    num_channels: int | None = 1,
+    check: str | bool = "full",
+    exit_on_error: bool = False,
+) -> list[dict]:
+    """``[{"image": path}, ...]`` for inference from a directory, a glob pattern, one file or a list of files.
+
+    Args:
+        inputs: directory (its ``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ``*.mhd`` files), glob pattern, file,
+            or a list of those.
+        spatial_dims: expected spatial dimensionality (``None``: not checked).
+        num_channels: expected channels (``None``: not checked).
+        check: ``"full"`` (read every image), ``"exists"`` or ``"none"``.
+        exit_on_error: end the process with the message instead of raising :class:`DataError`.
+
+    Returns:
+        Sorted list of ``{"image": absolute path}``.
+
+    Example:
+        >>> list_images("data/sos/images")[:1]
+        [{'image': '/abs/data/sos/images/sos_0000.nii.gz'}]
+    """
+    try:
+        entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        files: list[str] = []
+        for entry in entries:
+            p = Path(entry).expanduser()
+            if p.is_dir():
+                found = [f for ext in ("nii.gz", "nii", "nrrd", "mha", "mhd") for f in glob.glob(str(p / f"*.{ext}"))]
+                if not found:
+                    raise DataError(f"no images (*.nii.gz, *.nii, *.nrrd, *.mha, *.mhd) in directory {p}")
+                files += sorted(found)
+            elif any(ch in str(entry) for ch in "*?["):
+                found = sorted(glob.glob(str(p)))
+                if not found:
+                    raise DataError(f"no file matches {entry}")
+                files += found
+            else:
+                files.append(str(p))
+        if not files:
+            raise DataError("no input images given")
+        check = "none" if check is False else "full" if check is True else str(check).lower()
+        out = []
+        for f in files:
+            f = str(Path(f).resolve())
+            if check != "none" and not Path(f).is_file():
+                raise DataError(f"image file not found: {f}")
+            if check == "full":
+                check_image(f, spatial_dims=spatial_dims, num_channels=num_channels)
+            out.append({"image": f})
+        return out
+    except DataError as err:
+        _fail(str(err), exit_on_error)
+        raise

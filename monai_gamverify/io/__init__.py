@@ -1,0 +1,22 @@
+"""Files: atomic writes (:mod:`.files`), the one NIfTI writer/reader (:mod:`.nifti`), the way back to the input grid
+(:mod:`.grid`)."""
+
+from __future__ import annotations
+
+from monai_gamverify.io.files import FILE_MODE, atomic_path, write_csv, write_json
+from monai_gamverify.io.grid import fast_invert, invert_to_input, to_input_grid
+from monai_gamverify.io.nifti import affine_of, load_image, save_map, save_nifti
+
+__all__ = [
+    "FILE_MODE",
+    "atomic_path",
+    "write_csv",
+    "write_json",
+    "affine_of",
+    "load_image",
+    "save_map",
+    "save_nifti",
+    "fast_invert",
+    "invert_to_input",
+    "to_input_grid",
+]

@@ -1,0 +1,266 @@
+"""Model-suitability verification from MONAI bundles: a reference bundle, candidate bundles and a datalist in, a
+report directory out (the ``gamverify verify`` command and ``sos_staging/configs/verify.json``).
+
+Every model sees the same inputs: the datalist split is loaded once with the **reference bundle's** inference
+``preprocessing`` and fed to the reference and to every candidate; the rest is
+:func:`monai_gamverify.verification.verifier.run_verification`.
+
+Example:
+    >>> report = verify_bundles(
+    ...     "bundles/sos_staging",
+    ...     {"sos_b": "runs/sos_b", "chin": "runs/chin"},
+    ...     "data/sos",
+    ...     labels={"sos_b": 1, "chin": 0},
+    ...     overrides={"network_name": "small_cnn"},
+    ...     candidate_overrides={"*": {"network_name": "small_cnn"}, "chin": {"num_classes": 2}},
+    ... )
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["verify_bundles", "format_summary"]
+
+_CHECKPOINT_KEYS = ("checkpoint", "ckpt_path")
+
+
+def _parse(value: Any, what: str) -> Any:
+    """A dict given as a dict, a JSON/Python-literal string or a path to a JSON file (python-fire passes any)."""
+    if value is None or isinstance(value, Mapping):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        text = str(value).strip()
+        if not text.startswith("{") and Path(text).is_file():
+            text = Path(text).read_text()
+        for loader in (json.loads, ast.literal_eval):
+            try:
+                parsed = loader(text)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(parsed, Mapping):
+                return parsed
+        raise ValueError(f"{what} must be a dict or a JSON object string, got {value!r}")
+    raise TypeError(f"{what} must be a dict or a JSON object string, got {type(value).__name__}")
+
+
+def _split_overrides(overrides: Mapping | None) -> tuple[dict, str | None]:
+    """Config overrides without the checkpoint key, and the checkpoint path (``checkpoint`` or ``ckpt_path``)."""
+    cfg = dict(overrides or {})
+    ckpt = None
+    for key in _CHECKPOINT_KEYS:
+        if key in cfg:
+            value = cfg.pop(key) if key == "checkpoint" else cfg[key]
+            ckpt = ckpt or (str(value) if value is not None else None)
+    return cfg, ckpt
+
+
+def _load(role: str, root: Any, overrides: Mapping | None, device: str | None) -> Any:
+    from monai_gamverify.bundle import load_bundle
+
+    path = Path(str(root)).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{role} bundle not found: {path}")
+    cfg, ckpt = _split_overrides(overrides)
+    try:
+        return load_bundle(path, checkpoint=ckpt, device=device, require_weights=True, overrides=cfg)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{role} bundle {path}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{role} bundle {path}: {err}") from err
+
+
+def _candidate_specs(
+    candidates: Mapping[str, Any], labels: Mapping[str, Any] | None, candidate_overrides: Mapping[str, Any]
+) -> dict[str, dict]:
+    """Normalise candidates to ``{name: {"bundle", "label", "overrides"}}`` and check names and labels."""
+    if not candidates:
+        raise ValueError("no candidate bundles: pass candidates={name: bundle_dir, ...}")
+    labels = dict(labels or {})
+    unknown = sorted(set(labels) - set(candidates))
+    if unknown:
+        raise ValueError(f"labels name unknown candidate(s) {unknown}; candidates are {sorted(candidates)}")
+    unknown = sorted(set(candidate_overrides) - set(candidates) - {"*"})
+    if unknown:
+        raise ValueError(
+            f"candidate_overrides name unknown candidate(s) {unknown}; candidates are {sorted(candidates)}"
+        )
+    specs = {}
+    for name, spec in candidates.items():
+        spec = dict(spec) if isinstance(spec, Mapping) else {"bundle": spec}
+        if "bundle" not in spec:
+            raise ValueError(f"candidate {name!r}: a dict spec needs a 'bundle' path, got {spec!r}")
+        label = labels.get(name, spec.get("label"))
+        if label is None:
+            raise ValueError(f"candidate {name!r} has no label: pass labels={{{name!r}: 1 or 0, ...}}")
+        if isinstance(label, bool) or int(label) not in (0, 1) or int(label) != label:
+            raise ValueError(f"candidate {name!r}: label must be 1 (suitable) or 0 (not), got {label!r}")
+        ovr = {**dict(candidate_overrides.get("*", {})), **dict(candidate_overrides.get(name, {}))}
+        ovr.update(spec.get("overrides", {}) or {})
+        if spec.get("checkpoint") is not None:
+            ovr["checkpoint"] = spec["checkpoint"]
+        specs[str(name)] = {"bundle": spec["bundle"], "label": int(label), "overrides": ovr}
+    return specs
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """Short text summary of a :func:`verify_bundles` / ``run_verification`` report.
+
+    Args:
+        report: the returned dict (``per_model``, ``cv_mean``, ``out_dir``).
+
+    Returns:
+        A few lines: per-model label and mean out-of-fold P(suitable), CV accuracy / ROC AUC / F1, report directory.
+
+    Example:
+        >>> print(format_summary(report))
+    """
+    lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17}"]
+    for name, info in report["per_model"].items():
+        lines.append(f"{name:<16} {info['label']:>5} {info['mean_p_suitable']:>17.3f}")
+    cv = report.get("cv_mean", {})
+    scores = ", ".join(f"{k} {cv[k]:.3f}" for k in ("accuracy", "roc_auc", "f1") if k in cv)
+    lines.append(f"cross-validation ({report.get('n_splits', '?')} folds, mean): {scores}")
+    lines.append(f"report: {report['out_dir']}")
+    return "\n".join(lines)
+
+
+def verify_bundles(
+    reference: str,
+    candidates: dict[str, str] | str,
+    dataset_dir: str,
+    out: str = "verify_out",
+    labels: dict[str, int] | str | None = None,
+    split: str = "test",
+    method: str = "gradcam",
+    overrides: dict | None = None,
+    candidate_overrides: dict[str, dict] | None = None,
+    n_splits: int = 5,
+    seed: int = 0,
+    max_items: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    datalist: str | None = None,
+    batch_size: int = 1,
+    n_estimators: int = 200,
+) -> dict:
+    """Verify candidate bundles against a reference bundle on one datalist split and write a report directory.
+
+    Loads every bundle with :func:`monai_gamverify.bundle.load_bundle` (``configs/inference.json``, trained weights
+    required), builds one ``DataLoader`` over ``dataset_dir``'s datalist split with the reference bundle's inference
+    ``preprocessing`` (items keep ``"id"``), and calls :func:`monai_gamverify.verification.run_verification` with each
+    bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Prints a short summary.
+
+    Args:
+        reference: reference bundle directory.
+        candidates: ``{name: bundle_dir}`` (or ``{name: {"bundle": dir, "label": 0|1, "overrides": {...},
+            "checkpoint": path}}``), as a dict, a JSON string or a JSON file path.
+        dataset_dir: cohort directory holding ``datalist.json``.
+        out: report directory (see ``run_verification`` for the files).
+        labels: ``{name: 1 (trained on similar data) | 0 (not)}``, dict or JSON string; overrides labels in
+            ``candidates``.
+        split: datalist list to verify on (``training``, ``validation``, ``test``).
+        method: ``"gradcam"``, ``"gradcampp"``, ``"scorecam"`` (Method 1) or ``"featuremap"`` (Method 2).
+        overrides: config overrides of the **reference** bundle, e.g. ``{"network_name": "small_cnn"}``; the key
+            ``checkpoint`` (or ``ckpt_path``) selects its weights file (default ``models/model.pt``).
+        candidate_overrides: ``{name: overrides}`` per candidate, same keys as ``overrides``; ``"*"`` applies to
+            every candidate (a candidate's own entry wins).
+        n_splits: cross-validation folds.
+        seed: seed of the forest and folds.
+        max_items: verify on the first ``max_items`` items of the split only.
+        progress: progress bars.
+        device: device of every model (default: CUDA when available, else CPU).
+        datalist: datalist JSON (default ``<dataset_dir>/datalist.json``).
+        batch_size: batch size of the data loader.
+        n_estimators: trees of the verifier's random forest.
+
+    Returns:
+        The ``run_verification`` dict (``out_dir``, ``files``, ``cv_mean``, ``per_model``) plus ``reference``,
+        ``candidates`` (name -> bundle, label, layer), ``n_items``, ``n_splits`` and ``summary`` (printed text).
+
+    Raises:
+        FileNotFoundError: a missing bundle or missing trained weights (message names the bundle).
+        ValueError: a label for an unknown candidate, a candidate without label, a bad method.
+        monai_gamverify.data.datalist.DataError: missing dataset directory/datalist or an empty split.
+
+    Example:
+        >>> verify_bundles("bundles/sos_staging", '{"sos_b": "runs/sos_b", "chin": "runs/chin"}', "data/sos",
+        ...                labels='{"sos_b": 1, "chin": 0}', overrides={"network_name": "small_cnn"},
+        ...                candidate_overrides={"*": {"network_name": "small_cnn"}})
+    """
+    from monai.data import DataLoader, Dataset
+
+    from monai_gamverify.data.datalist import load_datalist
+    from monai_gamverify.verification.verifier import _METHODS, run_verification
+
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    cands = _parse(candidates, "candidates")
+    specs = _candidate_specs(
+        cands or {}, _parse(labels, "labels"), _parse(candidate_overrides, "candidate_overrides") or {}
+    )
+    overrides = _parse(overrides, "overrides")
+
+    # data first: a bad dataset fails before any model is built
+    dl_path = Path(datalist) if datalist is not None else Path(dataset_dir) / "datalist.json"
+    items = load_datalist(
+        dl_path, split, dataset_dir=dataset_dir, spatial_dims=None, require_label=False, check="exists"
+    )
+    if max_items is not None:
+        items = items[: int(max_items)]
+    if not items:
+        raise ValueError(f"no items to verify on (split {split!r}, max_items={max_items})")
+    for i, item in enumerate(items):
+        item.setdefault("id", Path(item["image"]).name.split(".")[0] or str(i))
+
+    ref = _load("reference", reference, overrides, device)
+
+    def layer_of(bm: Any, role: str) -> str:
+        if method == "featuremap":
+            if not bm.feature_layers:
+                raise ValueError(f"{role} bundle {bm.root} declares no feature_layers (needed for method='featuremap')")
+            return bm.feature_layers[0]
+        if not bm.target_layer:
+            raise ValueError(f"{role} bundle {bm.root} declares no cam_layer / target_layer")
+        return bm.target_layer
+
+    ref_layer = layer_of(ref, "reference")
+    models: dict[str, tuple] = {}
+    info: dict[str, dict] = {}
+    for name, spec in specs.items():
+        bm = _load(f"candidate {name!r}", spec["bundle"], spec["overrides"], device)
+        layer = layer_of(bm, f"candidate {name!r}")
+        models[name] = (bm.network, layer, spec["label"])
+        info[name] = {"bundle": str(bm.root), "label": spec["label"], "layer": layer}
+    if len({s["label"] for s in specs.values()}) < 2:
+        raise ValueError(f"candidates need both labels 1 (suitable) and 0 (not) for the verifier, got {info}")
+
+    preprocessing = ref.preprocessing()
+    if preprocessing is None:
+        raise ValueError(f"reference bundle {ref.root} defines no inference 'preprocessing'")
+    loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=int(batch_size), shuffle=False)
+    report = run_verification(
+        reference=(ref.network, ref_layer),
+        candidates=models,
+        data=loader,
+        out_dir=out,
+        method=method,
+        n_splits=int(n_splits),
+        seed=int(seed),
+        n_estimators=int(n_estimators),
+        progress=progress,
+    )
+    report.update(
+        reference={"bundle": str(ref.root), "layer": ref_layer},
+        candidates=info,
+        n_items=len(items),
+        n_splits=int(n_splits),
+    )
+    report["summary"] = format_summary(report)
+    print(report["summary"])
+    return report
