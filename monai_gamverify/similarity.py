@@ -36,7 +36,7 @@ _SSIM_C2 = (0.03 * 1.0) ** 2  # skimage K2 = 0.03
 _UNIT_RANGE = frozenset({"ssim", "kl", "spatial_wasserstein"})  # metrics whose definition assumes values in [0, 1]
 _NEEDS_SORT = frozenset({"iou", "dice", "wasserstein"})
 _NEEDS_DIST = frozenset({"kl", "spatial_wasserstein"})
-_CHUNK_ELEMENTS = 1 << 16  # default voxels per chunk: the float64 temporaries of one chunk stay cache-sized
+_CHUNK_ELEMENTS = 1 << 13  # default voxels per chunk (at least one slice): about the working set of the reference loop
 # Upper bound of the bytes of temporaries per voxel of a chunk (float64 copies, masks, window means of both maps),
 # measured with tracemalloc-free RSS polling in scripts/bench_scale.py; turns ``max_memory_mb`` into a chunk size.
 BYTES_PER_VOXEL = 160
@@ -81,9 +81,10 @@ def similarity_metrics(
         metrics: names to compute, in the order wanted, from ``ALL_METRICS``; ``None`` gives ``DEFAULT_METRICS``.
         max_memory_mb: budget for the working memory (beyond the inputs) in MiB. Slices, or the planes of a whole
             map, are streamed in chunks of ``max_memory_mb * 2**20 / BYTES_PER_VOXEL`` voxels (at least one slice
-            or plane); ``None`` uses chunks of 65536 voxels (about 10 MiB). A whole 3D map larger than one chunk
-            also needs its sorted values (4 bytes per voxel of each map) when ``iou``, ``dice`` or ``wasserstein``
-            is asked for. The values do not depend on the chunk size (up to float64 summation order).
+            or plane); ``None`` uses chunks of 8192 voxels (about 1.3 MiB; at least one slice, and at least 8
+            planes of a streamed whole map). A whole map larger than one chunk also needs its sorted values (4 bytes
+            per voxel of each float32 map) when ``iou``, ``dice`` or ``wasserstein`` is asked for. The values do not
+            depend on the chunk size (up to float64 summation order).
 
     Returns:
         dict name -> float64 tensor of shape (B,) on ``a``'s device, in the order of ``metrics``.
@@ -347,10 +348,7 @@ def _map_stats(items: torch.Tensor, names: tuple[str, ...]) -> dict[str, Any]:
             cdfs.append(cdf[..., :-1])  # the last value is 1 on both sides
         st["cdfs"] = cdfs
     if "ssim" in names:
-        vol = x64.reshape(n_batch, n_slices, *dims)
-        st["vol"] = vol
-        st["mu"] = _box_mean_valid(vol, len(dims))
-        st["mu_sq"] = _box_mean_valid(vol * vol, len(dims))
+        st["vol"] = x64.reshape(n_batch, n_slices, *dims)
     return st
 
 
@@ -370,9 +368,11 @@ def _pair_metrics(sa: dict[str, Any], sb: dict[str, Any], names: tuple[str, ...]
         if "dice" in names:
             out["dice"] = _safe_div(2 * inter, total, 1.0)
     if "ssim" in names:
+        # the five window means of both maps in one stacked, separable box filter: few large ops per chunk
         ndim = len(sa["dims"])
-        mxy = _box_mean_valid(sa["vol"] * sb["vol"], ndim)
-        out["ssim"] = _ssim_sum(sa["mu"], sb["mu"], sa["mu_sq"], sb["mu_sq"], mxy, ndim) / _n_windows(sa["dims"])
+        va, vb = sa["vol"], sb["vol"].expand_as(sa["vol"])
+        means = _box_mean_valid(torch.stack((va, vb, va * va, vb * vb, va * vb)), ndim)
+        out["ssim"] = _ssim_sum(*means, ndim=ndim) / _n_windows(sa["dims"])
     if "cosine" in names:
         out["cosine"] = _safe_div(_dot(sa["x64"], sb["x64"]), sa["norm"] * sb["norm"], 0.0)
     if "pearson" in names:
