@@ -8,7 +8,6 @@ value-distribution ``wasserstein``, sees *where* the attention lies.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ __all__ = [
     "ALL_METRICS",
     "SSIM_WIN_SIZE",
     "KL_EPS",
+    "BYTES_PER_VOXEL",
     "similarity_metrics",
 ]
 
@@ -36,7 +36,11 @@ _SSIM_C2 = (0.03 * 1.0) ** 2  # skimage K2 = 0.03
 _UNIT_RANGE = frozenset({"ssim", "kl", "spatial_wasserstein"})  # metrics whose definition assumes values in [0, 1]
 _NEEDS_SORT = frozenset({"iou", "dice", "wasserstein"})
 _NEEDS_DIST = frozenset({"kl", "spatial_wasserstein"})
-_CHUNK_ELEMENTS = 1 << 18  # voxels of `a` per chunk: temporaries stay cache-sized (a few MB each)
+_CHUNK_ELEMENTS = 1 << 13  # default voxels per chunk (at least one slice): about the working set of the reference loop
+# Bytes of temporaries alive per voxel of a chunk (float64 copies, sorted values, masks, centred values, weights and
+# their logs for both maps, the stacked SSIM window sums): an estimate that turns ``max_memory_mb`` into a chunk
+# size. Check: chunks of 65536 voxels of 64^3 maps peaked at 11.2 MiB above the baseline RSS (65536 x 160 B = 10 MiB).
+BYTES_PER_VOXEL = 160
 
 
 def similarity_metrics(
@@ -44,6 +48,8 @@ def similarity_metrics(
     b: torch.Tensor | np.ndarray,
     slice_axis: int | None = None,
     metrics: Sequence[str] | str | None = None,
+    *,
+    max_memory_mb: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Similarity features between maps ``a`` and reference maps ``b``, one value per sample.
 
@@ -74,6 +80,12 @@ def similarity_metrics(
             metric on each 2D slice along spatial axis ``k`` (0 = first spatial axis, negative counts from the end)
             and averages over the slices.
         metrics: names to compute, in the order wanted, from ``ALL_METRICS``; ``None`` gives ``DEFAULT_METRICS``.
+        max_memory_mb: budget for the working memory (beyond the inputs) in MiB. Slices, or the planes of a whole
+            map, are streamed in chunks of ``max_memory_mb * 2**20 / BYTES_PER_VOXEL`` voxels (at least one slice
+            or plane); ``None`` uses chunks of 8192 voxels (about 1.3 MiB; at least one slice, and at least 8
+            planes of a streamed whole map). A whole map larger than one chunk also needs its sorted values (4 bytes
+            per voxel of each float32 map) when ``iou``, ``dice`` or ``wasserstein`` is asked for. The values do not
+            depend on the chunk size (up to float64 summation order).
 
     Returns:
         dict name -> float64 tensor of shape (B,) on ``a``'s device, in the order of ``metrics``.
@@ -110,14 +122,19 @@ def similarity_metrics(
             f"skimage.metrics.structural_similarity), got {dims}; drop 'ssim' from metrics or use larger maps."
         )
 
+    chunk = _chunk_voxels(max_memory_mb)
     with torch.no_grad():
+        if axis is None and items_a[0, 0].numel() > chunk:
+            # one map is larger than a chunk: stream its planes, whole-map statistics accumulated across chunks;
+            # by default at least 8 planes, so the SSIM windows along the streamed axis rarely straddle chunks
+            return _stream_maps(items_a, items_b, names, chunk, min_planes=8 if max_memory_mb is None else 1)
         n_batch, n_slices = items_a.shape[:2]
         # chunks of whole maps, or of slices of one map: memory stays bounded even for one large volume
-        per_chunk = max(1, _CHUNK_ELEMENTS // max(1, items_a[0, 0].numel()))
+        per_chunk = max(1, chunk // max(1, items_a[0, 0].numel()))
         slice_chunk = min(n_slices, per_chunk)
         batch_chunk = max(1, per_chunk // slice_chunk)
         broadcast = items_b.shape[0] == 1 and n_batch > 1
-        totals = {name: torch.zeros(n_batch, dtype=torch.float64, device=a.device) for name in names}
+        totals = torch.zeros(len(names), n_batch, dtype=torch.float64, device=a.device)
         for s0 in range(0, n_slices, slice_chunk):
             s1 = min(n_slices, s0 + slice_chunk)
             # the broadcast reference is prepared once per slice chunk, not once per map of `a`
@@ -126,9 +143,17 @@ def similarity_metrics(
                 b1 = min(n_batch, b0 + batch_chunk)
                 stats_a = _map_stats(items_a[b0:b1, s0:s1], names)
                 sb = stats_b if broadcast else _map_stats(items_b[b0:b1, s0:s1], names)
-                for name, value in _pair_metrics(stats_a, sb, names).items():
-                    totals[name][b0:b1] += value.sum(dim=1)
-    return {name: total / n_slices for name, total in totals.items()}
+                values = _pair_metrics(stats_a, sb, names)
+                totals[:, b0:b1] += torch.stack([values[name] for name in names]).sum(dim=2)  # one op per chunk
+    return {name: totals[j] / n_slices for j, name in enumerate(names)}
+
+
+def _chunk_voxels(max_memory_mb: float | None) -> int:
+    if max_memory_mb is None:
+        return _CHUNK_ELEMENTS
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not max_memory_mb > 0:
+        raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}.")
+    return max(1, int(max_memory_mb * 2**20 / BYTES_PER_VOXEL))
 
 
 def _check_metrics(metrics: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -188,12 +213,12 @@ def _check_slice_axis(slice_axis: int | None, n_spatial: int) -> int | None:
 
 
 def _check_values(x: torch.Tensor, label: str, names: tuple[str, ...]) -> None:
-    # a float64 sum is finite iff every value is (barring overflow, then checked voxel-wise): one cheap pass
-    if not bool(torch.isfinite(x.sum(dtype=torch.float64))) and not bool(torch.isfinite(x).all()):
+    # min and max propagate NaN and are infinite iff some value is: one pass, no temporary of the map's size
+    lo, hi = torch.aminmax(x)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise ValueError(f"{label} contains NaN or inf.")
     needs_unit = sorted(_UNIT_RANGE.intersection(names))
     if needs_unit:
-        lo, hi = torch.aminmax(x)
         if lo < 0 or hi > 1:
             raise ValueError(
                 f"{label} has values in [{float(lo):.6g}, {float(hi):.6g}] but {needs_unit} assume maps in [0, 1]; "
@@ -209,38 +234,51 @@ def _to_items(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return x.movedim(1 + axis, 1)
 
 
-@functools.lru_cache(maxsize=32)
-def _box_matrix(length: int, win: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(length, length - win + 1) banded 0/1 matrix: column j sums rows j .. j + win - 1."""
-    idx = torch.arange(length, device=device)
-    start = torch.arange(length - win + 1, device=device)
-    band = (idx[:, None] >= start[None, :]) & (idx[:, None] < start[None, :] + win)
-    return band.to(dtype)
+def _box_sum_axis(t: torch.Tensor, axis: int, win: int = SSIM_WIN_SIZE) -> torch.Tensor:
+    """Sum over every ``win``-wide window lying inside axis ``axis`` of ``t`` (length ``L`` -> ``L - win + 1``).
+
+    ``win - 1`` shifted in-place additions: O(win) per voxel whatever the axis length, exact to float64 rounding of
+    a 7-term sum, and no cumulative sum whose rounding grows with the axis length.
+    """
+    length = t.shape[axis]
+    out = t.narrow(axis, 0, length - win + 1).clone()
+    for j in range(1, win):
+        out += t.narrow(axis, j, length - win + 1)
+    return out
 
 
 def _box_mean_valid(t: torch.Tensor, ndim: int, win: int = SSIM_WIN_SIZE) -> torch.Tensor:
-    """Mean over every ``win``-wide window lying inside the last ``ndim`` (2 or 3) axes, separably.
+    """Mean over every ``win``-wide window lying inside the last ``ndim`` (1 to 3) axes, separably.
 
     Equals ``scipy.ndimage.uniform_filter(t, win)`` cropped by ``(win - 1) // 2`` on each side, which is the region
-    scikit-image averages. Each axis is one matrix product with a banded 0/1 matrix: a single BLAS pass per axis,
-    several times faster on CPU than running sums (cumsum + shifted difference) or a dense ``win**ndim`` convolution.
+    scikit-image averages.
     """
-    lead = t.shape[:-ndim]
-    dims = list(t.shape[-ndim:])
     out = t
-    for k in range(ndim - 1, -1, -1):  # last axis first: the products keep the tensor contiguous
-        rest = 1
-        for d in dims[k + 1 :]:
-            rest *= d
-        band = _box_matrix(dims[k], win, t.dtype, t.device)
-        if k == ndim - 1:
-            out = out @ band
-        else:
-            before = out.reshape(*lead, *dims[:k], dims[k], rest)
-            out = band.T @ before
-        dims[k] -= win - 1
-        out = out.reshape(*lead, *dims)
+    for k in range(ndim):
+        out = _box_sum_axis(out, t.ndim - ndim + k, win)
     return out / float(win**ndim)
+
+
+def _n_windows(dims: Sequence[int]) -> int:
+    count = 1
+    for d in dims:
+        count *= d - SSIM_WIN_SIZE + 1
+    return count
+
+
+def _ssim_sum(
+    mx: torch.Tensor, my: torch.Tensor, mxx: torch.Tensor, myy: torch.Tensor, mxy: torch.Tensor, ndim: int
+) -> torch.Tensor:
+    """Local SSIM values from the five window means (scikit-image's formula), summed over the last ``ndim`` axes."""
+    n_win = SSIM_WIN_SIZE**ndim
+    cov_norm = n_win / (n_win - 1)  # skimage's default sample covariance: N / (N - 1)
+    mu_xy = mx * my
+    mu_x2 = mx * mx
+    mu_y2 = my * my
+    # in-place steps: the SSIM map is the largest temporary of all metrics
+    num = (2 * mu_xy + _SSIM_C1).mul_(mxy.sub(mu_xy).mul_(2 * cov_norm).add_(_SSIM_C2))
+    den = (mu_x2 + mu_y2).add_(_SSIM_C1).mul_((mxx - mu_x2).add_(myy - mu_y2).mul_(cov_norm).add_(_SSIM_C2))
+    return num.div_(den).flatten(-ndim).sum(-1)
 
 
 def _sort_last(x: torch.Tensor) -> torch.Tensor:
@@ -311,22 +349,13 @@ def _map_stats(items: torch.Tensor, names: tuple[str, ...]) -> dict[str, Any]:
             cdfs.append(cdf[..., :-1])  # the last value is 1 on both sides
         st["cdfs"] = cdfs
     if "ssim" in names:
-        ndim = len(dims)
-        vol = x64.reshape(n_batch, n_slices, *dims)
-        n_win = SSIM_WIN_SIZE**ndim
-        mu = _box_mean_valid(vol, ndim)
-        mu2 = mu * mu
-        st["vol"] = vol
-        st["mu"] = mu
-        st["mu2"] = mu2
-        # skimage's default sample covariance: N / (N - 1)
-        st["var"] = _box_mean_valid(vol * vol, ndim).sub_(mu2).mul_(n_win / (n_win - 1))
+        st["vol"] = x64.reshape(n_batch, n_slices, *dims)
     return st
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor, fill: float) -> torch.Tensor:
-    ok = den > 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(num, fill))
+    # the quotient of a zero denominator (inf/NaN) is computed but never selected
+    return torch.where(den > 0, num / den, fill)
 
 
 def _pair_metrics(sa: dict[str, Any], sb: dict[str, Any], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -340,14 +369,11 @@ def _pair_metrics(sa: dict[str, Any], sb: dict[str, Any], names: tuple[str, ...]
         if "dice" in names:
             out["dice"] = _safe_div(2 * inter, total, 1.0)
     if "ssim" in names:
+        # the five window means of both maps in one stacked, separable box filter: few large ops per chunk
         ndim = len(sa["dims"])
-        n_win = SSIM_WIN_SIZE**ndim
-        mu_ab = sa["mu"] * sb["mu"]
-        # in-place steps: the SSIM map is the largest temporary of all metrics
-        cov2 = _box_mean_valid(sa["vol"] * sb["vol"], ndim).sub_(mu_ab).mul_(2 * n_win / (n_win - 1))
-        num = mu_ab.mul_(2).add_(_SSIM_C1).mul_(cov2.add_(_SSIM_C2))
-        den = (sa["mu2"] + sb["mu2"]).add_(_SSIM_C1).mul_((sa["var"] + sb["var"]).add_(_SSIM_C2))
-        out["ssim"] = num.div_(den).flatten(2).mean(-1)
+        va, vb = sa["vol"], sb["vol"].expand_as(sa["vol"])
+        means = _box_mean_valid(torch.stack((va, vb, va * va, vb * vb, va * vb)), ndim)
+        out["ssim"] = _ssim_sum(*means, ndim=ndim) / _n_windows(sa["dims"])
     if "cosine" in names:
         out["cosine"] = _safe_div(_dot(sa["x64"], sb["x64"]), sa["norm"] * sb["norm"], 0.0)
     if "pearson" in names:
@@ -369,3 +395,151 @@ def _pair_metrics(sa: dict[str, Any], sb: dict[str, Any], names: tuple[str, ...]
             per_axis.append(emd / (length - 1) if length > 1 else torch.zeros_like(emd))
         out["spatial_wasserstein"] = torch.stack(per_axis).mean(0)
     return {name: out[name] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------- streamed whole maps
+def _median(sorted_vals: torch.Tensor) -> torch.Tensor:
+    """``np.median`` of sorted values along the last axis, in their precision (the mean of the middle two if even)."""
+    n = sorted_vals.shape[-1]
+    if n % 2:
+        return sorted_vals[..., n // 2]
+    return (sorted_vals[..., n // 2 - 1] + sorted_vals[..., n // 2]) / 2
+
+
+def _map_globals(x: torch.Tensor, names: tuple[str, ...], planes: int) -> dict[str, Any]:
+    """Statistics of one whole map ``x`` (*dims) that the streamed pass needs up front, in chunks of ``planes``."""
+    st: dict[str, Any] = {"n": x.numel()}
+    if _NEEDS_SORT.intersection(names):
+        st["sorted"] = _sort_last(x.reshape(-1))  # the map's precision (4 bytes per voxel for float32)
+        st["median"] = _median(st["sorted"])
+    if "pearson" in names or _NEEDS_DIST.intersection(names):
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for p0 in range(0, x.shape[0], planes):
+            total += x[p0 : p0 + planes].sum(dtype=torch.float64)
+        st["mean"] = total / st["n"]
+        st["wsum"] = total + st["n"] * KL_EPS  # sum(map + eps)
+    if "pearson" in names:
+        lo, hi = (st["sorted"][0], st["sorted"][-1]) if "sorted" in st else torch.aminmax(x)
+        st["constant"] = bool(lo == hi)
+    return st
+
+
+def _stream_maps(
+    items_a: torch.Tensor, items_b: torch.Tensor, names: tuple[str, ...], chunk: int, min_planes: int = 1
+) -> dict[str, torch.Tensor]:
+    """Metrics of whole maps (B, 1, *dims) streamed along the first map axis in chunks of about ``chunk`` voxels.
+
+    Per map only its sorted values (when a rank metric is asked for) are held whole; every other quantity is a sum
+    over chunks of planes: mask counts, dot products, KL terms, marginals, and SSIM, whose window means along the
+    streamed axis reuse the last ``SSIM_WIN_SIZE - 1`` in-plane window sums of the previous chunk.
+    """
+    n_batch = items_a.shape[0]
+    plane = max(1, items_a[0, 0, 0].numel())
+    planes = max(1, chunk // plane, min_planes)
+    broadcast = items_b.shape[0] == 1
+    glob_b = _map_globals(items_b[0, 0], names, planes) if broadcast else None
+    out = {name: torch.empty(n_batch, dtype=torch.float64, device=items_a.device) for name in names}
+    for i in range(n_batch):
+        x, y = items_a[i, 0], items_b[0 if broadcast else i, 0]
+        ga = _map_globals(x, names, planes)
+        gb = glob_b if broadcast else _map_globals(y, names, planes)
+        for name, value in _stream_pair(x, y, ga, gb, names, planes, chunk).items():
+            out[name][i] = value
+        del ga  # the sorted copy of this map goes before the next one is made
+    return {name: out[name] for name in names}
+
+
+def _stream_pair(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ga: dict[str, Any],
+    gb: dict[str, Any],
+    names: tuple[str, ...],
+    planes: int,
+    chunk: int,
+) -> dict[str, torch.Tensor]:
+    """All metrics of one pair of whole maps (*dims), one pass over chunks of ``planes`` planes."""
+    ndim = x.ndim
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    acc: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        acc[key] = acc.get(key, zero) + value
+
+    rank = "iou" in names or "dice" in names
+    # per-axis marginals of (map + eps): the first axis plane by plane, the others summed over chunks
+    first_a: list[torch.Tensor] = []
+    first_b: list[torch.Tensor] = []
+    rest_a = [torch.zeros(d, dtype=torch.float64, device=x.device) for d in x.shape[1:]]
+    rest_b = [torch.zeros(d, dtype=torch.float64, device=x.device) for d in x.shape[1:]]
+    carry: torch.Tensor | None = None  # in-plane window sums of the last SSIM_WIN_SIZE - 1 planes
+    for p0 in range(0, x.shape[0], planes):
+        xs, ys = x[p0 : p0 + planes], y[p0 : p0 + planes]
+        x64, y64 = xs.double(), ys.double()
+        if rank:
+            mx, my = xs > ga["median"], ys > gb["median"]
+            add("inter", (mx & my).sum(dtype=torch.float64))
+            add("count_a", mx.sum(dtype=torch.float64))
+            add("count_b", my.sum(dtype=torch.float64))
+        if "cosine" in names:
+            add("ab", (x64 * y64).sum())
+            add("aa", (x64 * x64).sum())
+            add("bb", (y64 * y64).sum())
+        if "pearson" in names:
+            ca, cb = x64 - ga["mean"], y64 - gb["mean"]
+            add("cab", (ca * cb).sum())
+            add("caa", (ca * ca).sum())
+            add("cbb", (cb * cb).sum())
+        if _NEEDS_DIST.intersection(names):
+            wa = x64 + KL_EPS
+            if "kl" in names:
+                wb = y64 + KL_EPS
+                log_a = wa.log()
+                add("self_info", (wa * log_a).sum())
+                add("cross", (wa * wb.log_()).sum())
+            if "spatial_wasserstein" in names:
+                for w, first, rest in ((wa, first_a, rest_a), (y64 + KL_EPS, first_b, rest_b)):
+                    first.append(w.flatten(1).sum(-1))
+                    for k in range(1, ndim):
+                        rest[k - 1] += w.sum(dim=tuple(j for j in range(ndim) if j != k))
+        if "ssim" in names:
+            q = torch.stack((x64, y64, x64 * x64, y64 * y64, x64 * y64))  # (5, planes, *rest)
+            for axis in range(2, q.ndim):  # in-plane window sums, valid region only
+                q = _box_sum_axis(q, axis)
+            if carry is not None:
+                q = torch.cat((carry, q), dim=1)
+            if q.shape[1] >= SSIM_WIN_SIZE:
+                means = _box_sum_axis(q, 1) / float(SSIM_WIN_SIZE**ndim)
+                add("ssim", _ssim_sum(*means, ndim=ndim).sum())
+            carry = q[:, -(SSIM_WIN_SIZE - 1) :].clone()
+    n = ga["n"]
+    res: dict[str, torch.Tensor] = {}
+    if rank:
+        inter, total = acc["inter"], acc["count_a"] + acc["count_b"]
+        res["iou"] = _safe_div(inter, total - inter, 1.0)
+        res["dice"] = _safe_div(2 * inter, total, 1.0)
+    if "ssim" in names:
+        res["ssim"] = acc["ssim"] / _n_windows(x.shape)
+    if "cosine" in names:
+        res["cosine"] = _safe_div(acc["ab"], acc["aa"].sqrt() * acc["bb"].sqrt(), 0.0)
+    if "pearson" in names:
+        value = _safe_div(acc["cab"], acc["caa"].sqrt() * acc["cbb"].sqrt(), 0.0)
+        res["pearson"] = zero if ga["constant"] or gb["constant"] else value
+    if "kl" in names:
+        res["kl"] = (acc["self_info"] - acc["cross"]) / ga["wsum"] - ga["wsum"].log() + gb["wsum"].log()
+    if "wasserstein" in names:
+        gap = zero
+        sa, sb = ga["sorted"], gb["sorted"]
+        for v0 in range(0, n, chunk):
+            gap = gap + (sa[v0 : v0 + chunk] - sb[v0 : v0 + chunk]).abs_().sum(dtype=torch.float64)
+        res["wasserstein"] = gap / n
+    if "spatial_wasserstein" in names:
+        per_axis = []
+        for ma, mb in zip([torch.cat(first_a), *rest_a], [torch.cat(first_b), *rest_b]):
+            cdf_a = ma.cumsum(-1)[:-1] / ga["wsum"]
+            cdf_b = mb.cumsum(-1)[:-1] / gb["wsum"]
+            length = ma.shape[-1]
+            emd = (cdf_a - cdf_b).abs().sum()
+            per_axis.append(emd / (length - 1) if length > 1 else torch.zeros_like(emd))
+        res["spatial_wasserstein"] = torch.stack(per_axis).mean()
+    return {name: res[name] for name in names}

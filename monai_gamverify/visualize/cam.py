@@ -322,19 +322,40 @@ class GradCAMpp(BaseCAM):
 
 class ScoreCAM(BaseCAM):
     """Score-CAM (Wang et al., 2020): each channel, upsampled and min-max scaled, masks the input; its weight is the
-    increase of the class score over a zero-input baseline. Masked inputs run in chunks of ``batch_size``, so memory
-    grows with ``batch_size x input`` rather than ``channels x input``.
+    increase of the class score over a zero-input baseline. Masked inputs run in chunks, so memory grows with
+    ``chunk x input`` rather than ``channels x input``.
+
+    Chunk size: ``batch_size`` masked inputs per forward pass, or, with ``max_memory_mb``, as many as fit the budget
+    at the memory one masked input was *measured* to take: the first masked forward of each call (channel 0 of the
+    first sample, whose score is used) is a probe whose peak memory is read from the allocator (CUDA:
+    ``torch.cuda.max_memory_allocated`` after ``torch.cuda.reset_peak_memory_stats``, so the device's peak statistic
+    restarts there; CPU: the allocation/free events of ``torch.profiler`` with ``profile_memory=True``, summed in
+    time order), mask and masked input included. Chunk = ``max_memory_mb / probe peak`` (at least 1), capped by
+    ``batch_size`` when that is given too. The budget covers the masked forwards only, not the maps, the network's
+    weights or the caller's tensors; the probe's peak includes fixed costs, so the estimate errs on the safe side.
+
+    Top-k ("Faster Score-CAM"): ``top_k=k`` scores only the ``k`` channels ranked highest and gives the others
+    weight 0 -- an approximation that costs ``k`` instead of ``C`` masked forwards. ``rank_by="variance"`` ranks by
+    the spatial variance of each activation map (no extra pass); ``rank_by="gradient"`` by each channel's Grad-CAM
+    contribution, mean gradient x mean activation (one backward pass from the target layer). With ``k >= C`` the
+    result equals full Score-CAM exactly. Measured agreement with the full method: ``docs/scale.md``.
 
     Args:
         nn_module: the network.
         target_layers: layer name(s).
-        batch_size: masked inputs per forward pass.
+        batch_size: masked inputs per forward pass (default 16 without a budget; with ``max_memory_mb`` an upper
+            bound, none by default).
         softmax: score with softmax probabilities (classification) or the raw output (regression); ``None`` picks
             softmax when the network has more than one output column.
         progress: show a progress bar over the masked forward passes.
+        max_memory_mb: memory budget (MiB) of one chunk of masked forward passes; sets the chunk size from the
+            probe (see above). ``None``: use ``batch_size``.
+        top_k: score only this many channels per sample and layer (``None``: all channels, the exact method).
+        rank_by: ``"variance"`` or ``"gradient"``: how channels are ranked for ``top_k``.
 
     Example:
         >>> maps = ScoreCAM(net, "layer4", batch_size=16)(x)
+        >>> fast = ScoreCAM(net, "layer4", max_memory_mb=2048, top_k=32)(x)   # 32 masked forwards per sample
     """
 
     needs_gradients = False
@@ -343,18 +364,38 @@ class ScoreCAM(BaseCAM):
         self,
         nn_module: nn.Module,
         target_layers: str | Sequence[str],
-        batch_size: int = 16,
+        batch_size: int | None = None,
         softmax: bool | None = None,
         progress: bool = False,
+        *,
+        max_memory_mb: float | None = None,
+        top_k: int | None = None,
+        rank_by: str = "variance",
     ) -> None:
         super().__init__(nn_module, target_layers)
-        if int(batch_size) < 1:
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        if max_memory_mb is not None and (isinstance(max_memory_mb, bool) or not float(max_memory_mb) > 0):
+            raise ValueError(f"max_memory_mb must be a positive number of MiB, got {max_memory_mb!r}")
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or int(top_k) < 1):
+            raise ValueError(f"top_k must be a positive int (or None for all channels), got {top_k!r}")
+        if rank_by not in ("variance", "gradient"):
+            raise ValueError(f"rank_by must be 'variance' or 'gradient', got {rank_by!r}")
+        self.batch_size = 16 if batch_size is None and max_memory_mb is None else batch_size
+        self.batch_size = None if self.batch_size is None else int(self.batch_size)
+        self.max_memory_mb = None if max_memory_mb is None else float(max_memory_mb)
+        self.top_k = None if top_k is None else int(top_k)
+        self.rank_by = rank_by
         self.softmax = softmax
         self.progress = progress
+        self.last_chunk_size: int | None = None  # chunk size the last call used (the budget's choice)
+        self.last_probe_bytes: int | None = None  # measured peak bytes of one masked forward (budget only)
 
     def _activations_and_gradients(self, x, class_idx, score_fn):
+        self.last_probe_bytes = None  # one probe per call: the input size may differ from the last call's
+        if self.top_k is not None and self.rank_by == "gradient":
+            # one forward + backward from the target layers: activations and the gradients that rank channels
+            return BaseCAM._activations_and_gradients(self, x, class_idx, score_fn)
         hooks = LayerHooks(self.nn_module, self.target_layers, keep_copy=True)
         self._hooks = hooks
         try:
@@ -377,25 +418,87 @@ class ScoreCAM(BaseCAM):
         values = logits.softmax(dim=1) if use_softmax else logits
         return values.gather(1, idx.view(-1, 1)).squeeze(1)
 
+    def selected_channels(self, acts: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k) indices (ascending) of the channels scored for each sample: all of them without ``top_k``.
+
+        Args:
+            acts: (B, C, *spatial) activations of the target layer.
+            grads: their gradients (needed for ``rank_by="gradient"``).
+
+        Returns:
+            long tensor (B, min(k, C)) of channel indices, sorted ascending.
+        """
+        b, c = acts.shape[:2]
+        if self.top_k is None or self.top_k >= c:
+            return torch.arange(c, device=acts.device).expand(b, c)
+        flat = acts.flatten(2).double()
+        if self.rank_by == "variance":
+            rank = flat.var(dim=2, unbiased=False)
+        else:
+            if grads is None:
+                raise ValueError("rank_by='gradient' needs the gradients of the target layer")
+            rank = grads.flatten(2).double().mean(dim=2) * flat.mean(dim=2)
+        return rank.topk(self.top_k, dim=1).indices.sort(dim=1).values
+
+    def _masked_scores(
+        self, x: torch.Tensor, chunk: torch.Tensor, spatial: Sequence[int], target: Any, score_fn: Any
+    ) -> torch.Tensor:
+        masks = normalize_maps(upsample_maps(chunk.unsqueeze(1).float(), spatial))
+        out = self.nn_module(x * masks.to(x.dtype))
+        tgt = None if target is None else target.expand(masks.shape[0])
+        return self._score_of(out, tgt, score_fn)
+
+    def _probe(self, x, chunk, spatial, target, score_fn) -> tuple[torch.Tensor, int]:
+        """Scores of a one-channel chunk and the peak bytes it allocated (the budget's measured per-sample cost)."""
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            scores = self._masked_scores(x, chunk, spatial, target, score_fn)
+            torch.cuda.synchronize(x.device)
+            return scores, max(1, torch.cuda.max_memory_allocated(x.device) - before)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            scores = self._masked_scores(x, chunk, spatial, target, score_fn)
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
+        current = peak = 0
+        for _, nbytes in events:
+            current += nbytes
+            peak = max(peak, current)
+        return scores, max(1, peak)
+
     def _weights_for(self, name, acts, grads, x, idx, score_fn):
         from tqdm.auto import tqdm
 
         b, c = acts.shape[:2]
         spatial = x.shape[2:]
-        weights = torch.empty(b, c, dtype=torch.float32, device=x.device)
+        channels = self.selected_channels(acts, grads)
+        weights = torch.zeros(b, c, dtype=torch.float32, device=x.device)
+        size = self.batch_size
         with torch.no_grad():
             base_in = torch.zeros_like(x[:1])
             base_out = self.nn_module(base_in)
-            bar = tqdm(total=b * c, desc=f"Score-CAM {name}", disable=not self.progress, leave=False)
+            bar = tqdm(total=channels.numel(), desc=f"Score-CAM {name}", disable=not self.progress, leave=False)
             for i in range(b):
                 target = None if idx is None else idx[i : i + 1]
                 base = self._score_of(base_out, target, score_fn)
-                for start in range(0, c, self.batch_size):
-                    chunk = acts[i, start : start + self.batch_size].unsqueeze(1).float()
-                    masks = normalize_maps(upsample_maps(chunk, spatial))
-                    out = self.nn_module(x[i : i + 1] * masks.to(x.dtype))
-                    tgt = None if target is None else target.expand(masks.shape[0])
-                    weights[i, start : start + masks.shape[0]] = (self._score_of(out, tgt, score_fn) - base).float()
-                    bar.update(masks.shape[0])
+                sel = channels[i]
+                start = 0
+                if self.max_memory_mb is not None and self.last_probe_bytes is None:
+                    scores, cost = self._probe(x[i : i + 1], acts[i, sel[:1]], spatial, target, score_fn)
+                    weights[i, sel[:1]] = (scores - base).float()
+                    self.last_probe_bytes = cost
+                    budget = int(self.max_memory_mb * 2**20 // cost)
+                    size = max(1, budget if self.batch_size is None else min(budget, self.batch_size))
+                    bar.update(1)
+                    start = 1
+                for s0 in range(start, sel.numel(), size):
+                    part = sel[s0 : s0 + size]
+                    scores = self._masked_scores(x[i : i + 1], acts[i, part], spatial, target, score_fn)
+                    weights[i, part] = (scores - base).float()
+                    bar.update(part.numel())
             bar.close()
+        self.last_chunk_size = size
         return weights
