@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai_gamverify.data.config import exit_on_error
 from monai_gamverify.data.datalist import (
     PATH_KEYS,
     DataError,
@@ -35,6 +36,7 @@ __all__ = [
     "list_images",
     "require_file",
     "PATH_KEYS",
+    "exit_on_error",
     "KINDS",
     "QUALITY_CATEGORIES",
     "QUALITY_REGIONS",
