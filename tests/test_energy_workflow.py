@@ -11,7 +11,7 @@ from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose
 from scipy import stats
 
-from monai_gamverify.energy.analysis import volume_energy, volume_energy_multi
+from monai_gamverify.energy import volume_energy, volume_energy_multi
 from monai_gamverify.energy.workflow import (
     AttributionEnergyd,
     AttributionEnergyHandler,

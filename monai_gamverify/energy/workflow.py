@@ -5,11 +5,11 @@ The CBCT image-quality study applies a 2D network to the axial slices of a volum
 - :class:`SliceAggregateInferer` — runs the 2D network on every slice of a (B, C, D, H, W) batch, a chunk of slices
   at a time, and aggregates the slice outputs to one prediction per volume (mean by default);
 - :class:`AttributionEnergyd` — per volume, the attribution energy (AE: sum of raw Grad-CAM values over all slices)
-  of every output column in one streamed pass (:func:`monai_gamverify.energy.analysis.volume_energy_multi`);
+  of every output column in one streamed pass (:func:`monai_gamverify.energy.attribution.volume_energy_multi`);
 - :class:`AttributionEnergyHandler` — collects per-volume predictions, consensus scores and AE during an evaluator
   run and at the end of the epoch writes the per-category regression metrics (MAE, Spearman of prediction vs
   consensus), the AE table with leave-one-out Spearman analysis, atypical cases and a scatter PNG per category
-  (:func:`monai_gamverify.energy.analysis.energy_report`), and logs them as TensorBoard scalars.
+  (:func:`monai_gamverify.energy.report.energy_report`), and logs them as TensorBoard scalars.
 
 Example (``evaluate.json`` of the ``cbct_quality`` bundle, abridged)::
 
@@ -37,7 +37,8 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from scipy import stats
 
-from monai_gamverify.energy.analysis import energy_report, volume_energy_multi
+from monai_gamverify.energy.attribution import volume_energy_multi
+from monai_gamverify.energy.report import energy_report
 from monai_gamverify.io import write_csv
 from monai_gamverify.transforms.dictionary import image_name, make_cam
 from monai_gamverify.visualize.registry import unwrap_network
