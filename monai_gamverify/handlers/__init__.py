@@ -7,7 +7,8 @@ from monai_gamverify.handlers.cam import CAMImageHandler, CAMWriter, cam_overlay
 from monai_gamverify.handlers.lr_logger import LearningRateLogger
 from monai_gamverify.handlers.metrics import Accuracy, ClassificationMetric, MacroF1
 from monai_gamverify.handlers.tables import PredictionCSVWriter
-from monai_gamverify.handlers.utils import OutputNamer, batch_items, network_device
+from monai_gamverify.handlers.utils import batch_items, network_device
+from monai_gamverify.io.names import OutputNamer
 
 __all__ = [
     "CAMImageHandler",

@@ -4,7 +4,7 @@
   batch overlaid on the image (3D: three orthogonal slices through the map peak, tiled) as TensorBoard images.
 - :class:`CAMWriter` (evaluation/inference): each item's normalised map as NIfTI aligned with its input image
   (optionally resampled back onto the original grid by inverting the preprocessing), plus an optional PNG; one
-  unique file per input image (see :class:`monai_gamverify.handlers.utils.OutputNamer`).
+  unique file per input image (see :class:`monai_gamverify.io.names.OutputNamer`).
 
 All CAMs leave the network exactly as it was (mode, ``requires_grad``, no ``.grad``), so training is undisturbed.
 """
@@ -24,8 +24,9 @@ from monai.utils import min_version, optional_import
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from monai_gamverify.handlers.utils import OutputNamer, batch_items, network_device, rank_and_world
+from monai_gamverify.handlers.utils import batch_items, network_device, rank_and_world
 from monai_gamverify.io.grid import invert_to_input
+from monai_gamverify.io.names import OutputNamer
 from monai_gamverify.io.nifti import save_nifti
 from monai_gamverify.transforms.dictionary import image_name, make_cam
 from monai_gamverify.visualize.plots import overlay_png
@@ -198,7 +199,7 @@ class CAMWriter:
     ``filename_or_obj``: with ``data_root_dir`` its path relative to that root without extension (the input folder
     structure is kept: ``case_00000/imaging.nii.gz`` -> ``case_00000/imaging_cam.nii.gz``), else its stem, with a
     hash of the full path added when another image has the same stem (always in multi-process runs); see
-    :class:`monai_gamverify.handlers.utils.OutputNamer`. Each rank writes the maps of its own items. The map
+    :class:`monai_gamverify.io.names.OutputNamer`. Each rank writes the maps of its own items. The map
     carries the affine of the preprocessed image, so it overlays the input in 3D Slicer / ITK-SNAP; with
     ``invert_transform`` (the preprocessing ``Compose``) it is also resampled back onto the input's original grid
     (same shape and affine as the file on disk).

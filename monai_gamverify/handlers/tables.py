@@ -13,8 +13,9 @@ import pandas as pd
 import torch
 from monai.utils import min_version, optional_import
 
-from monai_gamverify.handlers.utils import OutputNamer, batch_items, gather_strings, path_stem, rank_and_world
+from monai_gamverify.handlers.utils import batch_items, gather_strings, rank_and_world
 from monai_gamverify.io.files import write_csv
+from monai_gamverify.io.names import OutputNamer, path_stem
 from monai_gamverify.transforms.dictionary import image_name
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -35,7 +36,7 @@ class PredictionCSVWriter:
     gathered (as MONAI's ``ClassificationSaver`` does, with ``string_list_all_gather``) and rank 0 alone writes the
     file, in rank order. The ``id`` is unique per image: with ``data_root_dir`` the image path relative to it without
     extension (``case_00000/imaging``), else the file stem, with a hash of the full path added to stems that several
-    images share (see :class:`monai_gamverify.handlers.utils.OutputNamer`).
+    images share (see :class:`monai_gamverify.io.names.OutputNamer`).
 
     Args:
         output_dir: directory of the CSV.
