@@ -25,6 +25,7 @@ from monai_gamverify.data.synthetic import (
     generate_sos,
     make_cohort,
     stratified_split,
+    summary_line,
     synth,
 )
 
@@ -50,4 +51,5 @@ __all__ = [
     "make_cohort",
     "stratified_split",
     "synth",
+    "summary_line",
 ]
