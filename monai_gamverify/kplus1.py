@@ -1,8 +1,7 @@
 """K+1 "garbage" class: widen a trained classifier, mix garbage data in, reject at inference, count rejections.
 
-Also the post-hoc out-of-distribution baselines the garbage class is compared with, computed on the plain K-class
-model: maximum softmax probability, energy score and Mahalanobis distance on penultimate features, with AUROC and
-FPR at 95 % TPR. Every score follows one convention: **higher = more in-distribution**.
+The post-hoc out-of-distribution baselines the garbage class is compared with (maximum softmax probability, energy
+score, Mahalanobis distance, AUROC / FPR at 95 % TPR) are in :mod:`monai_gamverify.metrics.ood`.
 
 Example:
     >>> model6 = widen_classifier(model5)  # 5 SOS stages -> 5 stages + garbage, a deep copy
@@ -14,18 +13,27 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from ignite.engine import Events
 from monai.transforms import MapTransform
-from scipy.stats import rankdata
 from torch import nn
 
-from monai_gamverify.visualize.hooks import preserved_state, record_activations
+from monai_gamverify.data.datalist import DataError, load_datalist
+from monai_gamverify.io.files import write_csv
+from monai_gamverify.metrics import ood as _ood
+from monai_gamverify.metrics.ood import as_scores
+from monai_gamverify.networks.heads import find_classifier_head
 
 __all__ = [
     "find_classifier_head",
@@ -38,58 +46,28 @@ __all__ = [
     "RejectGarbageD",
     "RejectGarbageDict",
     "RejectionCounter",
-    "msp_score",
-    "energy_score",
-    "kplus1_score",
-    "extract_features",
-    "MahalanobisDetector",
-    "ood_metrics",
 ]
+
+logger = logging.getLogger(__name__)
+
+# moved to monai_gamverify.metrics.ood; still importable from here (with a DeprecationWarning) for old callers
+_MOVED_TO_OOD = ("msp_score", "energy_score", "kplus1_score", "extract_features", "MahalanobisDetector", "ood_metrics")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_OOD:
+        warnings.warn(
+            f"monai_gamverify.kplus1.{name} moved to monai_gamverify.metrics.ood.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_ood, name)
+    raise AttributeError(f"module 'monai_gamverify.kplus1' has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # widening the head
 # ----------------------------------------------------------------------------------------------------------------------
-def find_classifier_head(model: nn.Module, layer_name: str | None = None) -> tuple[str, nn.Linear]:
-    """The classifier's final linear layer: ``layer_name``, or the last ``nn.Linear`` in module order.
-
-    The last linear layer is ``fc`` for MONAI ``resnet*``, ``class_layers.out`` for ``DenseNet121`` and ``head`` for
-    :class:`monai_gamverify.networks.nets.ConvNeXt`.
-
-    Args:
-        model: the classifier.
-        layer_name: name as in ``model.named_modules()``; ``None`` finds it automatically.
-
-    Returns:
-        (name, module).
-
-    Raises:
-        ValueError: no linear layer (e.g. a segmentation network or a convolutional head), or ``layer_name`` unknown
-            or not an ``nn.Linear``.
-
-    Example:
-        >>> find_classifier_head(monai.networks.nets.resnet18(spatial_dims=3, n_input_channels=1, num_classes=5))
-        ('fc', Linear(in_features=512, out_features=5, bias=True))
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = dict(model.named_modules())
-    if layer_name is not None:
-        if layer_name not in modules:
-            raise ValueError(f"no layer named {layer_name!r} in {type(model).__name__}")
-        module = modules[layer_name]
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"layer {layer_name!r} is a {type(module).__name__}, not an nn.Linear classifier head")
-        return layer_name, module
-    linear = [(name, m) for name, m in modules.items() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear layer, so there is no classifier head to widen to K+1 "
-            "(a model with a convolutional head or a segmentation network cannot get a garbage class this way)"
-        )
-    return linear[-1]
-
-
 def widen_classifier(
     model: nn.Module,
     num_new: int = 1,
@@ -347,7 +325,6 @@ def mix_garbage_dirs(
     keys: Sequence[str] | None = ("image", "label", "source"),
     check: str | bool = "full",
     spatial_dims: int | None = 3,
-    exit_on_error: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`mix_garbage` with the garbage read from cohort directories (``gamverify synth`` output), for configs.
 
@@ -365,24 +342,19 @@ def mix_garbage_dirs(
         keys: fields kept in every item (``None``: all); the default keeps what the bundles load.
         check: image check of :func:`monai_gamverify.data.load_datalist` (``"full"``, ``"exists"``, ``"none"``).
         spatial_dims: expected dimensionality of the garbage images.
-        exit_on_error: end the process with a one-line message (what bundle configs use) instead of raising.
 
     Returns:
         The mixed list of dicts.
 
     Raises:
         DataError: a missing garbage directory, datalist or image (the message names it), a real label equal to K
-            (collision with the garbage label) or outside ``0..K-1``.
+            (collision with the garbage label) or outside ``0..K-1``. Bundle configs call this through
+            :func:`monai_gamverify.data.exit_on_error`, which ends the run with that one line.
 
     Example:
         >>> train = load_datalist("data/sos/datalist.json", "training", num_classes=6)
         >>> mixed = mix_garbage_dirs(train, "data/chin", num_classes=5, ratio=0.2, seed=0)
     """
-    import json
-    from pathlib import Path
-
-    from monai_gamverify.data.datalist import DataError, _fail, load_datalist
-
     try:
         if isinstance(garbage_dirs, Mapping):
             named = {str(k): v for k, v in garbage_dirs.items()}
@@ -418,9 +390,10 @@ def mix_garbage_dirs(
                 check=check,
             )
         return mix_garbage(datalist, sources, num_classes=num_classes, ratio=ratio, seed=seed, keys=keys)
-    except (DataError, ValueError, TypeError) as err:
-        _fail(str(err), exit_on_error)
-        raise  # unreachable: _fail always raises
+    except DataError:
+        raise
+    except (ValueError, TypeError) as err:  # bad labels / arguments: one error type for the caller
+        raise DataError(str(err)) from err
 
 
 def class_weights(labels: Iterable[Any], num_classes: int) -> torch.Tensor:
@@ -462,24 +435,6 @@ def class_weights(labels: Iterable[Any], num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # inference
 # ----------------------------------------------------------------------------------------------------------------------
-def _as_scores(x: Any, name: str = "logits", min_classes: int = 1) -> torch.Tensor:
-    """(B, C) or (C,) floating tensor from a tensor / array / list, with a clear error otherwise."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a tensor or array, got {type(x).__name__}") from err
-    if hasattr(x, "as_tensor"):  # MetaTensor -> plain tensor
-        x = x.as_tensor()
-    if x.ndim not in (1, 2) or x.shape[-1] < min_classes:
-        raise ValueError(f"{name} must have shape (C,) or (B, C) with C >= {min_classes}, got {tuple(x.shape)}")
-    if not torch.is_floating_point(x):
-        x = x.float()
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
-
-
 class RejectGarbaged(MapTransform):
     """Dictionary post-transform flagging predictions of the garbage class (K+1 models).
 
@@ -490,8 +445,10 @@ class RejectGarbaged(MapTransform):
     - ``best_real_class``: argmax over the real classes only (the answer the model would give without garbage);
     - ``best_real_prob``: that class's probability (under the softmax over all C classes).
 
-    Outputs are tensors of shape () for one item and (B,) for a batch, on the prediction's device. With several keys
-    the output names are prefixed ``"{key}_"`` (or by ``prefix`` when given).
+    Outputs are tensors of shape () for one item and (B,) for a batch, on the prediction's device. Their keys are the
+    names above, renamed by ``output_keys`` (e.g. ``{"rejected": "garbage_rejected"}``) and prefixed by ``prefix``
+    (default: none for one key, ``"{key}_"`` with several). An output key already in the data raises ``KeyError``
+    (so a caller's field is never silently replaced) unless ``allow_overwrite=True``.
 
     Args:
         keys: prediction key(s).
@@ -500,11 +457,16 @@ class RejectGarbaged(MapTransform):
         logits: apply softmax first (``False`` when the values are already probabilities).
         prefix: prefix of the output keys.
         allow_missing_keys: skip absent keys.
+        output_keys: new names of some of the four outputs (``None``: the names above).
+        allow_overwrite: replace existing fields of the data with the outputs instead of raising.
 
     Example:
         >>> RejectGarbaged(keys="pred")({"pred": torch.tensor([0.1, 0.2, 3.0])})["rejected"]
         tensor(True)
     """
+
+    #: the outputs, in order
+    OUTPUTS = ("rejected", "garbage_prob", "best_real_class", "best_real_prob")
 
     def __init__(
         self,
@@ -514,18 +476,29 @@ class RejectGarbaged(MapTransform):
         logits: bool = True,
         prefix: str | None = None,
         allow_missing_keys: bool = False,
+        output_keys: Mapping[str, str] | None = None,
+        allow_overwrite: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1] or None, got {threshold!r}")
+        names = dict(zip(self.OUTPUTS, self.OUTPUTS))
+        unknown = set(output_keys or {}) - set(names)
+        if unknown:
+            raise ValueError(f"output_keys may rename {list(self.OUTPUTS)}, got unknown {sorted(unknown)}")
+        names.update(output_keys or {})
+        if len(set(names.values())) != len(names):
+            raise ValueError(f"output_keys give two outputs the same key: {names}")
         self.garbage_index = garbage_index
         self.threshold = threshold
         self.logits = logits
         self.prefix = prefix
+        self.output_keys = names
+        self.allow_overwrite = allow_overwrite
 
     def reject(self, pred: Any) -> dict[str, torch.Tensor]:
         """The four outputs for one prediction (C,) or a batch (B, C)."""
-        pred = _as_scores(pred, "prediction", min_classes=2)
+        pred = as_scores(pred, "prediction", min_classes=2)
         c = pred.shape[-1]
         g = c - 1 if self.garbage_index is None else self.garbage_index
         if not -c <= g < c:
@@ -551,13 +524,26 @@ class RejectGarbaged(MapTransform):
             "best_real_prob": best_prob,
         }
 
+    def output_key(self, key: Hashable, name: str) -> str:
+        """Data key of output ``name`` for prediction ``key``."""
+        prefix = self.prefix if self.prefix is not None else (f"{key}_" if len(self.keys) > 1 else "")
+        return f"{prefix}{self.output_keys[name]}"
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
+        targets = [self.output_key(key, name) for key in keys for name in self.OUTPUTS]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"RejectGarbaged outputs collide ({targets}); give a prefix per key")
+        clash = [t for t in targets if t in d]
+        if clash and not self.allow_overwrite:
+            raise KeyError(
+                f"RejectGarbaged would overwrite {clash} already in the data: rename its outputs with output_keys= or "
+                "prefix=, or pass allow_overwrite=True"
+            )
         for key in keys:
-            prefix = self.prefix if self.prefix is not None else (f"{key}_" if len(self.keys) > 1 else "")
             for name, value in self.reject(d[key]).items():
-                d[f"{prefix}{name}"] = value
+                d[self.output_key(key, name)] = value
         return d
 
 
@@ -637,8 +623,6 @@ class RejectionCounter:
 
     def attach(self, engine: Any) -> None:
         """Register the handler's events on an ignite ``Engine``."""
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
@@ -721,10 +705,6 @@ class RejectionCounter:
 
     def completed(self, engine: Any) -> None:
         """Write the CSV of rejected items and flush the writer."""
-        import pandas as pd
-
-        from monai_gamverify.io import write_csv
-
         if self.csv_path is not None:
             write_csv(pd.DataFrame(self.records, columns=["id", "epoch", "iteration", "garbage_prob"]), self.csv_path)
         if self.decisions_csv_path is not None:
@@ -732,285 +712,3 @@ class RejectionCounter:
             write_csv(pd.DataFrame(self.decisions, columns=columns), self.decisions_csv_path)
         if self.summary_writer is not None and hasattr(self.summary_writer, "flush"):
             self.summary_writer.flush()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# post-hoc OOD baselines (higher score = more in-distribution)
-# ----------------------------------------------------------------------------------------------------------------------
-def msp_score(logits: Any) -> torch.Tensor:
-    """Maximum softmax probability (Hendrycks & Gimpel, 2017) per sample: (B, K) logits -> (B,).
-
-    Example:
-        >>> msp_score(torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
-        tensor([0.8808, 0.5000])
-    """
-    logits = _as_scores(logits)
-    return torch.softmax(logits, dim=-1).amax(dim=-1)
-
-
-def energy_score(logits: Any, temperature: float = 1.0) -> torch.Tensor:
-    """Negative free energy ``T * logsumexp(logits / T)`` (Liu et al., 2020) per sample: (B, K) -> (B,).
-
-    Example:
-        >>> energy_score(torch.zeros(1, 4))
-        tensor([1.3863])
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
-    logits = _as_scores(logits)
-    return temperature * torch.logsumexp(logits / temperature, dim=-1)
-
-
-def kplus1_score(logits: Any, garbage_index: int = -1) -> torch.Tensor:
-    """In-distribution score of a K+1 model: ``1 - softmax garbage probability``, (B, K+1) -> (B,).
-
-    Example:
-        >>> kplus1_score(torch.tensor([[0.0, 0.0]]))
-        tensor([0.5000])
-    """
-    logits = _as_scores(logits, min_classes=2)
-    return 1.0 - torch.softmax(logits, dim=-1)[..., garbage_index]
-
-
-def _is_pair(data: Any) -> bool:
-    """An ``(images, labels)`` batch: image batch (B, C, *spatial) and labels (B,) or (B, K) (not two image batches)."""
-    if not isinstance(data, (tuple, list)) or len(data) != 2 or not isinstance(data[0], torch.Tensor):
-        return False
-    labels = data[1]
-    if isinstance(labels, (list, tuple)):
-        labels = np.asarray(labels) if all(isinstance(v, (int, np.integer)) for v in labels) else None
-    return isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim <= 2 < data[0].ndim
-
-
-def _batches(data: Any, image_key: str, label_key: str) -> Iterable[tuple[torch.Tensor, Any]]:
-    """(image, label-or-None) pairs from a tensor, a dict batch, an (x, y) pair, or an iterable of those."""
-    if isinstance(data, torch.Tensor):
-        yield data, None
-        return
-    if isinstance(data, Mapping):
-        if image_key not in data:
-            raise ValueError(f"batch has no {image_key!r} field (keys: {list(data)})")
-        yield data[image_key], data.get(label_key)
-        return
-    if _is_pair(data):
-        yield data[0], data[1]
-        return
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a tensor, a batch or an iterable of batches, got {type(data).__name__}")
-    for batch in data:
-        yield from _batches(batch, image_key, label_key)
-
-
-def _labels_1d(y: Any) -> torch.Tensor:
-    y = torch.as_tensor(y)
-    if y.ndim == 2 and y.shape[1] > 1:  # one-hot
-        y = y.argmax(dim=1)
-    return y.reshape(-1).long()
-
-
-def _head_input(model: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of ``head`` during one no-grad eval-mode forward (the hook is removed whatever happens)."""
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda m, inp: captured.append(inp[0].detach()))
-    try:
-        with preserved_state(model), torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError(f"the classifier head of {type(model).__name__} did not run in the forward pass")
-    return captured[-1]
-
-
-def extract_features(
-    model: nn.Module,
-    data: Any,
-    layer: str | None = None,
-    image_key: str = "image",
-    label_key: str = "label",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Penultimate features of ``model`` on ``data``, globally average-pooled to (N, D).
-
-    Args:
-        model: the classifier (run in eval mode without gradients; its modes are restored).
-        data: a tensor batch, a dict batch, an ``(x, y)`` pair, or an iterable of those (a ``DataLoader``).
-        layer: name of the layer whose output is taken (via ``record_activations``); ``None``
-            takes the input of the classifier head (:func:`find_classifier_head`).
-        image_key: image field of dict batches.
-        label_key: label field of dict batches.
-
-    Returns:
-        (features (N, D) float32 on the model's device, labels (N,) or ``None`` when the data has no labels).
-
-    Example:
-        >>> feats, labels = extract_features(net, val_loader, layer="avgpool")
-    """
-    device = next((p.device for p in model.parameters()), None)
-    head = None if layer is not None else find_classifier_head(model)[1]
-    feats, labels, unlabelled = [], [], False
-    for x, y in _batches(data, image_key, label_key):
-        x = torch.as_tensor(x)
-        x = x.to(device) if device is not None else x
-        if layer is not None:
-            f = record_activations(model, x, layer)[layer]
-        else:
-            f = _head_input(model, head, x)
-        f = f.reshape(f.shape[0], f.shape[1], -1).mean(-1) if f.ndim > 2 else f.reshape(f.shape[0], -1)
-        feats.append(f.float())
-        if y is None:
-            unlabelled = True
-        else:
-            labels.append(_labels_1d(y).to(f.device))
-    if not feats:
-        raise ValueError("data yielded no batches")
-    return torch.cat(feats), None if unlabelled else torch.cat(labels)
-
-
-class MahalanobisDetector:
-    """Class-conditional Gaussians with a shared covariance on penultimate features (Lee et al., 2018).
-
-    Score = minus the smallest squared Mahalanobis distance to a class mean (higher = more in-distribution).
-
-    Args:
-        layer: feature layer for :meth:`fit_model` / :meth:`score_model` (``None``: the head's input).
-        reg: ridge added to the covariance diagonal, relative to its mean variance (features often outnumber samples).
-        image_key: image field of dict batches.
-        label_key: label field of dict batches.
-
-    Example:
-        >>> det = MahalanobisDetector(layer="avgpool").fit_model(net, train_loader)
-        >>> scores = det.score_model(net, test_images)
-    """
-
-    def __init__(
-        self, layer: str | None = None, reg: float = 1e-6, image_key: str = "image", label_key: str = "label"
-    ) -> None:
-        self.layer = layer
-        self.reg = reg
-        self.image_key = image_key
-        self.label_key = label_key
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Constructor arguments (scikit-learn convention)."""
-        return {"layer": self.layer, "reg": self.reg, "image_key": self.image_key, "label_key": self.label_key}
-
-    def set_params(self, **params: Any) -> MahalanobisDetector:
-        """Set constructor arguments (scikit-learn convention)."""
-        for key, value in params.items():
-            if key not in self.get_params():
-                raise ValueError(f"unknown parameter {key!r}")
-            setattr(self, key, value)
-        return self
-
-    @staticmethod
-    def _features(x: Any) -> torch.Tensor:
-        x = torch.as_tensor(x).detach()
-        if x.ndim < 2:
-            raise ValueError(f"features must have shape (N, D) or (N, C, *spatial), got {tuple(x.shape)}")
-        x = x.reshape(x.shape[0], x.shape[1], -1).mean(-1) if x.ndim > 2 else x
-        return x.to(torch.float64)
-
-    def fit(self, features: Any, labels: Any) -> MahalanobisDetector:
-        """Fit class means and the shared covariance.
-
-        Args:
-            features: (N, D) or (N, C, *spatial) (globally average-pooled).
-            labels: (N,) integer classes (one-hot (N, K) accepted).
-
-        Returns:
-            self.
-        """
-        if not self.reg >= 0:
-            raise ValueError(f"reg must be >= 0, got {self.reg!r}")
-        x = self._features(features)
-        y = _labels_1d(labels).to(x.device)
-        if y.numel() != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} feature rows but {y.numel()} labels")
-        classes = torch.unique(y)
-        if x.shape[0] <= classes.numel():
-            raise ValueError(f"need more samples ({x.shape[0]}) than classes ({classes.numel()}) to fit a covariance")
-        means = torch.stack([x[y == c].mean(0) for c in classes])
-        centred = x - means[torch.searchsorted(classes, y)]
-        cov = centred.T @ centred / x.shape[0]
-        ridge = self.reg * cov.diagonal().mean().clamp_min(torch.finfo(cov.dtype).tiny)
-        cov = cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        self.classes_ = classes
-        self.means_ = means
-        self.covariance_ = cov
-        self.precision_ = torch.linalg.pinv(cov, hermitian=True)
-        self.n_features_in_ = x.shape[1]
-        return self
-
-    def distances(self, features: Any) -> torch.Tensor:
-        """Squared Mahalanobis distance of each sample to each class mean, (N, n_classes)."""
-        if not hasattr(self, "precision_"):
-            raise RuntimeError("MahalanobisDetector is not fitted; call fit or fit_model first")
-        x = self._features(features).to(self.means_.device)
-        if x.shape[1] != self.n_features_in_:
-            raise ValueError(f"expected {self.n_features_in_} features, got {x.shape[1]}")
-        diff = x[:, None, :] - self.means_[None]  # (N, K, D)
-        return torch.einsum("nkd,de,nke->nk", diff, self.precision_, diff)
-
-    def score(self, features: Any) -> torch.Tensor:
-        """In-distribution score ``-min_k d_k^2`` per sample, (N,) float64."""
-        return -self.distances(features).amin(dim=1)
-
-    def fit_model(self, model: nn.Module, data: Any) -> MahalanobisDetector:
-        """Fit on the features of ``model`` at ``self.layer`` over labelled ``data`` (see :func:`extract_features`)."""
-        feats, labels = extract_features(model, data, self.layer, self.image_key, self.label_key)
-        if labels is None:
-            raise ValueError(f"fit_model needs labelled data ({self.label_key!r} field or (x, y) pairs)")
-        return self.fit(feats, labels)
-
-    def score_model(self, model: nn.Module, data: Any) -> torch.Tensor:
-        """Score ``data`` through ``model`` at ``self.layer``."""
-        return self.score(extract_features(model, data, self.layer, self.image_key, self.label_key)[0])
-
-
-def _as_1d(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
-
-
-def ood_metrics(scores_in: Any, scores_out: Any, tpr: float = 0.95, higher_is_in: bool = True) -> dict[str, float]:
-    """AUROC and FPR at a fixed TPR for separating in-distribution (positive) from out-of-distribution samples.
-
-    Args:
-        scores_in: scores of in-distribution samples.
-        scores_out: scores of out-of-distribution samples.
-        tpr: the true-positive rate (fraction of in-distribution samples accepted) at which the FPR (fraction of OOD
-            samples accepted) is read.
-        higher_is_in: ``True`` when higher scores mean in-distribution (all scores of this module); ``False`` for
-            anomaly scores (e.g. a garbage probability).
-
-    Returns:
-        ``{"auroc", "fpr_at_tpr", "tpr", "threshold"}``; ties count half in the AUROC, and the threshold is the
-        largest one that accepts at least ``tpr`` of the in-distribution samples.
-
-    Example:
-        >>> ood_metrics([0.9, 0.8, 0.7], [0.1, 0.75])
-        {'auroc': 0.8333333333333334, 'fpr_at_tpr': 0.5, 'tpr': 0.95, 'threshold': 0.7}
-    """
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
-    s_in, s_out = _as_1d(scores_in, "scores_in"), _as_1d(scores_out, "scores_out")
-    if not higher_is_in:
-        s_in, s_out = -s_in, -s_out
-    n_in, n_out = s_in.size, s_out.size
-    ranks = rankdata(np.concatenate([s_in, s_out]))  # average ranks: ties count half (Mann-Whitney U)
-    auroc = (ranks[:n_in].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out)
-    k = min(max(int(math.ceil(tpr * n_in - 1e-9)), 1), n_in)  # in-distribution samples that must be accepted
-    threshold = np.sort(s_in)[::-1][k - 1]
-    fpr = float(np.mean(s_out >= threshold))
-    return {
-        "auroc": float(auroc),
-        "fpr_at_tpr": fpr,
-        "tpr": float(tpr),
-        "threshold": float(threshold if higher_is_in else -threshold),
-    }

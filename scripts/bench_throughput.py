@@ -125,7 +125,7 @@ def full_run(images: list[str], out: Path, kwargs: dict, save_maps: bool, invert
 # ruff: noqa: B023
 def breakdown(s: dict, name: str, tmp: Path, repeats: int) -> dict[str, float]:
     """Median ms per volume of each step, timed one at a time in the main thread (no overlap)."""
-    from monai_gamverify.energy.analysis import attribution_energy
+    from monai_gamverify.energy import attribution_energy
     from monai_gamverify.io import write_json
     from monai_gamverify.io.grid import fast_invert, invert_to_input
     from monai_gamverify.io.nifti import save_map

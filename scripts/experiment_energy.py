@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from monai_gamverify.data.synthetic import QUALITY_CATEGORIES, generate
-from monai_gamverify.energy.analysis import cohort_energy, energy_report, spearman_loo
+from monai_gamverify.energy import cohort_energy, energy_report, spearman_loo
 from monai_gamverify.energy.workflow import SliceAggregateInferer, regression_metrics
 from monai_gamverify.io import write_csv
 from monai_gamverify.networks.nets import SmallCNN

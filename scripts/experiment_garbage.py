@@ -37,15 +37,17 @@ from tqdm.auto import tqdm
 
 from monai_gamverify.data.synthetic import generate
 from monai_gamverify.kplus1 import (
-    MahalanobisDetector,
     class_weights,
+    mix_garbage,
+    widen_classifier,
+)
+from monai_gamverify.metrics.ood import (
+    MahalanobisDetector,
     energy_score,
     extract_features,
     kplus1_score,
-    mix_garbage,
     msp_score,
     ood_metrics,
-    widen_classifier,
 )
 
 __all__ = ["build_network", "to_input", "brain_phantom", "noise_volumes", "train", "predict_logits", "main"]

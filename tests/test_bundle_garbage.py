@@ -19,6 +19,7 @@ from ignite.engine import Engine
 from monai.networks.nets import UNet
 from torch import nn
 
+from monai_gamverify.data.config import exit_on_error
 from monai_gamverify.data.datalist import DataError
 from monai_gamverify.data.synthetic import make_cohort
 from monai_gamverify.kplus1 import (
@@ -79,8 +80,8 @@ def test_mix_garbage_dirs_bad_input(cohorts, tmp_path):
     real = [{"image": "a.nii.gz", "label": 0}]
     with pytest.raises(DataError, match="garbage directory not found: .*nowhere.*gamverify synth --kind chin"):
         mix_garbage_dirs(real, tmp_path / "nowhere", num_classes=5)
-    with pytest.raises(SystemExit, match="ERROR: garbage directory not found"):
-        mix_garbage_dirs(real, tmp_path / "nowhere", num_classes=5, exit_on_error=True)
+    with pytest.raises(SystemExit, match="ERROR: garbage directory not found"):  # what bundle configs call
+        exit_on_error(mix_garbage_dirs, real, tmp_path / "nowhere", num_classes=5)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="datalist not found"):
         mix_garbage_dirs(real, tmp_path / "empty", num_classes=5)

@@ -159,7 +159,7 @@ def test_evaluate_energy_matches_library(trained, cohort):
     """The AE written by evaluate.json equals volume_energy_multi of the bundle's network on the same volume."""
     from monai_gamverify import GradCAM
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.energy.analysis import volume_energy_multi
+    from monai_gamverify.energy.attribution import volume_energy_multi
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():
@@ -178,7 +178,7 @@ def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
     """`gamverify energy --bundle_root --datalist`: the same AE as evaluate.json, scores from the datalist entries,
     the same table as energy_report on those two CSVs; bad combinations of arguments are refused."""
     from monai_gamverify import cli
-    from monai_gamverify.energy.analysis import energy_report
+    from monai_gamverify.energy.attribution import energy_report
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():

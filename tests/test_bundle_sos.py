@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from monai_gamverify.data.config import exit_on_error
 from monai_gamverify.data.datalist import DataError, check_image, list_images, load_datalist, require_file
 from monai_gamverify.data.synthetic import make_cohort
 
@@ -296,11 +297,13 @@ def test_datalist_errors_name_the_file(tmp_path, cohort):
     bad.write_text(json.dumps({"training": [{"image": str(data / "images" / "sos_0000.nii.gz"), "label": 7}]}))
     with pytest.raises(DataError, match="label 7 is not a class index"):
         load_datalist(bad, num_classes=5)
-    # exit_on_error: one line, no traceback
+    # through exit_on_error (what the configs call): one line, no traceback; the library itself raises
     with pytest.raises(SystemExit, match="ERROR: datalist not found"):
-        load_datalist(tmp_path / "nope.json", exit_on_error=True)
+        exit_on_error(load_datalist, tmp_path / "nope.json")
     with pytest.raises(SystemExit, match="trained weights not found: .*model.pt"):
-        require_file(tmp_path / "model.pt", "trained weights", exit_on_error=True)
+        exit_on_error(require_file, tmp_path / "model.pt", "trained weights")
+    with pytest.raises(DataError, match="trained weights not found"):
+        require_file(tmp_path / "model.pt", "trained weights")
     with pytest.raises(DataError, match="no file matches"):
         list_images(str(tmp_path / "*.nrrd"))
     assert [Path(e["image"]).name for e in list_images(data / "images", check="exists")][:1] == ["sos_0000.nii.gz"]

@@ -12,9 +12,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from monai_gamverify.energy.analysis import (
+from monai_gamverify.energy import (
     SpearmanLOO,
-    _spearman_rows,
     attribution_energy,
     atypical_cases,
     cohort_energy,
@@ -27,6 +26,7 @@ from monai_gamverify.energy.analysis import (
     volume_energy,
     volume_energy_multi,
 )
+from monai_gamverify.energy.statistics import _spearman_rows
 from monai_gamverify.io import save_nifti
 from monai_gamverify.visualize.cam import GradCAM
 
@@ -389,6 +389,19 @@ def test_energy_report_end_to_end(tmp_path):
         energy_report(tmp_path / "ae2.csv", tmp_path / "sc.csv", tmp_path / "out2", progress=False)
     with pytest.raises(ValueError, match="not found"):
         energy_report(tmp_path / "ae.csv", tmp_path / "sc.csv", tmp_path / "out3", categories="mandible")
+
+
+def test_energy_report_computes_each_leave_one_out_once(tmp_path, monkeypatch):
+    # per category: one spearmanr on all n volumes + one per fold, nothing more (the report once ran every LOO twice)
+    rng = np.random.default_rng(4)
+    ids = [f"v{i}" for i in range(9)]
+    pd.DataFrame({"id": ids, "a": rng.random(9), "b": rng.random(9)}).to_csv(tmp_path / "ae.csv", index=False)
+    pd.DataFrame({"id": ids, "a": rng.random(9), "b": rng.random(9)}).to_csv(tmp_path / "sc.csv", index=False)
+    calls = []
+    real = stats.spearmanr
+    monkeypatch.setattr(stats, "spearmanr", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    energy_report(tmp_path / "ae.csv", tmp_path / "sc.csv", tmp_path / "out", n_boot=20, progress=False)
+    assert sorted(calls) == sorted(2 * ([9] + [8] * 9))  # two categories, n = 9
 
 
 def test_result_summary_is_scalar():

@@ -494,3 +494,28 @@ def test_describe_map_extent_shape_boundary(shape):
     assert len(texts) == 2 and "elongated" in texts[1]
     with pytest.raises(ValueError, match="threshold"):
         describe_map(sphere, threshold=0.0)
+
+
+def test_figures_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path, monkeypatch):
+    # a user with an interactive backend must keep it: no matplotlib.use, no pyplot import, no global figure
+    import sys
+
+    import matplotlib
+
+    from monai_gamverify.energy import energy_scatter_png
+    from monai_gamverify.handlers import cam_overlay_rgb
+    from monai_gamverify.visualize.plots import overlay_png
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("library code called matplotlib.use")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any `import matplotlib.pyplot` now fails
+    backend = matplotlib.rcParams._get_backend_or_none()
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=40)
+    assert reliability_diagram_png(probs, probs.argmax(1), tmp_path / "rel.png").stat().st_size > 0
+    assert overlay_png(rng.random((8, 8, 8)), rng.random((8, 8, 8)), tmp_path / "ov.png").stat().st_size > 0
+    assert energy_scatter_png(rng.random(6), rng.random(6), tmp_path / "sc.png").stat().st_size > 0
+    assert cam_overlay_rgb(rng.random((1, 8, 8)), rng.random((1, 8, 8))).shape == (8, 8, 3)
+    assert matplotlib.rcParams._get_backend_or_none() == backend

@@ -15,18 +15,20 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from monai_gamverify.kplus1 import (
-    MahalanobisDetector,
     RejectGarbaged,
     RejectionCounter,
     class_weights,
+    find_classifier_head,
+    mix_garbage,
+    widen_classifier,
+)
+from monai_gamverify.metrics.ood import (
+    MahalanobisDetector,
     energy_score,
     extract_features,
-    find_classifier_head,
     kplus1_score,
-    mix_garbage,
     msp_score,
     ood_metrics,
-    widen_classifier,
 )
 from monai_gamverify.networks.nets import convnext_attn_pico, convnext_pico
 
@@ -214,6 +216,26 @@ def test_reject_garbaged_probabilities_index_and_keys():
     two = RejectGarbaged(keys=["a", "b"], logits=False)({"a": probs, "b": probs.flip(1)})
     assert two["a_rejected"].tolist() == [False, False] and two["b_rejected"].tolist() == [True, False]
     assert two["b_best_real_class"].tolist() == [1, 1]
+
+
+def test_reject_garbaged_never_overwrites_the_callers_fields():
+    logits = torch.tensor([0.0, 0.0, 5.0])
+    mine = {"pred": logits, "rejected": "my QC flag", "garbage_prob": 0.0}
+    with pytest.raises(KeyError, match=r"overwrite \['rejected', 'garbage_prob'\].*output_keys"):
+        RejectGarbaged(keys="pred")(mine)
+    assert mine["rejected"] == "my QC flag"  # the input is untouched
+    renamed = RejectGarbaged(keys="pred", output_keys={"rejected": "k1_rejected", "garbage_prob": "k1_prob"})(mine)
+    assert renamed["rejected"] == "my QC flag" and renamed["garbage_prob"] == 0.0
+    assert bool(renamed["k1_rejected"]) and float(renamed["k1_prob"]) > 0.9
+    assert "best_real_class" in renamed  # names not given keep their default
+    prefixed = RejectGarbaged(keys="pred", prefix="kp1_")(mine)
+    assert bool(prefixed["kp1_rejected"]) and prefixed["rejected"] == "my QC flag"
+    forced = RejectGarbaged(keys="pred", allow_overwrite=True)(mine)
+    assert bool(forced["rejected"]) is True
+    with pytest.raises(ValueError, match="unknown"):
+        RejectGarbaged(keys="pred", output_keys={"reject": "x"})
+    with pytest.raises(ValueError, match="same key"):
+        RejectGarbaged(keys="pred", output_keys={"rejected": "garbage_prob"})
 
 
 @pytest.mark.parametrize(

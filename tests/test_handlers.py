@@ -9,21 +9,23 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.transforms import Activationsd, Compose, Spacingd
+from monai.transforms import Activationsd, Compose, Spacingd, SpatialPadd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from monai_gamverify.handlers.writers import (
+from monai_gamverify.handlers import (
     Accuracy,
     CAMImageHandler,
     CAMWriter,
     ClassificationMetric,
     LearningRateLogger,
     MacroF1,
+    OutputNamer,
     PredictionCSVWriter,
     batch_items,
     cam_overlay_rgb,
 )
 from monai_gamverify.networks.nets import convnext_attn_pico
+from monai_gamverify.visualize.registry import make_cam
 
 CASES = [(2, (16, 16)), (3, (16, 16, 16))]
 
@@ -203,10 +205,9 @@ def test_cam_writer_and_prediction_csv(tmp_path, dims, shape):
     assert set(table["prediction_name"]) <= {"a", "b", "c"}
 
 
-def test_cam_writer_inverts_preprocessing(tmp_path):
-    shape = (12, 14, 16)
+def _written_inverse(tmp_path, pre, shape):
+    """(map written by CAMWriter on the input grid, its affine, the CAM on the preprocessed grid)."""
     img = MetaTensor(torch.rand(1, *shape), affine=torch.eye(4), meta={"filename_or_obj": "/d/orig.nii.gz"})
-    pre = Compose([Spacingd("image", pixdim=(0.5, 0.5, 0.5))])
     item = pre({"image": img, "label": 0})
     assert tuple(item["image"].shape[1:]) != shape
     net = _net(3).eval()
@@ -218,9 +219,119 @@ def test_cam_writer_inverts_preprocessing(tmp_path):
         val_handlers=[writer],
     )
     ev.run()
+    cam = make_cam(net, "stages.2", "gradcam")(item["image"].as_tensor()[None])[0, 0].numpy()
     nii = nib.load(str(tmp_path / "orig_map.nii.gz"))
-    assert nii.shape == shape
-    assert np.allclose(nii.affine, np.eye(4), atol=1e-5)
+    return nii.get_fdata(), nii.affine, cam
+
+
+def test_cam_writer_inverts_padding_exactly(tmp_path):
+    # analytic inverse: symmetric zero padding 12x14x16 -> 20^3 is undone by cropping [4:16, 3:17, 2:18]
+    data, affine, cam = _written_inverse(tmp_path, Compose([SpatialPadd("image", (20, 20, 20))]), (12, 14, 16))
+    assert data.shape == (12, 14, 16)
+    assert np.allclose(affine, np.eye(4), atol=1e-5)
+    assert np.allclose(data, cam[4:16, 3:17, 2:18], atol=1e-6)
+    assert data.max() > 0.1  # not an all-zero map that would match anything
+
+
+def test_cam_writer_inverts_resampling_on_grid_points(tmp_path):
+    # 1 mm -> 0.5 mm: input voxel i lies on preprocessed voxel 2i, where the (bilinear) inverse samples exactly
+    shape = (12, 14, 16)
+    data, affine, cam = _written_inverse(tmp_path, Compose([Spacingd("image", pixdim=(0.5, 0.5, 0.5))]), shape)
+    assert data.shape == shape
+    assert np.allclose(affine, np.eye(4), atol=1e-5)
+    assert np.allclose(data, cam[::2, ::2, ::2][: shape[0], : shape[1], : shape[2]], atol=1e-5)
+    assert data.max() > 0.1
+
+
+def _same_stem_items(root, shape=(16, 16)):
+    g = torch.Generator().manual_seed(3)
+    return [
+        {
+            "image": MetaTensor(
+                torch.rand(1, *shape, generator=g),
+                meta={"filename_or_obj": str(root / f"case_{i:05d}" / "imaging.nii.gz")},
+            ),
+            "label": i % 3,
+        }
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("root", [False, True])
+def test_writers_give_same_stem_images_distinct_names(tmp_path, root):
+    # case_00000/imaging.nii.gz, case_00001/imaging.nii.gz, ... once all went to one imaging_cam.nii.gz
+    items = _same_stem_items(tmp_path / "data")
+    writer = CAMWriter("stages.2", tmp_path / "cams", data_root_dir=tmp_path / "data" if root else None)
+    csv = PredictionCSVWriter(tmp_path, data_root_dir=tmp_path / "data" if root else None)
+    SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(items), batch_size=2),
+        network=_net(2).eval(),
+        postprocessing=Activationsd("pred", softmax=True),
+        val_handlers=[writer, csv],
+    ).run()
+    files = sorted((tmp_path / "cams").rglob("*.nii.gz"))
+    assert len(files) == 3 and len(set(writer.written)) == 3 and sorted(writer.written) == files
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert table["id"].is_unique and len(table) == 3
+    if root:
+        assert [f.relative_to(tmp_path / "cams").as_posix() for f in files] == [
+            f"case_{i:05d}/imaging_cam.nii.gz" for i in range(3)
+        ]
+        assert list(table["id"]) == [f"case_{i:05d}/imaging" for i in range(3)]
+    # each file holds its own image's map
+    net = _net(2).eval()
+    for it, path in zip(items, writer.written):
+        expected = make_cam(net, "stages.2", "gradcam")(it["image"].as_tensor()[None])[0, 0].numpy()
+        assert np.allclose(np.squeeze(nib.load(str(path)).get_fdata()), expected, atol=1e-5)
+
+
+def test_output_namer_rules(tmp_path):
+    namer = OutputNamer()
+    assert namer("/a/x/img.nii.gz") == "img" and namer("/a/x/img.nii.gz") == "img"  # same path, same name
+    other = namer("/a/y/img.nii.gz")
+    assert other.startswith("img_") and other != "img"
+    assert OutputNamer(always_suffix=True)("/a/y/img.nii.gz") == other  # multi-process: always the hash
+    rooted = OutputNamer(tmp_path)
+    assert rooted(tmp_path / "p" / "q.nii") == "p/q"
+    with pytest.raises(ValueError, match="not under data_root_dir"):
+        rooted("/elsewhere/q.nii")
+
+
+def _ddp_writers(rank, world, store, out, root):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        items = _same_stem_items(Path(root))[rank::world] + ([] if rank else _same_stem_items(Path(root) / "b")[:1])
+        writer = CAMWriter("stages.2", Path(out) / "cams")
+        csv = PredictionCSVWriter(out)
+        SupervisedEvaluator(
+            device=torch.device("cpu"),
+            val_data_loader=DataLoader(Dataset(items), batch_size=2),
+            network=_net(2).eval(),
+            postprocessing=Activationsd("pred", softmax=True),
+            val_handlers=[writer, csv],
+        ).run()
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_prediction_csv_gathers_all_ranks_and_cam_names_do_not_collide(tmp_path):
+    # two gloo ranks with unequal item counts (rank 0: 3 items, rank 1: 1): one CSV written by rank 0 with all rows
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "data"
+    mp.spawn(_ddp_writers, args=(2, str(tmp_path / "store"), str(tmp_path), str(root)), nprocs=2, join=True)
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    images = sorted(table["image"])
+    expected = sorted(
+        [str(root / f"case_{i:05d}" / "imaging.nii.gz") for i in range(3)]
+        + [str(root / "b" / "case_00000" / "imaging.nii.gz")]
+    )
+    assert images == expected and table["id"].is_unique
+    assert len(list((tmp_path / "cams").glob("*.nii.gz"))) == 4
 
 
 def test_writers_need_a_network(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from monai_gamverify.data.synthetic import (
     generate,
     make_cohort,
     stratified_split,
+    summary_line,
     synth,
 )
 
@@ -203,10 +205,12 @@ def test_ceph_2d_round_trip(tmp_path):
     np.testing.assert_array_equal(im.get_fdata(dtype=np.float32), generate("ceph", n=2, size=64, seed=0).images[0])
 
 
-def test_synth_summary(tmp_path, capsys):
-    s = synth(kind="chin", n=4, size=24, seed=0, out=str(tmp_path / "chin"), progress=False)
+def test_synth_summary_is_logged_not_printed(tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="monai_gamverify.data.synthetic"):
+        s = synth(kind="chin", n=4, size=24, seed=0, out=str(tmp_path / "chin"), progress=False)
     assert s["n"] == 4 and s["label_counts"] == {0: 2, 1: 2}
-    assert "wrote 4 chin subjects" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # library code does not print; the CLI prints summary_line
+    assert summary_line(s) in caplog.text and summary_line(s).startswith("wrote 4 chin subjects (24^3")
 
 
 @pytest.mark.parametrize(

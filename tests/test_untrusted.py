@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from monai_gamverify.bundle import load_checkpoint
+from monai_gamverify.data.config import exit_on_error
 from monai_gamverify.data.datalist import DataError, load_datalist
 from monai_gamverify.io import load_image
 from monai_gamverify.metrics.similarity import DEFAULT_METRICS
@@ -234,7 +235,7 @@ def test_bad_datalist_names_the_file(tmp_path, content, key, match):
     with pytest.raises(DataError, match=rf"datalist .*my_datalist\.json.*{match}"):
         load_datalist(path, **kwargs)
     with pytest.raises(SystemExit, match=rf"^ERROR: datalist .*my_datalist\.json.*{match}"):
-        load_datalist(path, exit_on_error=True, **kwargs)
+        exit_on_error(load_datalist, path, **kwargs)
 
 
 def test_datalist_with_a_truncated_image_names_the_image(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai_gamverify.data.config import exit_on_error
 from monai_gamverify.data.datalist import (
     PATH_KEYS,
     DataError,
@@ -24,6 +25,7 @@ from monai_gamverify.data.synthetic import (
     generate_sos,
     make_cohort,
     stratified_split,
+    summary_line,
     synth,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "list_images",
     "require_file",
     "PATH_KEYS",
+    "exit_on_error",
     "KINDS",
     "QUALITY_CATEGORIES",
     "QUALITY_REGIONS",
@@ -48,4 +51,5 @@ __all__ = [
     "make_cohort",
     "stratified_split",
     "synth",
+    "summary_line",
 ]

@@ -3,8 +3,8 @@
 A bundle run that meets a missing dataset directory, an empty datalist, a missing or corrupted image or an image of
 the wrong dimensionality should stop before training starts, with one line saying which file is wrong, not with a
 stack trace from deep inside a data-loader worker. :func:`load_datalist` and :func:`list_images` check everything up
-front; with ``exit_on_error=True`` (what the bundle configs use) the run ends with that line only (``SystemExit``),
-otherwise a :class:`DataError` is raised.
+front and raise a :class:`DataError`; bundle configs call them through
+:func:`monai_gamverify.data.config.exit_on_error`, which turns that error into a one-line ``SystemExit``.
 
 Example:
     >>> train = load_datalist("data/sos/datalist.json", "training", spatial_dims=3, num_classes=5)
@@ -20,6 +20,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from monai_gamverify.io.nifti import load_image
 
 __all__ = [
     "DataError",
@@ -39,32 +43,25 @@ class DataError(ValueError):
     """Bad bundle input (dataset directory, datalist or image file); the message names the file."""
 
 
-def _fail(message: str, exit_on_error: bool) -> None:
-    if exit_on_error:
-        # SystemExit is not caught by the config parser's ``except Exception``: the run ends with this line only
-        raise SystemExit(f"ERROR: {message}")
-    raise DataError(message)
-
-
-def require_file(
-    path: str | os.PathLike, what: str = "file", hint: str | None = None, exit_on_error: bool = False
-) -> str:
+def require_file(path: str | os.PathLike, what: str = "file", hint: str | None = None) -> str:
     """Return ``path`` if it is an existing file, else fail with ``"<what> not found: <path> (<hint>)"``.
 
     Args:
         path: the file.
         what: what the file is, for the message (e.g. ``"trained weights"``).
         hint: how to fix it.
-        exit_on_error: end the process with the message instead of raising :class:`DataError`.
 
     Returns:
         ``str(path)``.
+
+    Raises:
+        DataError: ``path`` is not a file.
 
     Example:
         >>> require_file("models/model.pt", "trained weights", hint="train the bundle first")
     """
     if not Path(path).is_file():
-        _fail(f"{what} not found: {path}" + (f" ({hint})" if hint else ""), exit_on_error)
+        raise DataError(f"{what} not found: {path}" + (f" ({hint})" if hint else ""))
     return str(path)
 
 
@@ -95,13 +92,13 @@ def check_image(
         >>> check_image("data/sos/images/sos_0000.nii.gz", spatial_dims=3)
         (1, 32, 32, 32)
     """
-    from monai_gamverify.io import load_image
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image file not found: {p}")
     try:
         img = load_image(p, channel_first=True, check_finite=check_finite)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # out of memory is not a bad file
     except Exception as err:  # readers raise many types: one clear message naming the file
         raise DataError(f"cannot use image {p}: {err}") from err
     shape = tuple(int(s) for s in img.shape)
@@ -174,7 +171,6 @@ def load_datalist(
     num_classes: int | None = None,
     check: str | bool = "full",
     allow_empty: bool = False,
-    exit_on_error: bool = False,
 ) -> list[dict]:
     """Entries ``datalist[key]`` of a MONAI (decathlon-style) datalist JSON with absolute paths, checked.
 
@@ -193,35 +189,16 @@ def load_datalist(
         check: ``"full"`` reads every image completely (corrupted files, shape, NaN), ``"exists"`` only checks that
             files exist, ``False``/``"none"`` checks nothing but the JSON itself.
         allow_empty: return ``[]`` instead of failing when the list is missing or empty.
-        exit_on_error: end the process with the message (``SystemExit``) instead of raising :class:`DataError`; the
-            bundle configs use this so a bad input gives one line, not a stack trace.
 
     Returns:
         List of entry dicts (copies) with absolute paths.
 
+    Raises:
+        DataError: a missing directory, datalist or image, a bad entry or label (the message names the file).
+
     Example:
         >>> val = load_datalist("data/sos/datalist.json", "validation", dataset_dir="data/sos", num_classes=5)
     """
-    try:
-        return _load_datalist(
-            datalist,
-            key,
-            dataset_dir,
-            spatial_dims,
-            num_channels,
-            require_label,
-            num_classes,
-            check,
-            allow_empty,
-        )
-    except DataError as err:
-        _fail(str(err), exit_on_error)
-        raise  # unreachable: _fail always raises
-
-
-def _load_datalist(
-    datalist, key, dataset_dir, spatial_dims, num_channels, require_label, num_classes, check, allow_empty
-) -> list[dict]:
     check = "none" if check is False else "full" if check is True else str(check).lower()
     if check not in ("full", "exists", "none"):
         raise ValueError(f"check must be 'full', 'exists' or 'none', got {check!r}")
@@ -266,7 +243,6 @@ def list_images(
     spatial_dims: int | None = 3,
     num_channels: int | None = 1,
     check: str | bool = "full",
-    exit_on_error: bool = False,
 ) -> list[dict]:
     """``[{"image": path}, ...]`` for inference from a directory, a glob pattern, one file or a list of files.
 
@@ -276,44 +252,42 @@ def list_images(
         spatial_dims: expected spatial dimensionality (``None``: not checked).
         num_channels: expected channels (``None``: not checked).
         check: ``"full"`` (read every image), ``"exists"`` or ``"none"``.
-        exit_on_error: end the process with the message instead of raising :class:`DataError`.
 
     Returns:
         Sorted list of ``{"image": absolute path}``.
+
+    Raises:
+        DataError: no image found, or a missing / bad image (the message names it).
 
     Example:
         >>> list_images("data/sos/images")[:1]
         [{'image': '/abs/data/sos/images/sos_0000.nii.gz'}]
     """
-    try:
-        entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-        files: list[str] = []
-        for entry in entries:
-            p = Path(entry).expanduser()
-            if p.is_dir():
-                found = [f for ext in ("nii.gz", "nii", "nrrd", "mha", "mhd") for f in glob.glob(str(p / f"*.{ext}"))]
-                if not found:
-                    raise DataError(f"no images (*.nii.gz, *.nii, *.nrrd, *.mha, *.mhd) in directory {p}")
-                files += sorted(found)
-            elif any(ch in str(entry) for ch in "*?["):
-                found = sorted(glob.glob(str(p)))
-                if not found:
-                    raise DataError(f"no file matches {entry}")
-                files += found
-            else:
-                files.append(str(p))
-        if not files:
-            raise DataError("no input images given")
-        check = "none" if check is False else "full" if check is True else str(check).lower()
-        out = []
-        for f in files:
-            f = str(Path(f).resolve())
-            if check != "none" and not Path(f).is_file():
-                raise DataError(f"image file not found: {f}")
-            if check == "full":
-                check_image(f, spatial_dims=spatial_dims, num_channels=num_channels)
-            out.append({"image": f})
-        return out
-    except DataError as err:
-        _fail(str(err), exit_on_error)
-        raise
+    entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[str] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            found = [f for ext in ("nii.gz", "nii", "nrrd", "mha", "mhd") for f in glob.glob(str(p / f"*.{ext}"))]
+            if not found:
+                raise DataError(f"no images (*.nii.gz, *.nii, *.nrrd, *.mha, *.mhd) in directory {p}")
+            files += sorted(found)
+        elif any(ch in str(entry) for ch in "*?["):
+            found = sorted(glob.glob(str(p)))
+            if not found:
+                raise DataError(f"no file matches {entry}")
+            files += found
+        else:
+            files.append(str(p))
+    if not files:
+        raise DataError("no input images given")
+    check = "none" if check is False else "full" if check is True else str(check).lower()
+    out = []
+    for f in files:
+        f = str(Path(f).resolve())
+        if check != "none" and not Path(f).is_file():
+            raise DataError(f"image file not found: {f}")
+        if check == "full":
+            check_image(f, spatial_dims=spatial_dims, num_channels=num_channels)
+        out.append({"image": f})
+    return out

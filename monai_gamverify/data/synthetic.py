@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
+from tqdm.auto import tqdm
+
+from monai_gamverify.io.files import write_csv, write_json
+from monai_gamverify.io.nifti import save_nifti
 
 __all__ = [
     "KINDS",
@@ -40,7 +46,10 @@ __all__ = [
     "make_cohort",
     "stratified_split",
     "synth",
+    "summary_line",
 ]
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("sos", "chin", "cvm", "ceph", "ceph_chin", "quality")
 QUALITY_CATEGORIES = ("parotid", "submandibular", "larynx", "mandible", "overall")
@@ -637,8 +646,6 @@ def _subject_fn(kind: str, size: int, seed: int, rotate: float) -> tuple[Callabl
 
 
 def _iter_subjects(kind: str, n: int, size: int, seed: int, rotate: float, progress: bool):
-    from tqdm.auto import tqdm
-
     fn, k = _subject_fn(kind, size, seed, rotate)
     labels = _balanced_labels(n, k, seed, kind) if k else np.zeros(n, int)
     for i in tqdm(range(n), desc=f"synth {kind}", disable=not progress, leave=False):
@@ -701,8 +708,6 @@ def generate(
         >>> c.labels.shape
         (4, 5)
     """
-    import pandas as pd
-
     size = _DEFAULT_SIZE.get(kind, 48) if size is None else size
     _check(kind, n, size)
     sp = _spacing(kind, size, spacing)
@@ -828,10 +833,6 @@ def make_cohort(
         >>> make_cohort("sos", n=100, size=48, seed=0, out_dir="data/sos")["datalist"]
         'data/sos/datalist.json'
     """
-    import pandas as pd
-
-    from monai_gamverify.io import save_nifti, write_csv, write_json
-
     size = _DEFAULT_SIZE.get(kind, 48) if size is None else size
     _check(kind, n, size)
     sp = _spacing(kind, size, spacing)
@@ -900,8 +901,8 @@ def synth(
     spacing: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Command-line entry (``gamverify synth --kind sos --n 100 --size 48 --seed 0 --out data/sos``): write a cohort
-    with :func:`make_cohort`, print a one-line summary and return the summary dict.
+    """What ``gamverify synth --kind sos --n 100 --size 48 --seed 0 --out data/sos`` runs: write a cohort with
+    :func:`make_cohort`, log a one-line summary (:func:`summary_line`; the CLI prints it) and return the summary.
 
     Args:
         kind: one of sos, chin, cvm, ceph, ceph_chin, quality.
@@ -915,13 +916,32 @@ def synth(
 
     Returns:
         The summary of :func:`make_cohort`.
+
+    Example:
+        >>> synth("chin", n=4, size=24, out="data/chin", progress=False)["splits"]
     """
     summary = make_cohort(
         kind, n=n, size=size, seed=seed, out_dir=out, spacing=spacing, rotate=rotate, progress=progress
     )
-    print(
+    logger.info(summary_line(summary))
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    """One line describing a :func:`make_cohort` summary (what ``gamverify synth`` prints).
+
+    Args:
+        summary: the dict :func:`make_cohort` returns.
+
+    Returns:
+        e.g. ``wrote 4 chin subjects (24^3, spacing 1.67 mm) to data/chin: splits {...}, labels {...}``.
+
+    Example:
+        >>> print(summary_line(make_cohort("chin", n=4, size=24, out_dir="data/chin")))
+    """
+    kind = str(summary["kind"])
+    return (
         f"wrote {summary['n']} {kind} subjects ({summary['size']}^{2 if kind.startswith('ceph') else 3}, "
         f"spacing {summary['spacing'][0]:g} mm) to {summary['out_dir']}: splits {summary['splits']}"
         + (f", labels {summary['label_counts']}" if "label_counts" in summary else "")
     )
-    return summary

@@ -1,22 +1,24 @@
-"""Attribution energy: per-volume AE, leave-one-out Spearman statistics and reports (:mod:`.analysis`); the
-bundle workflow, slice-aggregating inferer and AE transforms/handlers (:mod:`.workflow`)."""
+"""Attribution energy: per-volume AE (:mod:`.attribution`), leave-one-out Spearman statistics (:mod:`.statistics`),
+tables, figures and reports (:mod:`.report`); the bundle workflow, slice-aggregating inferer and AE
+transforms/handlers (:mod:`.workflow`)."""
 
 from __future__ import annotations
 
-from monai_gamverify.energy.analysis import (
-    SpearmanLOO,
+from monai_gamverify.energy.attribution import (
     attribution_energy,
-    atypical_cases,
     cohort_energy,
     energy_from_maps,
-    energy_report,
-    energy_scatter_png,
-    energy_table,
-    holm_adjust,
-    spearman_loo,
     volume_energy,
     volume_energy_multi,
 )
+from monai_gamverify.energy.report import (
+    atypical_cases,
+    energy_report,
+    energy_scatter_png,
+    energy_table,
+    table_from_results,
+)
+from monai_gamverify.energy.statistics import SpearmanLOO, holm_adjust, spearman_loo
 from monai_gamverify.energy.workflow import (
     AttributionEnergyd,
     AttributionEnergyHandler,
@@ -32,6 +34,7 @@ __all__ = [
     "spearman_loo",
     "holm_adjust",
     "energy_table",
+    "table_from_results",
     "atypical_cases",
     "volume_energy",
     "volume_energy_multi",

@@ -5,11 +5,11 @@ The CBCT image-quality study applies a 2D network to the axial slices of a volum
 - :class:`SliceAggregateInferer` — runs the 2D network on every slice of a (B, C, D, H, W) batch, a chunk of slices
   at a time, and aggregates the slice outputs to one prediction per volume (mean by default);
 - :class:`AttributionEnergyd` — per volume, the attribution energy (AE: sum of raw Grad-CAM values over all slices)
-  of every output column in one streamed pass (:func:`monai_gamverify.energy.analysis.volume_energy_multi`);
+  of every output column in one streamed pass (:func:`monai_gamverify.energy.attribution.volume_energy_multi`);
 - :class:`AttributionEnergyHandler` — collects per-volume predictions, consensus scores and AE during an evaluator
   run and at the end of the epoch writes the per-category regression metrics (MAE, Spearman of prediction vs
   consensus), the AE table with leave-one-out Spearman analysis, atypical cases and a scatter PNG per category
-  (:func:`monai_gamverify.energy.analysis.energy_report`), and logs them as TensorBoard scalars.
+  (:func:`monai_gamverify.energy.report.energy_report`), and logs them as TensorBoard scalars.
 
 Example (``evaluate.json`` of the ``cbct_quality`` bundle, abridged)::
 
@@ -32,13 +32,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from ignite.engine import Events
 from monai.config import KeysCollection
+from monai.data import MetaTensor, decollate_batch
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from scipy import stats
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from monai_gamverify.energy.analysis import energy_report, volume_energy_multi
-from monai_gamverify.io import write_csv
+from monai_gamverify.bundle import load_bundle
+from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.energy.attribution import volume_energy_multi
+from monai_gamverify.energy.report import energy_report
+from monai_gamverify.io import load_image, write_csv
+from monai_gamverify.io.names import OutputNamer
 from monai_gamverify.transforms.dictionary import image_name, make_cam
 from monai_gamverify.visualize.registry import unwrap_network
 
@@ -324,8 +332,6 @@ class SliceCAMd(MapTransform):
                 name = _source_name(img)
                 raise ValueError(f"slice CAM of {key!r}{f' ({name})' if name else ''}: {err}") from err
             if hasattr(img, "meta"):
-                from monai.data import MetaTensor
-
                 cam = MetaTensor(cam, meta=dict(img.meta))
             d[self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"] = cam
         return d
@@ -379,8 +385,6 @@ def _items(x: Any) -> list[Any]:
     if isinstance(x, list):
         return x
     if isinstance(x, Mapping):
-        from monai.data import decollate_batch
-
         return decollate_batch(x, detach=True)
     return []
 
@@ -468,8 +472,6 @@ class AttributionEnergyHandler:
     # ------------------------------------------------------------------ ignite plumbing
     def attach(self, engine: Engine) -> None:
         """Register the handler's events on ``engine``."""
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.finalize)
@@ -488,8 +490,6 @@ class AttributionEnergyHandler:
     @property
     def writer(self) -> Any:
         if self._writer is None and self.log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._writer, self._own_writer = SummaryWriter(log_dir=str(self.log_dir)), True
         return self._writer
 
@@ -679,12 +679,6 @@ def bundle_energy(
     Example:
         >>> bundle_energy("bundles/cbct_quality", "data/quality/datalist.json", "energy_out")["paths"]["table_csv"]
     """
-    from tqdm.auto import tqdm
-
-    from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.io import load_image
-
     bm = load_bundle(bundle_root, checkpoint=checkpoint, device=device, overrides=overrides)
     info = bm.metadata.get("gamverify", {}) if isinstance(bm.metadata, dict) else {}
     if isinstance(categories, str):
@@ -700,14 +694,17 @@ def bundle_energy(
     dev = next(bm.network.parameters()).device
     columns = {c: i for i, c in enumerate(cats)}
     rows = []
+    namer = OutputNamer()
     for e in tqdm(items, desc="AE volumes", disable=not progress):
-        vid = str(e.get("id", Path(e["image"]).name.split(".")[0]))
+        vid = str(e["id"]) if "id" in e else namer(e["image"])  # unique: case_0/imaging, case_1/imaging differ
         try:
             x = pre({"image": e["image"]})["image"] if pre is not None else load_image(e["image"])
             ae = volume_energy_multi(
                 cam, x, columns, slice_axis=bm.slice_axis(x.ndim - 1), batch_size=batch_size, device=dev, progress=False
             )
-        except Exception as err:
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # out of memory says nothing about the item: let the caller see it (e.g. to lower batch_size)
+        except Exception as err:  # preprocessing / CAM errors of one item: name the item
             raise ValueError(f"attribution energy of {e['image']}: {err}") from err
         rows.append({"id": vid, **ae})
     out = Path(out_dir)

@@ -1,18 +1,14 @@
-"""Ignite handlers for bundles: CAM images in TensorBoard, CAM NIfTI writer, prediction CSV, metrics."""
+"""Ignite handlers for bundles: CAM images in TensorBoard and CAM NIfTI writer (:mod:`.cam`), prediction CSV
+(:mod:`.tables`), accuracy / macro-F1 (:mod:`.metrics`), learning rate (:mod:`.lr_logger`)."""
 
 from __future__ import annotations
 
-from monai_gamverify.handlers.writers import (
-    Accuracy,
-    CAMImageHandler,
-    CAMWriter,
-    ClassificationMetric,
-    LearningRateLogger,
-    MacroF1,
-    PredictionCSVWriter,
-    batch_items,
-    cam_overlay_rgb,
-)
+from monai_gamverify.handlers.cam import CAMImageHandler, CAMWriter, cam_overlay_rgb
+from monai_gamverify.handlers.lr_logger import LearningRateLogger
+from monai_gamverify.handlers.metrics import Accuracy, ClassificationMetric, MacroF1
+from monai_gamverify.handlers.tables import PredictionCSVWriter
+from monai_gamverify.handlers.utils import batch_items, network_device
+from monai_gamverify.io.names import OutputNamer
 
 __all__ = [
     "CAMImageHandler",
@@ -24,4 +20,6 @@ __all__ = [
     "LearningRateLogger",
     "cam_overlay_rgb",
     "batch_items",
+    "network_device",
+    "OutputNamer",
 ]

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+from sklearn.exceptions import NotFittedError
 
-from monai_gamverify.visualize.plots import save_figure
+from monai_gamverify.visualize.plots import new_figure, save_figure
 
 __all__ = [
     "reliability_bins",
@@ -66,8 +68,6 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 15) -> Any:
     Example:
         >>> reliability_bins(torch.softmax(logits, 1), y, n_bins=10)
     """
-    import pandas as pd
-
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     p, y = _probs_labels(probs, labels)
@@ -139,19 +139,13 @@ def reliability_diagram_png(
     Example:
         >>> reliability_diagram_png(torch.softmax(logits, 1), y, "reliability.png")
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bins = reliability_bins(probs, labels, n_bins)
     ece = expected_calibration_error(probs, labels, n_bins)
     mce = maximum_calibration_error(probs, labels, n_bins)
     width = 1.0 / n_bins
     full = bins["count"] > 0
-    fig, (ax, ax_hist) = plt.subplots(
-        2, 1, figsize=(4.2, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=True
-    )
+    fig = new_figure(figsize=(4.2, 5.2))
+    ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=True)
     ax.bar(bins["lower"][full], bins["accuracy"][full], width=width, align="edge", color="tab:blue", label="accuracy")
     ax.bar(
         bins["lower"][full],
@@ -268,8 +262,6 @@ class TemperatureScaler:
 
     def _check_fitted(self) -> float:
         if not hasattr(self, "temperature_"):
-            from sklearn.exceptions import NotFittedError
-
             raise NotFittedError("TemperatureScaler is not fitted yet: call fit(logits, labels) first")
         return self.temperature_
 

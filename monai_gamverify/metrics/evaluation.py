@@ -12,10 +12,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
+from scipy.stats import spearmanr
 
+from monai_gamverify.io.nifti import affine_of
+from monai_gamverify.metrics.similarity import similarity_metrics
 from monai_gamverify.visualize.hooks import preserved_state
 
 __all__ = [
@@ -193,8 +198,6 @@ def _spacing_of(maps: Any, spacing: Sequence[float] | float | None, n_spatial: i
         affine = getattr(maps, "affine", None)
         if affine is None:
             return np.ones(n_spatial)
-        from monai_gamverify.io import affine_of
-
         return np.linalg.norm(affine_of(affine)[:3, :n_spatial], axis=0)
     sp = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (n_spatial,)).copy()
     if not np.all(sp > 0):
@@ -231,8 +234,6 @@ def pointing_game(
     peak = flat == flat.max(dim=1, keepdim=True).values
     has_peak = flat.max(dim=1).values > flat.min(dim=1).values
     if tolerance_mm > 0:
-        from scipy.ndimage import distance_transform_edt
-
         near = torch.zeros_like(gt)
         for b in range(gt.shape[0]):
             inside = gt[b, 0].cpu().numpy()
@@ -625,11 +626,6 @@ def cascading_randomization(
         >>> df = cascading_randomization(model, x, GradCAM, "layer4")
         >>> df.groupby("layer", sort=False)[["ssim", "spearman"]].mean()
     """
-    import pandas as pd
-    from scipy.stats import spearmanr
-
-    from monai_gamverify.metrics.similarity import similarity_metrics
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model)
@@ -691,8 +687,6 @@ def score_layers(
         >>> df = score_layers(GradCAM(model, ["layer1", "layer4"])(x), seg, model=model, x=x)
         >>> df.groupby("layer").mean(numeric_only=True)
     """
-    import pandas as pd
-
     if not isinstance(maps_by_layer, dict) or not maps_by_layer:
         raise TypeError("maps_by_layer must be a non-empty dict layer name -> maps")
     if (model is None) != (x is None):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from torch import nn
 
@@ -162,8 +163,6 @@ class ComputeCAMd(MapTransform):
                 maps = self.cam(x, class_idx=self._class_idx(d), normalize=self.normalize)
             cam = maps[0].to(img.device)
             if hasattr(img, "meta") and not hasattr(cam, "meta"):
-                from monai.data import MetaTensor
-
                 cam = MetaTensor(cam, meta=dict(img.meta))
             d[out_key] = cam
         return d

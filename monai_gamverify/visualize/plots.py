@@ -1,17 +1,24 @@
-"""Pictures people would rather look at than read: CAM overlays on three orthogonal slices."""
+"""Pictures people would rather look at than read: CAM overlays on three orthogonal slices.
+
+Figures are ``matplotlib.figure.Figure`` objects drawn with the Agg canvas: nothing here selects a backend or touches
+pyplot's global state, so a caller's interactive backend and open figures are left as they were.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from monai_gamverify.io import atomic_path
 
-__all__ = ["overlay_png", "save_figure", "to_numpy"]
+__all__ = ["overlay_png", "new_figure", "save_figure", "to_numpy"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -22,14 +29,47 @@ def to_numpy(x: Any) -> np.ndarray:
     return arr
 
 
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+def new_figure(**kwargs: Any) -> Figure:
+    """A ``Figure`` on its own Agg canvas, outside pyplot (no backend switch, no global figure list).
 
+    Args:
+        **kwargs: ``Figure`` arguments (``figsize``, ``dpi``, ...).
+
+    Returns:
+        The figure; draw with ``fig.subplots(...)`` and write it with :func:`save_figure`.
+
+    Example:
+        >>> fig = new_figure(figsize=(3, 3))
+        >>> ax = fig.subplots()
+    """
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically.
+
+    A figure made by pyplot (one that has a figure manager) is also closed, so pyplot releases it; a plain ``Figure``
+    (:func:`new_figure`) needs no closing and pyplot is not imported.
+
+    Args:
+        fig: the figure.
+        path: PNG file.
+        dpi: resolution.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> save_figure(new_figure(figsize=(2, 2)), "empty.png")
+    """
     out = Path(path)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")  # only a pyplot figure needs closing; pyplot is never imported here
+    if pyplot is not None and getattr(fig.canvas, "manager", None) is not None:
+        pyplot.close(fig)
     return out
 
 
@@ -61,12 +101,10 @@ def overlay_png(
 
     Returns:
         The written path.
+
+    Example:
+        >>> overlay_png(image[0], cam_map[0], "overlay.png", title="case 0")
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     img = _window(to_numpy(image))
     heat = None if cam is None else to_numpy(cam)
     msk = None if mask is None else to_numpy(mask)
@@ -89,7 +127,8 @@ def overlay_png(
             )
     else:
         raise ValueError(f"overlay_png expects a 2D or 3D image, got shape {img.shape}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    fig = new_figure(figsize=(3.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (im, hm, mk, label) in zip(axes[0], panels):
         ax.imshow(im.T, cmap="gray", origin="lower", vmin=0, vmax=1)
         if hm is not None:
