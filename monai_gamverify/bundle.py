@@ -29,6 +29,8 @@ __all__ = [
     "BundleReport",
     "LayerTrace",
     "check_bundle",
+    "check_geometry",
+    "geometry_problems",
     "declared_input",
     "find_cam_layer",
     "find_config",
@@ -746,3 +748,83 @@ def _finish(rep: BundleReport, strict: bool) -> BundleReport:
     if strict and not rep.ok:
         raise ValueError(str(rep))
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------------- geometry
+def _first_conv(network: nn.Module) -> nn.modules.conv._ConvNd | None:
+    return next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def geometry_problems(image: Any, bundle: BundleModel | nn.Module) -> list[str]:
+    """Why an image's geometry cannot suit a network (empty list: it can).
+
+    Checks the image as the network will see it (after the bundle's preprocessing): number of spatial axes
+    against the network's (a 2D bundle with ``gamverify.spatial_dims`` = 2 explains a volume slice by slice), one
+    slice into a 3D network, fewer voxels along an axis than the network's total stride
+    (:meth:`BundleModel.total_stride`, from the declared input shape), and the channel count.
+
+    Args:
+        image: (C, *spatial) tensor / ``MetaTensor`` (``load_image`` output or the preprocessed image).
+        bundle: a :class:`BundleModel` (all checks) or a bare network (axes and channels only).
+
+    Returns:
+        One sentence per problem, naming it.
+
+    Example:
+        >>> geometry_problems(load_image("one_slice.dcm"), load_bundle("spleen_ct_segmentation"))
+        ['the image has one slice along spatial axis 2 (shape (512, 512, 1)): a 3D network needs a volume']
+    """
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) < 3:
+        return [f"the image has shape {shape}: expected (C, *spatial) with 2 or 3 spatial axes"]
+    channels, spatial = shape[0], shape[1:]
+    network = bundle.network if isinstance(bundle, BundleModel) else bundle
+    conv = _first_conv(network)
+    problems: list[str] = []
+    net_dims = conv.weight.ndim - 2 if conv is not None else None
+    slice_axis = bundle.slice_axis(len(spatial)) if isinstance(bundle, BundleModel) else None
+    if net_dims is not None and conv.in_channels != channels:
+        problems.append(f"the image has {channels} channel(s) but the network expects {conv.in_channels}")
+    checked = list(range(len(spatial)))
+    if slice_axis is not None and net_dims == 2:
+        checked.remove(slice_axis)
+    elif net_dims is not None and net_dims != len(spatial):
+        if net_dims == 3 and len(spatial) == 2:
+            problems.append(f"the image is 2D {spatial} (one slice): a 3D network needs a volume")
+        else:
+            problems.append(f"the image has {len(spatial)} spatial axes {spatial} but the network is {net_dims}D")
+        return problems
+    if net_dims == 3:
+        for i in checked:
+            if spatial[i] == 1:
+                problems.append(
+                    f"the image has one slice along spatial axis {i} (shape {spatial}): a 3D network needs a volume"
+                )
+    stride = None
+    if isinstance(bundle, BundleModel):
+        try:
+            stride = bundle.total_stride()
+        except ValueError:
+            stride = None  # no declared input shape: the stride is unknown
+    if stride is not None and len(stride) == len(checked):
+        # a 2D network on a volume: its two strides belong to the two in-plane axes, in order
+        for j, i in enumerate(checked):
+            s = stride[j] if slice_axis is not None else stride[i]
+            if 1 < spatial[i] < s:
+                problems.append(
+                    f"spatial axis {i} has {spatial[i]} voxels, fewer than the network's total stride {s} along it "
+                    f"(shape {spatial}): its deepest features have no extent there"
+                )
+    return problems
+
+
+def check_geometry(image: Any, bundle: BundleModel | nn.Module) -> None:
+    """Raise ``ValueError`` naming every reason the image's geometry cannot suit the network
+    (see :func:`geometry_problems`).
+
+    Example:
+        >>> check_geometry(bm.preprocessing()({"image": "CT_dir"})["image"], bm)
+    """
+    problems = geometry_problems(image, bundle)
+    if problems:
+        raise ValueError("the image does not suit the network: " + "; ".join(problems))
