@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from monai_gamverify.visualize.hooks import preserved_state, resolve_layers
+from monai_gamverify.visualize.segcam import label_index
 
 __all__ = [
     "BundleModel",
@@ -194,28 +195,6 @@ def _concrete_shape(shape: list[int | str]) -> list[int]:
         k = int(m.group(1) or m.group(2))
         out.append(k * max(2, math.ceil(_TRACE_MIN / k)))
     return out
-
-
-def label_index(label: int | str, class_names: list[str] | None = None) -> int:
-    """Output channel of a label given by index or by name (``network_data_format.outputs.pred.channel_def``).
-
-    Example:
-        >>> label_index("spleen", ["background", "spleen"])
-        1
-    """
-    names = list(class_names or [])
-    if isinstance(label, bool):
-        raise TypeError("label must be a name or an integer index, not a bool")
-    if isinstance(label, int) or (isinstance(label, str) and label.strip().lstrip("-").isdigit()):
-        idx = int(label)
-        if names and not 0 <= idx < len(names):
-            raise ValueError(f"label index {idx} out of range for {len(names)} output channels {names}")
-        return idx
-    lowered = [n.lower() for n in names]
-    if str(label).lower() in lowered:
-        return lowered.index(str(label).lower())
-    known = f"; the bundle's labels are {names}" if names else "; the bundle declares no channel_def: pass an index"
-    raise ValueError(f"unknown label {label!r}{known}")
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
