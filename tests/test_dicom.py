@@ -13,7 +13,9 @@ from monai.transforms import Orientation
 from monai_gamverify import GradCAM
 from monai_gamverify.bundle import check_geometry, geometry_problems, load_bundle
 from monai_gamverify.io.dicom import dicom_affine, dicom_series, read_dicom_headers
-from monai_gamverify.io.nifti import load_image
+from monai_gamverify.io.grid import to_input_grid
+from monai_gamverify.io.nifti import affine_of, load_image
+from monai_gamverify.visualize.segcam import bundle_segmentation_cam
 
 itk = pytest.importorskip("itk")
 
@@ -122,6 +124,16 @@ def test_dicom_series_map_equals_nifti_map(tmp_path, one_thread):
     assert float(ma.amax()) > 0
     torch.testing.assert_close(ma, mb, atol=1e-6, rtol=0)
     np.testing.assert_allclose(ma.affine.numpy(), mb.affine.numpy(), atol=1e-4)
+    # the segmentation route, back on each input's own grid: the same map, with the series' affine
+    out = []
+    for img in (xa, xb):
+        maps, _ = bundle_segmentation_cam(bm, img.unsqueeze(0), "spleen")
+        cam_in, ref = to_input_grid(maps[0], img, pre)
+        out.append((torch.as_tensor(np.asarray(cam_in)), affine_of(ref)))
+    assert out[0][0].shape == (1, 16, 16, 12)
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out[0][1], affine, atol=1e-4)
+    np.testing.assert_allclose(out[1][1], affine, atol=1e-4)
 
 
 def test_single_file_thin_series_and_geometry_errors(tmp_path, one_thread):

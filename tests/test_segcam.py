@@ -18,6 +18,7 @@ from monai_gamverify.bundle import load_bundle
 from monai_gamverify.visualize.segcam import (
     box_mask,
     bundle_activation,
+    bundle_segmentation_cam,
     predicted_mask,
     segmentation_cam,
 )
@@ -164,6 +165,8 @@ def test_segmentation_bundle_by_label_name(tmp_path, one_thread):
     assert maps.shape == (1, 1, 24, 24, 20) and logits.shape == (1, 2, 24, 24, 20)
     again, _ = segmentation_cam(bm.network, x, bm.target_layer, 1, inferer=bm.inferer())
     torch.testing.assert_close(maps, again)
+    by_bundle, _ = bundle_segmentation_cam(bm, x, "spleen")
+    torch.testing.assert_close(maps, by_bundle)
 
 
 def test_bundle_activation_reads_sigmoid_postprocessing(tmp_path, one_thread):

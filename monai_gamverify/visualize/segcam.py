@@ -22,6 +22,7 @@ from monai_gamverify.visualize.registry import make_cam
 __all__ = [
     "box_mask",
     "bundle_activation",
+    "bundle_segmentation_cam",
     "label_index",
     "predicted_mask",
     "segmentation_cam",
@@ -228,3 +229,51 @@ def segmentation_cam(
 
         maps = MetaTensor(maps).copy_meta_from(x, copy_attr=False)
     return maps, logits.detach()
+
+
+def bundle_segmentation_cam(
+    bundle: Any,
+    x: torch.Tensor,
+    label: int | str,
+    *,
+    layer: str | None = None,
+    mask: Any = None,
+    box: Sequence[Sequence[int]] | None = None,
+    method: str = "gradcam",
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segmentation_cam` with a bundle's own settings: its network, CAM layer (given, configured or found
+    automatically), ``inferer`` (sliding window or not), label names and activation (softmax/sigmoid).
+
+    Args:
+        bundle: a :class:`monai_gamverify.bundle.BundleModel`.
+        x: (B, C, *spatial) preprocessed input (``bundle.preprocessing()`` output with a batch axis).
+        label: name (``channel_def``) or index.
+        layer: CAM layer (default ``bundle.target_layer``).
+        mask, box, method, normalize: as in :func:`segmentation_cam`.
+
+    Returns:
+        ``(maps, logits)`` on the preprocessed grid (bring maps back with ``io.grid.to_input_grid``).
+
+    Example:
+        >>> bm = load_bundle("spleen_ct_segmentation")
+        >>> img = bm.preprocessing()({"image": "CT_dir"})["image"]
+        >>> maps, logits = bundle_segmentation_cam(bm, img[None], "spleen")
+    """
+    target = layer or bundle.target_layer
+    if not target:
+        raise ValueError(getattr(bundle, "layer_error", None) or "no target layer: pass layer=")
+    inferer = bundle.inferer() if "inferer" in bundle.parser else None
+    return segmentation_cam(
+        bundle.network,
+        x,
+        target,
+        label,
+        inferer=inferer,
+        mask=mask,
+        box=box,
+        method=method,
+        normalize=normalize,
+        activation=bundle_activation(bundle),
+        class_names=bundle.class_names,
+    )
