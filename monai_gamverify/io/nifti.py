@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 
+from monai_gamverify.io.dicom import is_dicom_file, read_dicom
 from monai_gamverify.io.files import atomic_path
 
 __all__ = ["affine_of", "save_nifti", "save_map", "load_image"]
@@ -95,25 +96,37 @@ def save_map(cam: Any, path: str | os.PathLike, reference: Any = None) -> Path:
     return out
 
 
-def load_image(path: str | os.PathLike, *, channel_first: bool = True, check_finite: bool = True):
-    """Load a medical image (NIfTI, NRRD, MHA, ...) as a MONAI ``MetaTensor`` with a clear error on bad files.
+def load_image(
+    path: str | os.PathLike, *, channel_first: bool = True, check_finite: bool = True, series_uid: str | None = None
+):
+    """Load a medical image as a MONAI ``MetaTensor`` with a clear error on bad input: a file (NIfTI, NRRD, MHA,
+    a single DICOM file, ...) or a DICOM series directory.
 
     Args:
-        path: the file to read.
+        path: the file, or a directory holding a DICOM series.
         channel_first: add/move a channel axis in front.
         check_finite: raise on NaN/inf voxels.
+        series_uid: the series to read from a directory holding several.
 
     Returns:
-        ``MetaTensor`` of shape (C, *spatial) (or (*spatial) if ``channel_first=False``) carrying the affine.
+        ``MetaTensor`` of shape (C, *spatial) (or (*spatial) if ``channel_first=False``) carrying the RAS affine.
+
+    Example:
+        >>> img = load_image("CT_series_dir")   # or "ct.nii.gz", "slice.dcm"
     """
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image file not found: {p}")
-    try:
-        img = LoadImage(image_only=True, ensure_channel_first=channel_first)(str(p))
-    except Exception as err:  # readers raise many types; name the file
-        raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from err
+    if p.is_dir():
+        img = read_dicom(p, series_uid=series_uid, channel_first=channel_first)
+    elif not p.is_file():
+        raise FileNotFoundError(f"image file not found: {p} (neither a file nor a DICOM series directory)")
+    elif is_dicom_file(p):
+        img = read_dicom(p, channel_first=channel_first)
+    else:
+        try:
+            img = LoadImage(image_only=True, ensure_channel_first=channel_first)(str(p))
+        except Exception as err:  # readers raise many types; name the file
+            raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from err
     if check_finite and not torch.isfinite(img).all():
         raise ValueError(f"image {p} contains NaN or infinite voxels")
     return img
