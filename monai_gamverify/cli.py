@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "version"]
-
-_CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
-
-
-def _is_regression(metadata: dict) -> bool:
-    """True when the bundle declares regression outputs (scores, not class logits: no softmax)."""
-    try:
-        return metadata["network_data_format"]["outputs"]["pred"]["format"] == "regression"
-    except (KeyError, TypeError):
-        return False
 
 
 def cam(
@@ -34,21 +23,23 @@ def cam(
     device: str | None = None,
     overrides: dict | str | None = None,
 ) -> dict:
-    """Explain one image: write the map as NIfTI (the input's affine), a PNG of three orthogonal slices and a JSON.
+    """Explain one image: write the map as NIfTI on the input's grid with its affine, a PNG overlay and a JSON.
 
-    Give either a bundle (``--bundle_root``: its network, weights, inference preprocessing and declared CAM layer)
-    or a network by name (``--network resnet18 --network_args '{"spatial_dims": 3, "n_input_channels": 1,
-    "num_classes": 5}' --checkpoint model.pt --layer layer4``).
+    Give either a bundle (``--bundle_root``: its network, weights (or ``--checkpoint``), inference preprocessing and
+    declared CAM layer) or a network by name (``--network resnet18 --network_args '{"spatial_dims": 3,
+    "n_input_channels": 1, "num_classes": 5}' --checkpoint model.pt --layer layer4``). The work is done by
+    ``monai_gamverify.apps.pipeline.ImagePipeline`` (the engine every command shares).
 
     Args:
-        image: NIfTI (or any MONAI-readable) image.
+        image: NIfTI (or any MONAI-readable) image, or a DICOM series directory.
         out: output directory.
         bundle_root: MONAI bundle directory.
         network: ``monai.networks.nets`` name or a dotted path to a network class.
         network_args: keyword arguments of the network (JSON string or dict).
-        checkpoint: weights (``torch.load(weights_only=True)``); without it a named network keeps random weights.
+        checkpoint: weights (``torch.load(weights_only=True)``); with a bundle it replaces ``models/model.pt``;
+            without it a named network keeps random weights.
         layer: target layer (default: the bundle's declared layer).
-        method: gradcam, gradcampp or scorecam.
+        method: gradcam, gradcampp (gradcam++) or scorecam.
         class_idx: class (or output column) to explain; default: the predicted class.
         a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
         a_max: intensity window upper bound mapped to 1.
@@ -57,93 +48,35 @@ def cam(
             "small_cnn"}'`` for a bundle trained with ``--network_name small_cnn``).
 
     Returns:
-        Summary dict (prediction, probabilities, written files).
+        Summary dict (prediction, probabilities, energy, written files).
     """
-    import torch
+    from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
+    from monai_gamverify.visualize.registry import cam_method
 
-    import monai_gamverify as gv
-    from monai_gamverify.bundle import load_bundle, load_checkpoint
-    from monai_gamverify.io import load_image, save_nifti, write_json
-    from monai_gamverify.visualize.plots import overlay_png
-
-    if method.lower() not in _CAMS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_CAMS)}")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names: list[str] = []
+    method = cam_method(method)
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
-        bm = load_bundle(bundle_root, device=dev, overrides=extra)
-        net, layer, names = bm.network, layer or bm.target_layer, bm.class_names
-        pre = bm.preprocessing()
-        if pre is not None:
-            try:
-                img = pre({"image": str(image)})["image"]
-            except Exception as err:
-                raise ValueError(f"cannot preprocess {image} with the bundle's transforms: {err}") from err
-        else:
-            img = load_image(image)
+        pipe = ImagePipeline.from_bundle(
+            bundle_root, overrides=extra, checkpoint=checkpoint, target_layers=layer, method=method, device=device
+        )
     elif network is not None:
-        from monai_gamverify.bundle import network_from_name
-
-        net = network_from_name(network, network_args)
-        if checkpoint:
-            load_checkpoint(net, checkpoint)
-        else:
+        if not layer:
+            raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
+        if checkpoint is None:
             print("warning: no --checkpoint given; the network keeps its random initial weights")
-        net = net.to(dev).eval()
-        img = load_image(image)
-        if a_min is not None and a_max is not None:
-            from monai.transforms import ScaleIntensityRange
-
-            img = ScaleIntensityRange(a_min, a_max, 0.0, 1.0, clip=True)(img)
+        pipe = ImagePipeline.from_network(
+            network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
+            method=method, device=device,
+        )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
-    if not layer:
-        raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
-    x = img.unsqueeze(0).to(dev)
-    metadata = bm.metadata if bundle_root is not None else {}
-    slice_axis = bm.slice_axis(x.ndim - 2) if bundle_root is not None else None
-    if slice_axis is None:
-        explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
-        result = explainer.explain(x, class_idx=class_idx)
-        logits, maps, explained = result.logits, result.maps, int(result.class_idx[0])
-    else:  # a 2D network on a volume (e.g. cbct_quality): slice by slice, outputs averaged over the slices
-        from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
-        from monai_gamverify.visualize.cam import normalize_maps
-
-        with torch.no_grad():
-            logits = SliceAggregateInferer(spatial_dim=slice_axis)(x, net)
-        explained = int(logits[0].argmax()) if class_idx is None else int(class_idx)
-        if not 0 <= explained < logits.shape[1]:
-            raise ValueError(f"class_idx {class_idx} out of range for {logits.shape[1]} outputs")
-        slicer = SliceCAMd(
-            "image", net, layer, column=explained, method=method.lower(), slice_axis=slice_axis, normalize=False
-        )
-        maps = slicer.maps(x[0]).unsqueeze(0)
-        maps = normalize_maps(maps)  # over the whole volume, so slices keep their relative weight
-    probs = logits.float().softmax(1)[0].tolist() if logits.shape[1] > 1 and not _is_regression(metadata) else None
-    pred = int(logits[0].argmax())
-    stem = Path(image).name.split(".")[0]
-    outdir = Path(out)
-    nii = save_nifti(maps[0], outdir / f"{stem}_{method}.nii.gz", reference=img)
-    png = overlay_png(img[0], maps[0, 0], outdir / f"{stem}_{method}.png", title=f"{method} {layer}: {stem}")
-    summary = {
-        "image": str(image),
-        "layer": layer,
-        "method": method,
-        "explained_class": explained,
-        "outputs": [float(v) for v in logits[0].tolist()],
-        "prediction": pred,
-        "prediction_name": names[pred] if pred < len(names) else str(pred),
-        "probabilities": probs,
-        "map": str(nii),
-        "overlay": str(png),
-    }
-    write_json(summary, outdir / f"{stem}_{method}.json")
+    result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
+    summary = pipe.summary(result)
+    probs = result.probabilities
     print(
-        f"{stem}: predicted {summary['prediction_name']}"
+        f"{image_stem(image)}: predicted {result.prediction_name}"
         + (f" (p={max(probs):.2f})" if probs else "")
-        + f"; {method} map of {layer} -> {nii}, overlay -> {png}"
+        + f"; {method} map of {pipe.target_layers} -> {summary['map']}, overlay -> {summary['overlay']}"
     )
     return summary
 
