@@ -73,6 +73,7 @@ __all__ = [
     "decide_verdict",
     "error_message",
     "image_stem",
+    "is_out_of_memory",
     "is_regression",
     "simple_preprocessing",
 ]
@@ -103,6 +104,14 @@ def error_message(err: BaseException) -> str:
     text = _ADDRESS.sub("", " ".join(str(err).split()))
     text = text if len(text) <= 500 else text[:497] + "..."
     return f"{type(err).__name__}: {text}"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device out-of-memory error (``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``):
+    callers let it propagate instead of recording it as a bad image."""
+    return isinstance(
+        err, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+    )
 
 
 def image_stem(path: str | os.PathLike) -> str:
@@ -348,11 +357,13 @@ class ImagePipeline:
         if method is None:
             method = parser.get_parsed_content("cam_method") if "cam_method" in parser else None
             method = method or bm.metadata.get("gamverify", {}).get("cam_method") or "gradcam"
-        pre = bm.preprocessing()
+        pre = kwargs.pop("preprocessing", None) or bm.preprocessing()
         if pre is None:
             raise ValueError(f"bundle {bm.root} defines no 'preprocessing'")
         # the config follows overrides (a K+1 config adds "garbage"); metadata describes the default network only
-        names = parser.get_parsed_content("class_names") if "class_names" in parser else None
+        names = kwargs.pop("class_names", None)
+        if names is None and "class_names" in parser:
+            names = parser.get_parsed_content("class_names")
         inputs = bm.metadata.get("network_data_format", {}).get("inputs", {})
         shape = next(iter(inputs.values()), {}).get("spatial_shape") if inputs else None
         kwargs.setdefault("slice_axis", bm.slice_axis(3))  # a 2D network on volumes (e.g. cbct_quality)
@@ -474,6 +485,8 @@ class ImagePipeline:
                 raw = data["image"]
             out = self._rest({**data, "image": raw.clone() if hasattr(raw, "clone") else raw})["image"]
         except Exception as err:  # readers and transforms raise many types: name the file and the first cause
+            if is_out_of_memory(err):
+                raise
             raise PreprocessingError(name, error_message(err)) from err
         return raw, self._check(out, name)
 
@@ -586,13 +599,17 @@ class ImagePipeline:
                 for j, k in enumerate(fits):
                     out[k] = {n: float(v[j]) for n, v in values.items()}
                 todo = []
-            except Exception:  # noqa: BLE001 - e.g. one map with NaN: the calls per map below say which
+            except Exception as err:  # noqa: BLE001 - e.g. one map with NaN: the calls per map below say which
+                if is_out_of_memory(err):
+                    raise
                 todo = list(fits)
         for k in todo:
             try:
                 feats = similarity_metrics(maps[k][None].to(ref.device).float(), ref, metrics=self.metrics)
                 out[k] = {n: float(v[0]) for n, v in feats.items()}
             except Exception as err:  # noqa: BLE001 - reported per map
+                if is_out_of_memory(err):
+                    raise
                 out[k] = err
         return out
 
