@@ -159,9 +159,27 @@ def demo(
     Example:
         gamverify demo --out demo_out
     """
+    import logging
+
+    from tqdm.auto import tqdm
+
     from monai_gamverify.apps.demo import run_demo
 
-    return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
+    class _Lines(logging.Handler):  # the demo logs its stage lines and summary; print them between the tqdm bars
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record))
+
+    log = logging.getLogger("monai_gamverify.apps.demo")
+    handler, level, propagate = _Lines(logging.INFO), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
