@@ -1,224 +1,45 @@
-"""THE single-image engine: every caller (``gamverify cam``, cohort runs, :class:`SuitabilityPipeline` and through it
-MONAI Label and MONAI Deploy, the demo) explains an image here, so a step changes in one place.
-
-One image goes through these steps, each a method of :class:`ImagePipeline`:
-
-1. :meth:`~ImagePipeline.load`: read the file (a DICOM series directory too) with the preprocessing's own loading
-   transforms, then the rest of the preprocessing (a bundle's inference ``preprocessing``, or for a network given by
-   name: channel first, checks, optional intensity window);
-2. :meth:`~ImagePipeline.explain`: ONE forward and backward pass giving the logits and the raw CAM of the explained
-   class (a 2D network on a volume: slice by slice, ``SliceAggregateInferer`` / ``SliceCAMd``), the attribution
-   energy of the raw map, the normalised map, the K+1 garbage rejection (``RejectGarbaged``'s rule) and, with a
-   ``screen``, the in-distribution test on the activations recorded during that same forward pass;
-3. :meth:`~ImagePipeline.verify`: the similarity features of a batch of maps against the reference map in one
-   ``similarity_metrics`` call, the verifier's P(suitable) in one forest call, and the verdicts;
-4. :meth:`~ImagePipeline.on_input_grid` / :meth:`~ImagePipeline.write`: the map back on the input's grid (the one
-   inverse, ``io.grid.to_input_grid``) written as NIfTI with the input's affine, a PNG overlay and a JSON summary.
-
-Names (one word per thing): ``network`` is the ``torch.nn.Module``; ``target_layers`` is the CAM layer as in MONAI's
-CAM classes (``network.named_modules()`` names); the engine explains exactly one layer, so it is one string and every
-map is a tensor of shape (1, *spatial) (never a dict); files and JSON summaries call it ``layer``.
-
-Verdicts, in order of precedence: ``"out of distribution"`` (the screen rejects the image), ``"rejected"`` (the K+1
-garbage class), ``"suitable"`` / ``"not suitable"`` (the verifier's P(suitable) against ``threshold``),
-``"unverified"`` (no verifier).
-
-Example:
-    >>> pipe = ImagePipeline.from_bundle("bundles/sos_staging")
-    >>> result = pipe.run("case_001.nii.gz", out_dir="out", name="case_001_gradcam")
-    >>> result.prediction_name, result.energy, result.files["map"]
-    ('stage3', 1234.5, 'out/case_001_gradcam.nii.gz')
-"""
+"""The single-image engine :class:`ImagePipeline` (see :mod:`monai_gamverify.apps.pipeline`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirst,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImage,
-    LoadImaged,
-    ScaleIntensityRanged,
-)
+from monai.transforms import Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged
 from torch import nn
 
+from monai_gamverify.apps.pipeline.result import (
+    ImageResult,
+    PreprocessingError,
+    decide_verdict,
+    error_message,
+    image_stem,
+    is_out_of_memory,
+    is_regression,
+    plain,
+    simple_preprocessing,
+)
 from monai_gamverify.bundle import BundleModel, load_bundle, load_checkpoint, network_from_name
 from monai_gamverify.energy.analysis import attribution_energy
 from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
 from monai_gamverify.kplus1 import RejectGarbaged
 from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
-from monai_gamverify.transforms.dictionary import CheckImaged
 from monai_gamverify.visualize.cam import normalize_maps
 from monai_gamverify.visualize.hooks import LayerHooks
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.registry import cam_method, make_cam
 
-__all__ = [
-    "ImagePipeline",
-    "ImageResult",
-    "PreprocessingError",
-    "VERDICTS",
-    "decide_verdict",
-    "error_message",
-    "image_stem",
-    "is_out_of_memory",
-    "is_regression",
-    "simple_preprocessing",
-]
+__all__ = ["ImagePipeline"]
 
 logger = logging.getLogger(__name__)
 
-#: every verdict a result can carry, in order of precedence
-VERDICTS = ("out of distribution", "rejected", "suitable", "not suitable", "unverified")
 _LOADERS = (LoadImaged, LoadImage, EnsureChannelFirstd, EnsureChannelFirst)
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses differ between runs: keep messages reproducible
-
-
-class PreprocessingError(ValueError):
-    """An image the preprocessing cannot read or transform; ``cause`` is the one-line reason (``"EOFError: ..."``)."""
-
-    def __init__(self, path: str, cause: str) -> None:
-        super().__init__(f"cannot preprocess {path}: {cause}")
-        self.path, self.cause = path, cause
-
-
-def error_message(err: BaseException) -> str:
-    """One line naming the cause of ``err``: MONAI's ``applying transform ...`` wrappers unwrapped, the exception
-    type in front (except for a :class:`PreprocessingError`, whose cause already carries it), addresses dropped."""
-    if isinstance(err, PreprocessingError):
-        return err.cause
-    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
-        err = err.__cause__
-    text = _ADDRESS.sub("", " ".join(str(err).split()))
-    text = text if len(text) <= 500 else text[:497] + "..."
-    return f"{type(err).__name__}: {text}"
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is a device out-of-memory error (``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``):
-    callers let it propagate instead of recording it as a bad image."""
-    return isinstance(
-        err, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
-    )
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without its (possibly double) extension: ``/a/case_1.nii.gz`` -> ``case_1``."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)] or "image"
-    return name.split(".")[0] or "image"
-
-
-def is_regression(metadata: Mapping[str, Any] | None) -> bool:
-    """True when bundle metadata declares regression outputs (scores, not class logits: no softmax)."""
-    try:
-        return metadata["network_data_format"]["outputs"]["pred"]["format"] == "regression"  # type: ignore[index]
-    except (KeyError, TypeError):
-        return False
-
-
-def decide_verdict(
-    in_distribution: bool | None, rejected: bool | None, p_suitable: float | None, threshold: float
-) -> str:
-    """The verdict of one image (see :data:`VERDICTS`): the screen first, then K+1, then the verifier."""
-    if in_distribution is False:
-        return "out of distribution"
-    if rejected:
-        return "rejected"
-    if p_suitable is None:
-        return "unverified"
-    return "suitable" if p_suitable >= threshold else "not suitable"
-
-
-def simple_preprocessing(
-    spatial_dims: int | None = None, a_min: float | None = None, a_max: float | None = None
-) -> Compose:
-    """Preprocessing of a network given by name: load, channel first, checks (spatial axes, finite voxels), an
-    optional intensity window ``[a_min, a_max] -> [0, 1]`` (clipped), float32."""
-    chain: list[Any] = [
-        LoadImaged("image", image_only=True),
-        EnsureChannelFirstd("image"),
-        CheckImaged("image", spatial_dims=spatial_dims),
-    ]
-    if (a_min is None) != (a_max is None):
-        raise ValueError("give both a_min and a_max (the intensity window) or neither")
-    if a_min is not None:
-        chain.append(ScaleIntensityRanged("image", a_min, a_max, 0.0, 1.0, clip=True))
-    chain.append(EnsureTyped("image", dtype=torch.float32))
-    return Compose(chain)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
-@dataclass
-class ImageResult:
-    """What the engine found for one image.
-
-    Attributes:
-        image: the source (path, or a name for an in-memory image).
-        logits: (N,) float32 network output on the CPU.
-        class_names: N output names.
-        probabilities: softmax of the logits (``None`` for a single output or a regression bundle).
-        prediction: argmax of the logits.
-        explained_class: the output column the map explains.
-        energy: attribution energy (sum of the raw map over the whole image).
-        cam: (1, *spatial) normalised map on the preprocessed grid (CPU).
-        input: the preprocessed image (``MetaTensor`` (C, *spatial), CPU); its ``applied_operations`` lead back.
-        raw_image: the image as loaded (channel first, native units), when the loading was separable.
-        garbage: K+1 rejection (``rejected``, ``garbage_prob``, ``best_real_class``, ``best_real_name``,
-            ``best_real_prob``), ``None`` without a garbage class.
-        in_distribution, p_value, reasons, screen: the screen's answer (``None`` / empty without a screen).
-        features: similarity to the reference map (after :meth:`ImagePipeline.verify`).
-        p_suitable: the verifier's P(suitable).
-        verdict: see :data:`VERDICTS`.
-        files: written files (``map``, ``overlay``, ``summary``).
-    """
-
-    image: str
-    logits: torch.Tensor
-    class_names: list[str]
-    probabilities: list[float] | None
-    prediction: int
-    explained_class: int
-    energy: float
-    cam: torch.Tensor
-    input: Any
-    raw_image: Any = None
-    garbage: dict[str, Any] | None = None
-    in_distribution: bool | None = None
-    p_value: float | None = None
-    reasons: list[str] = field(default_factory=list)
-    screen: dict[str, Any] | None = None
-    features: dict[str, float] | None = None
-    p_suitable: float | None = None
-    verdict: str = "unverified"
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def prediction_name(self) -> str:
-        """Name of the predicted output."""
-        return self.class_names[self.prediction]
-
-    @property
-    def rejected(self) -> bool:
-        """Whether the K+1 garbage class rejected the image."""
-        return bool(self.garbage is not None and self.garbage["rejected"])
 
 
 class ImagePipeline:
@@ -300,7 +121,7 @@ class ImagePipeline:
         self.screen = screen
         self.invert = bool(invert)
         self.verifier = verifier
-        self.reference = None if reference is None else self._as_map(torch.as_tensor(_plain(reference))).float()
+        self.reference = None if reference is None else self._as_map(torch.as_tensor(plain(reference))).float()
         self.metrics: list[str] | None = None
         if reference is not None:
             self.metrics = list(metrics) if metrics is not None else list(DEFAULT_METRICS)
@@ -528,7 +349,7 @@ class ImagePipeline:
         with torch.inference_mode(False), torch.enable_grad(), self._recorder() as rec:
             if not sliced:
                 res = self.cam.explain(xb, class_idx=class_idx, normalize=False)
-                raw_map, logits, explained = _plain(res.maps), res.logits.float()[0], int(res.class_idx[0])
+                raw_map, logits, explained = plain(res.maps), res.logits.float()[0], int(res.class_idx[0])
             else:  # a 2D network on a volume: outputs averaged over the slices, maps stacked back into a volume
                 with torch.no_grad():
                     logits = SliceAggregateInferer(spatial_dim=self.slice_axis)(xb, self.network).float()[0]
@@ -672,7 +493,7 @@ class ImagePipeline:
             if not on_input:
                 cam = result.cam
             title = f"{self.method} {self.target_layers}: {image_stem(result.image)} -> {result.prediction_name}"
-            files["overlay"] = str(overlay_png(base[0], _plain(cam)[0], out / f"{name}.png", title=title))
+            files["overlay"] = str(overlay_png(base[0], plain(cam)[0], out / f"{name}.png", title=title))
         result.files.update(files)
         if summary:
             files["summary"] = str(out / f"{name}.json")
