@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "version"]
-
-_CAMS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp", "scorecam": "ScoreCAM"}
-
-
-def _is_regression(metadata: dict) -> bool:
-    """True when the bundle declares regression outputs (scores, not class logits: no softmax)."""
-    try:
-        return metadata["network_data_format"]["outputs"]["pred"]["format"] == "regression"
-    except (KeyError, TypeError):
-        return False
 
 
 def cam(
@@ -34,21 +24,23 @@ def cam(
     device: str | None = None,
     overrides: dict | str | None = None,
 ) -> dict:
-    """Explain one image: write the map as NIfTI (the input's affine), a PNG of three orthogonal slices and a JSON.
+    """Explain one image: write the map as NIfTI on the input's grid with its affine, a PNG overlay and a JSON.
 
-    Give either a bundle (``--bundle_root``: its network, weights, inference preprocessing and declared CAM layer)
-    or a network by name (``--network resnet18 --network_args '{"spatial_dims": 3, "n_input_channels": 1,
-    "num_classes": 5}' --checkpoint model.pt --layer layer4``).
+    Give either a bundle (``--bundle_root``: its network, weights (or ``--checkpoint``), inference preprocessing and
+    declared CAM layer) or a network by name (``--network resnet18 --network_args '{"spatial_dims": 3,
+    "n_input_channels": 1, "num_classes": 5}' --checkpoint model.pt --layer layer4``). The work is done by
+    ``monai_gamverify.apps.pipeline.ImagePipeline`` (the engine every command shares).
 
     Args:
-        image: NIfTI (or any MONAI-readable) image.
+        image: NIfTI (or any MONAI-readable) image, or a DICOM series directory.
         out: output directory.
         bundle_root: MONAI bundle directory.
         network: ``monai.networks.nets`` name or a dotted path to a network class.
         network_args: keyword arguments of the network (JSON string or dict).
-        checkpoint: weights (``torch.load(weights_only=True)``); without it a named network keeps random weights.
+        checkpoint: weights (``torch.load(weights_only=True)``); with a bundle it replaces ``models/model.pt``;
+            without it a named network keeps random weights.
         layer: target layer (default: the bundle's declared layer).
-        method: gradcam, gradcampp or scorecam.
+        method: gradcam, gradcampp (gradcam++) or scorecam.
         class_idx: class (or output column) to explain; default: the predicted class.
         a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
         a_max: intensity window upper bound mapped to 1.
@@ -57,93 +49,35 @@ def cam(
             "small_cnn"}'`` for a bundle trained with ``--network_name small_cnn``).
 
     Returns:
-        Summary dict (prediction, probabilities, written files).
+        Summary dict (prediction, probabilities, energy, written files).
     """
-    import torch
+    from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
+    from monai_gamverify.visualize.registry import cam_method
 
-    import monai_gamverify as gv
-    from monai_gamverify.bundle import load_bundle, load_checkpoint
-    from monai_gamverify.io import load_image, save_nifti, write_json
-    from monai_gamverify.visualize.plots import overlay_png
-
-    if method.lower() not in _CAMS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(_CAMS)}")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names: list[str] = []
+    method = cam_method(method)
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
-        bm = load_bundle(bundle_root, device=dev, overrides=extra)
-        net, layer, names = bm.network, layer or bm.target_layer, bm.class_names
-        pre = bm.preprocessing()
-        if pre is not None:
-            try:
-                img = pre({"image": str(image)})["image"]
-            except Exception as err:
-                raise ValueError(f"cannot preprocess {image} with the bundle's transforms: {err}") from err
-        else:
-            img = load_image(image)
+        pipe = ImagePipeline.from_bundle(
+            bundle_root, overrides=extra, checkpoint=checkpoint, target_layers=layer, method=method, device=device
+        )
     elif network is not None:
-        from monai_gamverify.bundle import network_from_name
-
-        net = network_from_name(network, network_args)
-        if checkpoint:
-            load_checkpoint(net, checkpoint)
-        else:
+        if not layer:
+            raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
+        if checkpoint is None:
             print("warning: no --checkpoint given; the network keeps its random initial weights")
-        net = net.to(dev).eval()
-        img = load_image(image)
-        if a_min is not None and a_max is not None:
-            from monai.transforms import ScaleIntensityRange
-
-            img = ScaleIntensityRange(a_min, a_max, 0.0, 1.0, clip=True)(img)
+        pipe = ImagePipeline.from_network(
+            network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
+            method=method, device=device,
+        )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
-    if not layer:
-        raise ValueError("no target layer: pass --layer (names as in model.named_modules())")
-    x = img.unsqueeze(0).to(dev)
-    metadata = bm.metadata if bundle_root is not None else {}
-    slice_axis = bm.slice_axis(x.ndim - 2) if bundle_root is not None else None
-    if slice_axis is None:
-        explainer = getattr(gv, _CAMS[method.lower()])(net, layer)
-        result = explainer.explain(x, class_idx=class_idx)
-        logits, maps, explained = result.logits, result.maps, int(result.class_idx[0])
-    else:  # a 2D network on a volume (e.g. cbct_quality): slice by slice, outputs averaged over the slices
-        from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
-        from monai_gamverify.visualize.cam import normalize_maps
-
-        with torch.no_grad():
-            logits = SliceAggregateInferer(spatial_dim=slice_axis)(x, net)
-        explained = int(logits[0].argmax()) if class_idx is None else int(class_idx)
-        if not 0 <= explained < logits.shape[1]:
-            raise ValueError(f"class_idx {class_idx} out of range for {logits.shape[1]} outputs")
-        slicer = SliceCAMd(
-            "image", net, layer, column=explained, method=method.lower(), slice_axis=slice_axis, normalize=False
-        )
-        maps = slicer.maps(x[0]).unsqueeze(0)
-        maps = normalize_maps(maps)  # over the whole volume, so slices keep their relative weight
-    probs = logits.float().softmax(1)[0].tolist() if logits.shape[1] > 1 and not _is_regression(metadata) else None
-    pred = int(logits[0].argmax())
-    stem = Path(image).name.split(".")[0]
-    outdir = Path(out)
-    nii = save_nifti(maps[0], outdir / f"{stem}_{method}.nii.gz", reference=img)
-    png = overlay_png(img[0], maps[0, 0], outdir / f"{stem}_{method}.png", title=f"{method} {layer}: {stem}")
-    summary = {
-        "image": str(image),
-        "layer": layer,
-        "method": method,
-        "explained_class": explained,
-        "outputs": [float(v) for v in logits[0].tolist()],
-        "prediction": pred,
-        "prediction_name": names[pred] if pred < len(names) else str(pred),
-        "probabilities": probs,
-        "map": str(nii),
-        "overlay": str(png),
-    }
-    write_json(summary, outdir / f"{stem}_{method}.json")
+    result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
+    summary = pipe.summary(result)
+    probs = result.probabilities
     print(
-        f"{stem}: predicted {summary['prediction_name']}"
+        f"{image_stem(image)}: predicted {result.prediction_name}"
         + (f" (p={max(probs):.2f})" if probs else "")
-        + f"; {method} map of {layer} -> {nii}, overlay -> {png}"
+        + f"; {method} map of {pipe.target_layers} -> {summary['map']}, overlay -> {summary['overlay']}"
     )
     return summary
 
@@ -225,29 +159,155 @@ def demo(
     Example:
         gamverify demo --out demo_out
     """
+    import logging
+
+    from tqdm.auto import tqdm
+
     from monai_gamverify.apps.demo import run_demo
 
-    return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
+    class _Lines(logging.Handler):  # the demo logs its stage lines and summary; print them between the tqdm bars
+        def emit(self, record: logging.LogRecord) -> None:
+            tqdm.write(self.format(record))
+
+    log = logging.getLogger("monai_gamverify.apps.demo")
+    handler, level, propagate = _Lines(logging.INFO), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return run_demo(out, seed=seed, quick=quick, device=device, train=train)["report"]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
-def cohort(data: str, out: str = "cohort_out", **kwargs: Any) -> dict:
-    """Explain/verify every image of a cohort (datalist JSON, folder or glob): prediction, Grad-CAM NIfTI, attribution
+def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
+    """The one argument definition of a cohort run (``gamverify cohort`` and ``python -m monai_gamverify.apps.cohort``
+    / ``torchrun -m monai_gamverify.apps.cohort``)."""
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Explain/verify every image of a cohort; resumable (rerun the same command), skips and reports "
+        "bad items, and splits the items between processes under torchrun. Exit codes: 0 all items succeeded, 1 some "
+        "failed (errors.csv), 2 bad configuration, 3 out of device memory, 130 interrupted (rerun to resume).",
+    )
+    ap.add_argument("data", nargs="?", help="datalist JSON, image directory, glob pattern or file")
+    ap.add_argument("--datalist", help="datalist JSON (decathlon style)")
+    ap.add_argument("--images", help="image directory, glob pattern or file")
+    ap.add_argument("--out", default="cohort_out", help="output directory (default: cohort_out)")
+    ap.add_argument("--split", default="test", help="datalist list to run on (default: test)")
+    ap.add_argument("--bundle_root", help="MONAI bundle directory")
+    ap.add_argument("--overrides", help='bundle config overrides as JSON, e.g. \'{"network_name": "small_cnn"}\'')
+    ap.add_argument("--network", help="network name (monai.networks.nets) or dotted class path, instead of a bundle")
+    ap.add_argument("--network_args", help="network keyword arguments as JSON")
+    ap.add_argument("--checkpoint", help="weights file (torch.load weights_only=True)")
+    ap.add_argument("--layer", help="CAM target layer (default: the bundle's cam_layer)")
+    ap.add_argument("--method", default="gradcam", help="gradcam, gradcampp (gradcam++) or scorecam")
+    ap.add_argument("--a_min", type=float, help="intensity window lower bound (network mode)")
+    ap.add_argument("--a_max", type=float, help="intensity window upper bound (network mode)")
+    ap.add_argument("--spatial_dims", type=int, default=3, help="spatial axes expected (network mode, default 3)")
+    ap.add_argument("--reference", help="reference map NIfTI (or its directory) for the similarity features")
+    ap.add_argument("--verifier", help="fitted SuitabilityVerifier (.skops)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="P(suitable) threshold of the verdict")
+    ap.add_argument("--no_invert", action="store_true", help="write maps on the preprocessed grid")
+    ap.add_argument("--no_maps", action="store_true", help="do not write the NIfTI maps")
+    ap.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
+    ap.add_argument("--overwrite", action="store_true", help="start again in a directory of another run")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    return ap
+
+
+def cohort_main(argv: list[str] | None = None, prog: str = "gamverify cohort") -> int:
+    """Run a cohort from command-line arguments (:func:`cohort_parser`); prints the outcome, returns the exit code.
+
+    Returns:
+        0 when every item succeeded, 1 when some failed (``errors.csv``), 2 on a bad configuration or input list,
+        3 when the device ran out of memory, 130 when interrupted (finished items kept; rerun the same command).
+
+    Example:
+        $ torchrun --nproc_per_node=2 -m monai_gamverify.apps.cohort --images data/sos/images --out o \\
+              --network monai_gamverify.networks.nets.SmallCNN --network_args '{"out_channels": 5}' --layer res4
+    """
+    import signal
+    import sys
+
+    import torch
+
+    from monai_gamverify.apps.cohort import CohortInterrupted, CohortOutOfMemory, run_cohort
+    from monai_gamverify.data.datalist import DataError
+
+    ap = cohort_parser(prog)
+    args = ap.parse_args(argv)
+    sources = [v for v in (args.data, args.datalist, args.images) if v is not None]
+    if len(sources) != 1:
+        ap.error("give exactly one of DATA, --datalist or --images")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def _terminate(signum: int, frame: Any) -> None:  # torchrun and schedulers stop workers with SIGTERM
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = run_cohort(
+            sources[0],
+            args.out,
+            bundle_root=args.bundle_root,
+            overrides=args.overrides,
+            network=args.network,
+            network_args=args.network_args,
+            checkpoint=args.checkpoint,
+            layer=args.layer,
+            method=args.method,
+            a_min=args.a_min,
+            a_max=args.a_max,
+            spatial_dims=args.spatial_dims,
+            reference=args.reference,
+            verifier=args.verifier,
+            threshold=args.threshold,
+            split=args.split,
+            invert=not args.no_invert,
+            save_maps=not args.no_maps,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except CohortInterrupted as err:
+        print(f"\n{err}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print("cohort run interrupted before any item; rerun the same command", file=sys.stderr, flush=True)
+        return 130
+    except CohortOutOfMemory as err:
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        return 3
+    except (DataError, ValueError, FileNotFoundError, TypeError) as err:
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result["rank"] == 0:
+        failed = f", errors -> {result['files']['errors.csv']}" if result["n_failed"] else ""
+        print(
+            f"cohort: {result['n_succeeded']} succeeded, {result['n_failed']} failed (of {result['n_items']}); "
+            f"results -> {result['files']['results.csv']}{failed}",
+            flush=True,
+        )
+    return 0 if result["n_failed"] == 0 else 1
+
+
+def cohort(*argv: str) -> int:
+    """Explain/verify every image of a cohort (datalist JSON, folder or glob): prediction, CAM NIfTI, attribution
     energy, similarity features and verdict per image. Resumable (rerun the same command), bad items are skipped and
-    listed in errors.csv, items are split between processes under torchrun; see ``apps.cohort.run_cohort``
-    and docs/cohort.md.
+    listed in errors.csv, items are split between processes under torchrun; see docs/cohort.md and
+    ``gamverify cohort --help`` for the flags. Exit codes: 0 all succeeded, 1 some items failed, 2 bad configuration,
+    3 out of device memory, 130 interrupted.
 
     Example:
         gamverify cohort data/sos/datalist.json --out cohort_out --bundle_root bundles/sos_staging
     """
-    import sys
-
-    from monai_gamverify.apps.cohort import CohortInterrupted, run_cohort
-
-    try:
-        result = run_cohort(data, out, **kwargs)
-    except CohortInterrupted:
-        sys.exit(130)  # run_cohort printed what is saved and how to resume
-    return {k: result[k] for k in ("n_items", "n_succeeded", "n_failed", "out_dir")}
+    return cohort_main(list(argv))
 
 
 def version() -> str:
@@ -276,6 +336,8 @@ def main() -> None:
     import sys
 
     argv = sys.argv[1:]
+    if argv[:1] == ["cohort"]:  # argparse, not fire: the one parser shared with python -m monai_gamverify.apps.cohort
+        sys.exit(cohort_main(argv[1:]))
     # commands taking **kwargs would swallow --help as a keyword: hand it to fire as a flag instead
     if "--" not in argv and any(a in ("-h", "--help") for a in argv):
         argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]

@@ -50,7 +50,7 @@ def test_cam_command_writes_aligned_map_png_json(cohort, tmp_path):
 
 def test_cam_command_bad_input(cohort, tmp_path):
     image = sorted((cohort / "images").glob("*.nii.gz"))[0]
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown CAM method"):
         cli.cam(str(image), network="resnet10", network_args=NET_ARGS, layer="layer2", method="lime")
     with pytest.raises(FileNotFoundError, match="image file not found"):
         cli.cam(str(tmp_path / "missing.nii.gz"), network="resnet10", network_args=NET_ARGS, layer="layer2")
@@ -119,3 +119,53 @@ def test_help_prints_usage_not_a_traceback(argv):
     res = subprocess.run([sys.executable, "-m", "monai_gamverify.cli", *argv], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert ("FLAGS" if argv[0] != "--help" else "COMMANDS") in res.stdout + res.stderr
+
+
+SOS_TINY = {"network_name": "small_cnn", "networks#small_cnn#width": 4, "roi_size": [16, 16, 16], "pixdim": [2.5] * 3}
+
+
+@pytest.fixture(scope="module")
+def fine_image(tmp_path_factory):
+    """24^3 HU volume at 1.0 x 1.25 x 0.9 mm with an offset: the bundle resamples it to 2.5 mm and crops to 16^3."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 300, (24, 24, 24))
+    vol[6:16, 8:18, 5:14] += 1500
+    affine = np.diag([1.0, 1.25, 0.9, 1.0])
+    affine[:3, 3] = [4.0, -7.0, 2.5]
+    path = tmp_path_factory.mktemp("fine") / "fine.nii.gz"
+    nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), str(path))
+    return path
+
+
+def test_cam_bundle_honours_checkpoint_and_writes_on_input_grid(fine_image, tmp_path):
+    from pathlib import Path
+
+    from monai.transforms import Invertd
+
+    from monai_gamverify.bundle import load_bundle
+
+    sos = Path(__file__).resolve().parents[1] / "bundles" / "sos_staging"
+    torch.manual_seed(1)
+    bm = load_bundle(sos, overrides=SOS_TINY, require_weights=False, device="cpu")
+    torch.save(bm.network.state_dict(), tmp_path / "w.pt")
+    summary = cli.cam(str(fine_image), out=str(tmp_path / "o"), bundle_root=str(sos), overrides=SOS_TINY,
+                      checkpoint=str(tmp_path / "w.pt"), device="cpu")  # fmt: skip
+    # the given weights were used: the outputs equal a direct forward pass of the saved network
+    pre = bm.preprocessing()
+    x = pre({"image": str(fine_image)})["image"]
+    assert tuple(x.shape[1:]) == (16, 16, 16)
+    with torch.no_grad():
+        logits = bm.network(x.unsqueeze(0).as_tensor())[0]
+    np.testing.assert_allclose(summary["outputs"], logits.numpy(), rtol=1e-5, atol=1e-6)
+    # the map lies on the input's grid with the input's affine, and equals MONAI's Invertd of the preprocessed map
+    written, src = nib.load(summary["map"]), nib.load(str(fine_image))
+    assert written.shape == src.shape == (24, 24, 24)
+    np.testing.assert_allclose(written.affine, src.affine, atol=1e-5)
+    from monai_gamverify.visualize.cam import GradCAM
+
+    cam = GradCAM(bm.network, "res4")(x.unsqueeze(0))[0]
+    from monai.data import MetaTensor
+
+    mt = MetaTensor(cam.as_tensor(), meta=dict(x.meta), applied_operations=list(x.applied_operations))
+    ref = Invertd("cam", transform=pre, orig_keys="image", nearest_interp=False)({"cam": mt, "image": x})["cam"]
+    np.testing.assert_allclose(written.get_fdata(), ref[0].numpy(), atol=1e-5)

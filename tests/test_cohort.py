@@ -18,7 +18,8 @@ import pytest
 import torch
 from monai.data import DistributedSampler
 
-from monai_gamverify.apps.cohort import _shard, cohort_items, main, run_cohort
+from monai_gamverify.apps.cohort import cohort_items, results_table, run_cohort, shard
+from monai_gamverify.cli import cohort_main as main
 from monai_gamverify.data.datalist import DataError
 from monai_gamverify.networks.nets import SmallCNN
 from monai_gamverify.visualize.cam import GradCAM, normalize_maps
@@ -171,10 +172,15 @@ def test_resume_skips_valid_items_and_redoes_damaged_ones(cohort, baseline, tmp_
     (out / "items" / "v02.json").write_text(text[: len(text) // 2])
     (out / "maps" / "v03_cam.nii.gz").unlink()
     (out / "items" / ".v04.abc123.json").write_text("{")
+    # maps that exist but are not valid: truncated (a gzip cut short), another shape, NaN values
+    data = (out / "maps" / "v05_cam.nii.gz").read_bytes()
+    (out / "maps" / "v05_cam.nii.gz").write_bytes(data[: len(data) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), AFFINE), str(out / "maps" / "v06_cam.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), np.nan, np.float32), AFFINE), str(out / "maps" / "v07_cam.nii.gz"))
     for name in ("results.csv", "summary.json", "errors.csv"):
         (out / name).unlink()
     again = run_cohort(cohort / "datalist.json", out, progress=False, **_kwargs(cohort))
-    assert again["skipped"] == N_GOOD - 3 and again["computed"] == 3 + len(BAD)  # failed items are retried
+    assert again["skipped"] == N_GOOD - 6 and again["computed"] == 6 + len(BAD)  # failed items are retried
     _assert_same_run(out, ref)
 
 
@@ -208,7 +214,7 @@ def test_items_ids_and_sharding(cohort, tmp_path):
     with pytest.raises(DataError, match="no entries under 'validation'"):
         cohort_items(cohort / "datalist.json", split="validation")
     for n, world in ((7, 3), (10, 2), (2, 4)):
-        shards = [_shard(n, r, world) for r in range(world)]
+        shards = [shard(n, r, world) for r in range(world)]
         flat = sorted(i for s in shards for i in s)
         assert flat == list(range(n)), "every item exactly once, no padding duplicates"
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -330,16 +336,16 @@ def test_sigkill_then_sigint_then_resume_equals_uninterrupted_run(cohort, baseli
         "import sys, time\n"
         "from pathlib import Path\n"
         "import monai.bundle, monai.transforms, monai_gamverify.cli, monai_gamverify.handlers.writers\n"
-        "import monai_gamverify.apps.cohort as c\n"
-        "orig = c._ItemRunner.compute\n"
-        "def slow(self, item):\n"
+        "import monai_gamverify.apps.pipeline as p\n"
+        "orig = p.ImagePipeline.explain\n"
+        "def slow(self, *a, **k):\n"
         "    time.sleep(0.3)\n"
-        "    return orig(self, item)\n"
-        "c._ItemRunner.compute = slow\n"
+        "    return orig(self, *a, **k)\n"
+        "p.ImagePipeline.explain = slow\n"
         "go = Path(sys.argv[1])\n"
         "while not go.exists():\n"
         "    time.sleep(0.02)\n"
-        "sys.exit(c.main(sys.argv[2:]))\n"
+        "sys.exit(monai_gamverify.cli.cohort_main(sys.argv[2:]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -404,3 +410,67 @@ def test_two_processes_under_torch_distributed_equal_single_process(cohort, base
     # each rank wrote its own share of the item files: all of them are there exactly once
     assert sorted(p.stem for p in (out / "items").glob("*.json")) == [f"v{i:02d}" for i in range(N_GOOD)]
     assert sorted(p.stem for p in (out / "errors").glob("*.json")) == sorted(BAD)
+
+
+def test_results_table_is_built_once_in_linear_time():
+    # 2000 rows x 400 columns: merging the column lists row by row (O(rows * cols^2)) takes seconds; a DataFrame from
+    # the records takes a fraction of a second
+    cols = [f"feature_{j:03d}" for j in range(400)]
+    rows = [{"id": f"i{i:04d}", **{c: float(i) for c in cols}} for i in range(2000)]
+    rows[5]["late_column"] = 1.0  # a column only one row has: kept, in order of first appearance, empty elsewhere
+    start = time.perf_counter()
+    table = results_table(rows)
+    seconds = time.perf_counter() - start
+    assert list(table.columns) == ["id", *cols, "late_column"]
+    assert table.shape == (2000, 402) and table["late_column"].notna().sum() == 1
+    assert table.loc[7, "feature_123"] == 7.0
+    baseline = time.perf_counter()
+    _ = pd.DataFrame(rows)
+    baseline = time.perf_counter() - baseline
+    assert seconds < 3 * baseline + 0.2, (seconds, baseline)
+
+
+class _OOMNet(torch.nn.Module):
+    """SmallCNN that runs out of device memory on its third forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = SmallCNN(**NET_ARGS)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x)
+
+
+def test_out_of_memory_stops_the_run_instead_of_failing_every_item(cohort, tmp_path, one_thread):
+    from monai_gamverify.apps.cohort import CohortOutOfMemory
+
+    items = [str(cohort / "img" / f"v{i:02d}.nii.gz") for i in range(5)]
+    out = tmp_path / "out"
+    with pytest.raises(CohortOutOfMemory, match="out of device memory"):
+        run_cohort(items, out, network=_OOMNet(), layer="inner.res4", progress=False, background_writes=False)
+    assert sorted(p.stem for p in (out / "items").glob("*.json")) == ["v00", "v01"]  # finished items are kept
+    assert list((out / "errors").glob("*.json")) == []  # and the OOM is no item error
+
+
+def test_one_parser_and_exit_codes(cohort, tmp_path, one_thread, capsys):
+    items = [str(cohort / "img" / f"v{i:02d}.nii.gz") for i in range(2)] + [str(cohort / "img" / "bad_2d.nii.gz")]
+    (tmp_path / "list.json").write_text(json.dumps({"test": [{"image": p} for p in items]}))
+    args = ["--out", str(tmp_path / "o"), "--network", NET, "--network_args", json.dumps(NET_ARGS),
+            "--checkpoint", str(cohort / "model.pt"), "--layer", "res4", "--no_progress"]  # fmt: skip
+    # gamverify cohort DATA ... and python -m monai_gamverify.apps.cohort --datalist DATA: one parser, same codes
+    assert main([str(tmp_path / "list.json"), *args]) == 1  # an item failed: non-zero
+    assert "2 succeeded, 1 failed" in capsys.readouterr().out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (
+        [sys.executable, "-m", "monai_gamverify.cli", "cohort", str(tmp_path / "list.json")],
+        [sys.executable, "-m", "monai_gamverify.apps.cohort", "--datalist", str(tmp_path / "list.json")],
+    ):
+        proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "2 succeeded, 1 failed" in proc.stdout
+    assert main(["--datalist", str(tmp_path / "missing.json"), *args]) == 2
+    assert "datalist not found" in capsys.readouterr().err

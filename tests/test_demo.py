@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from monai_gamverify.apps.demo import (
+    DEMO_MARKER,
     MODELS,
     WEIGHTS_DIR,
     demo_settings,
@@ -125,7 +126,7 @@ def test_shipped_weights(tmp_path):
     found = shipped_weights(settings, seed=0)
     if found is None:
         pytest.skip(f"no shipped weights in {WEIGHTS_DIR}")
-    from monai_gamverify.apps.demo import _load
+    from monai_gamverify.apps.demo import load_model as _load
 
     for name, path in found.items():  # every file loads into its bundle network with weights_only=True
         bm = _load(name, path, torch.device("cpu"))
@@ -147,3 +148,44 @@ def test_no_weights_without_training_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="make_demo_weights"):
         run_demo(tmp_path / "x", quick=True, train=False, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at_cohorts(*args, **kwargs):
+    raise _Stop
+
+
+def test_out_must_be_new_empty_or_a_previous_demo(tmp_path, monkeypatch, capsys):
+    import monai_gamverify.apps.demo.runner as runner
+
+    monkeypatch.setattr(runner, "prepare_cohorts", _stop_at_cohorts)  # stop right after the directory is set up
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "my_cohort.nii.gz").write_bytes(b"precious")
+    (project / "models").mkdir()
+    (project / "models" / "mine.pt").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="not a previous demo output"):
+        run_demo(project, quick=True, train=True, progress=False)
+    assert (project / "data" / "my_cohort.nii.gz").read_bytes() == b"precious"  # nothing deleted
+    assert (project / "models" / "mine.pt").is_file()
+    # a new directory is claimed (marker written), stage lines go to the callback and the log, not to stdout
+    stages = []
+    with pytest.raises(_Stop):
+        run_demo(tmp_path / "new", quick=True, train=True, progress=False, on_stage=lambda *a: stages.append(a))
+    assert stages == [(1, 7, f"synthetic cohorts -> {tmp_path / 'new' / 'data'}")]
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "new" / DEMO_MARKER).is_file()
+    # a previous demo output is cleaned and reused
+    (tmp_path / "new" / "data").mkdir()
+    (tmp_path / "new" / "data" / "old.nii.gz").write_bytes(b"old")
+    with pytest.raises(_Stop):
+        run_demo(tmp_path / "new", quick=True, train=True, progress=False)
+    assert not (tmp_path / "new" / "data").exists()
+
+
+def test_demo_output_is_marked(demo):
+    out, _ = demo
+    assert json.loads((out / DEMO_MARKER).read_text())["format"] == "monai-gamverify.demo"

@@ -1,8 +1,9 @@
 """Serving integrations: MONAI Label infer task and MONAI Deploy operator around one SDK-independent core.
 
-:class:`SuitabilityPipeline` runs a bundle on one image the way both front ends need it: the bundle's own inference
-``preprocessing``, one forward pass that gives the prediction and the Grad-CAM (``cam.explain``), the map inverted
-back onto the input's grid and written as NIfTI, the K+1 garbage rejection when the model has a garbage class, and the
+:class:`SuitabilityPipeline` runs a bundle on one image the way both front ends need it, as a thin wrapper over the
+single-image engine (:class:`monai_gamverify.apps.pipeline.ImagePipeline`): the bundle's own inference
+``preprocessing``, one forward pass that gives the prediction and the CAM, the map back on the input's grid written as
+NIfTI, the K+1 garbage rejection when the model has a garbage class, the optional in-distribution screen, and the
 suitability verdict from a reference map and a fitted :class:`~monai_gamverify.verification.SuitabilityVerifier`
 (``"unverified"`` without them). Neither ``monailabel`` nor ``monai-deploy-app-sdk`` is needed for it:
 
@@ -29,23 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_gamverify.apps.pipeline import VERDICTS, ImagePipeline, image_stem
+from monai_gamverify.io import save_nifti
+
 __all__ = ["SuitabilityPipeline", "VERDICTS", "image_stem"]
-
-#: every verdict a result can carry
-VERDICTS = ("suitable", "not suitable", "rejected", "unverified")
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """File name without its (possibly double) extension: ``/a/case_1.nii.gz`` -> ``case_1``."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)] or "image"
-    return name.split(".")[0] or "image"
 
 
 class SuitabilityPipeline:
-    """One image in; prediction, Grad-CAM NIfTI on the input's grid, garbage rejection and suitability verdict out.
+    """One image in; prediction, CAM NIfTI on the input's grid, garbage rejection, screen and suitability verdict out.
+
+    A thin wrapper over :class:`~monai_gamverify.apps.pipeline.ImagePipeline` (``.engine``) that returns plain dicts
+    for the MONAI Label task and the MONAI Deploy operator.
 
     Args:
         bundle_root: MONAI bundle directory (``configs/inference.json``, ``configs/metadata.json``, ``models/``).
@@ -53,13 +48,14 @@ class SuitabilityPipeline:
         overrides: config keys to override (e.g. ``{"network_name": "small_cnn"}``).
         checkpoint: weights file (default ``models/model.pt``; loaded with ``weights_only=True``).
         require_weights: refuse a bundle without weights (``False`` keeps random weights: tests, demos).
-        layer: CAM target layer (default: the bundle's ``cam_layer``).
+        layer: CAM target layer (the engine's ``target_layers``; default: the bundle's ``cam_layer``).
         method: ``gradcam``, ``gradcampp`` or ``scorecam`` (default: the bundle's ``cam_method``, else Grad-CAM).
         reference: reference map (``ReferenceMap.save`` NIfTI or its directory) for the similarity features.
         verifier: fitted ``SuitabilityVerifier`` (``.skops``); needs ``reference``.
         threshold: P(suitable) at or above which the verdict is ``"suitable"``.
         garbage_index: index of the garbage class; ``None`` = the class named ``"garbage"`` if the model has one.
         garbage_threshold: also reject when the garbage probability reaches it (``None``: argmax only).
+        screen: optional in-distribution screen (see :class:`~monai_gamverify.apps.pipeline.ImagePipeline`).
         invert: put the map back on the input's own grid (inverse of the preprocessing); ``False`` keeps the
             preprocessed grid (the reference map's grid).
         device: ``cpu``/``cuda`` (default: CUDA when available).
@@ -85,188 +81,108 @@ class SuitabilityPipeline:
         threshold: float = 0.5,
         garbage_index: int | None = None,
         garbage_threshold: float | None = None,
+        screen: Any = None,
         invert: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
-        from monai_gamverify.bundle import load_bundle
-        from monai_gamverify.transforms.dictionary import make_cam
-
         if verifier is not None and reference is None:
             raise ValueError("a verifier needs the reference map it was fitted against: pass reference=")
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        self.bundle = load_bundle(
-            bundle_root,
-            config=config,
-            checkpoint=checkpoint,
-            device=device,
-            require_weights=require_weights,
-            overrides=dict(overrides or {}),
-        )
-        parser = self.bundle.parser
-        self.root = Path(bundle_root)
-        self.layer = layer or self.bundle.target_layer
-        if not self.layer:
-            raise ValueError(f"bundle {self.root} declares no CAM layer (cam_layer): pass layer=")
-        if method is None:
-            method = parser.get_parsed_content("cam_method") if "cam_method" in parser else None
-            method = method or self.bundle.metadata.get("gamverify", {}).get("cam_method") or "gradcam"
-        self.method = str(method)
-        self.cam = make_cam(self.bundle.network, self.layer, self.method)
-        self.preprocessing = self.bundle.preprocessing()
-        if self.preprocessing is None:
-            raise ValueError(f"bundle {self.root} ({config}) defines no 'preprocessing'")
-        self.class_names = self._class_names()
-        self.garbage_index = garbage_index
-        if garbage_index is None and "garbage" in self.class_names:
-            self.garbage_index = self.class_names.index("garbage")
-        self.garbage_threshold = garbage_threshold
-        self.threshold = float(threshold)
-        self.invert = bool(invert)
-        inputs = self.bundle.metadata.get("network_data_format", {}).get("inputs", {})
-        shape = next(iter(inputs.values()), {}).get("spatial_shape") if inputs else None
-        self.spatial_dims = len(shape) if shape else None
-        self.reference = self.verifier = None
-        self.metrics: list[str] | None = None
-        if reference is not None:
-            from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS
+        ref = ver = None
+        if reference is not None:  # sklearn and pandas only when verifying
             from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
 
-            self.reference = ReferenceMap.load(reference).value.to(self.device)
-            self.metrics = list(DEFAULT_METRICS)
-            if verifier is not None:
-                self.verifier = SuitabilityVerifier.load(verifier)
-                used = [str(c) for c in self.verifier.feature_names_in_]
-                unknown = [c for c in used if c not in ALL_METRICS]
-                if unknown:
-                    raise ValueError(f"verifier {verifier} uses feature(s) {unknown} that are not similarity metrics")
-                self.metrics += [c for c in used if c not in self.metrics]
+            ref = ReferenceMap.load(reference).value
+            ver = SuitabilityVerifier.load(verifier) if verifier is not None else None
+        self.root = Path(bundle_root)
+        self.engine = ImagePipeline.from_bundle(
+            bundle_root,
+            config=config,
+            overrides=overrides,
+            checkpoint=checkpoint,
+            require_weights=require_weights,
+            target_layers=layer,
+            method=method,
+            device=device,
+            reference=ref,
+            verifier=ver,
+            threshold=threshold,
+            garbage_index=garbage_index,
+            garbage_threshold=garbage_threshold,
+            screen=screen,
+            invert=invert,
+        )
+        self.bundle = self.engine.bundle
 
-    @property
-    def device(self) -> torch.device:
-        """Device of the network."""
-        param = next(self.bundle.network.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+    # the settings live in the engine; these views keep the public attributes of earlier versions
+    layer = property(lambda self: self.engine.target_layers, doc="CAM target layer.")
+    method = property(lambda self: self.engine.method, doc="CAM method.")
+    preprocessing = property(lambda self: self.engine.preprocessing, doc="The bundle's inference preprocessing.")
+    class_names = property(lambda self: self.engine.class_names, doc="Output names.")
+    garbage_index = property(lambda self: self.engine.garbage_index, doc="Index of the garbage class (or None).")
+    spatial_dims = property(lambda self: self.engine.spatial_dims, doc="Spatial axes of the network's input.")
+    metrics = property(lambda self: self.engine.metrics, doc="Similarity features (None without a reference).")
+    verifier = property(lambda self: self.engine.verifier, doc="The fitted verifier (or None).")
+    device = property(lambda self: self.engine.device, doc="Device of the network.")
+
+    def _get(name: str, doc: str) -> property:  # noqa: N805 - a property factory used in the class body
+        return property(lambda self: getattr(self.engine, name), lambda self, v: setattr(self.engine, name, v), doc=doc)
+
+    threshold = _get("threshold", "P(suitable) threshold of the verdict (settable).")
+    garbage_threshold = _get("garbage_threshold", "P(garbage) threshold that also rejects (settable).")
+    reference = _get("reference", "Reference map tensor (settable, e.g. moved to another device).")
+    invert = _get("invert", "Whether maps go back onto the input's grid (settable).")
+    del _get
 
     @property
     def verified(self) -> bool:
-        """Whether a verifier is configured (else every verdict is ``"unverified"`` or ``"rejected"``)."""
-        return self.verifier is not None
-
-    def _class_names(self) -> list[str]:
-        parser = self.bundle.parser
-        names = parser.get_parsed_content("class_names") if "class_names" in parser else None
-        # the config follows overrides (a K+1 config adds "garbage"); metadata describes the default network only
-        return [str(n) for n in names] if names else list(self.bundle.class_names)
-
-    def _names_for(self, n: int) -> list[str]:
-        if len(self.class_names) == n:
-            return list(self.class_names)
-        if len(self.bundle.class_names) == n:
-            return list(self.bundle.class_names)
-        return [str(i) for i in range(n)]
-
-    def _invert_map(self, cam: torch.Tensor, img: Any) -> Any:
-        from monai_gamverify.io.grid import invert_to_input
-
-        return invert_to_input(cam, img, self.preprocessing)
+        """Whether a verifier is configured (else every verdict is ``"unverified"``, ``"rejected"`` or
+        ``"out of distribution"``)."""
+        return self.engine.verifier is not None
 
     def run(self, image: str | os.PathLike, out_dir: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
-        """Explain, reject and verify one image file; write ``<name>_cam.nii.gz`` in ``out_dir``.
+        """Explain, reject, screen and verify one image (a file or a DICOM series directory); write
+        ``<name>_cam.nii.gz`` in ``out_dir``.
 
         Args:
-            image: image file the bundle's preprocessing can read (NIfTI, NRRD, MHA, ...).
+            image: image the bundle's preprocessing can read (NIfTI, NRRD, MHA, DICOM series directory, ...).
             out_dir: directory for the map (created).
             name: file stem of the outputs (default: the image's stem).
 
         Returns:
             Dict with ``image``, ``prediction`` (index), ``prediction_name``, ``probabilities`` (name -> p; raw
-            ``outputs`` for a single-output model), ``cam`` (path of the NIfTI map), ``cam_layer``, ``cam_method``,
-            ``garbage`` (``rejected``, ``garbage_prob``, ``best_real_class``, ``best_real_name``,
-            ``best_real_prob``; ``None`` without a garbage class), ``features`` (similarity to the reference map;
-            ``None`` without one), ``p_suitable`` (``None`` without a verifier) and ``verdict`` (one of
-            :data:`VERDICTS`).
+            ``outputs`` for a single-output or regression model), ``energy``, ``cam`` (path of the NIfTI map),
+            ``cam_layer``, ``cam_method``, ``garbage`` (``rejected``, ``garbage_prob``, ``best_real_class``,
+            ``best_real_name``, ``best_real_prob``; ``None`` without a garbage class), ``in_distribution``,
+            ``p_value``, ``reasons`` (the screen's; ``None``/empty without one), ``features`` (similarity to the
+            reference map; ``None`` without one), ``p_suitable`` (``None`` without a verifier) and ``verdict`` (one
+            of :data:`VERDICTS`).
         """
-        from monai_gamverify.io import save_nifti
-        from monai_gamverify.visualize.cam import normalize_maps
-
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        stem = name or image_stem(path)
-        try:
-            img = self.preprocessing({"image": str(path)})["image"]
-        except Exception as err:  # transforms wrap errors in long chains: name the file and the first cause
-            cause = err.__cause__ or err
-            raise ValueError(f"cannot preprocess {path} with the bundle's preprocessing: {cause}") from err
-        if self.spatial_dims is not None and img.ndim - 1 != self.spatial_dims:
-            raise ValueError(
-                f"the bundle's network takes {self.spatial_dims}D inputs but its preprocessing gives "
-                f"{img.ndim - 1}D images ({tuple(img.shape)}): slice-aggregating bundles are not supported here"
-            )
-        x = img.unsqueeze(0).to(self.device, dtype=torch.float32)
-        with torch.inference_mode(False), torch.enable_grad():
-            result = self.cam.explain(x, normalize=False)  # one forward: logits + raw map of the predicted class
-        raw = result.maps.as_tensor() if hasattr(result.maps, "as_tensor") else result.maps
-        norm = normalize_maps(raw)
-        logits = result.logits.float()[0]
-        pred = int(logits.argmax())
-        names = self._names_for(int(logits.numel()))
+        stem = name or image_stem(image)
+        res = self.engine.run(image, out_dir, name=f"{stem}_cam", overlay=False, summary=False)
         out: dict[str, Any] = {
-            "image": str(path),
-            "prediction": pred,
-            "prediction_name": names[pred],
+            "image": str(image),
+            "prediction": res.prediction,
+            "prediction_name": res.prediction_name,
         }
-        if logits.numel() > 1:
-            out["probabilities"] = {n: float(p) for n, p in zip(names, logits.softmax(0).tolist())}
+        if res.probabilities is not None:
+            out["probabilities"] = dict(zip(res.class_names, res.probabilities))
         else:
-            out["outputs"] = [float(v) for v in logits.tolist()]
-        cam, ref = norm[0].cpu(), img
-        if self.invert and getattr(img, "applied_operations", None):
-            cam = self._invert_map(cam, img)
-            ref = cam
-        out["cam"] = str(save_nifti(cam, Path(out_dir) / f"{stem}_cam.nii.gz", reference=ref))
-        out["cam_layer"], out["cam_method"] = self.layer, self.method
-
-        out["garbage"] = None
-        if self.garbage_index is not None:
-            from monai_gamverify.kplus1 import RejectGarbaged
-
-            rej = RejectGarbaged("pred", garbage_index=self.garbage_index, threshold=self.garbage_threshold).reject(
-                logits
-            )
-            best = int(rej["best_real_class"])
-            out["garbage"] = {
-                "rejected": bool(rej["rejected"]),
-                "garbage_prob": float(rej["garbage_prob"]),
-                "best_real_class": best,
-                "best_real_name": names[best],
-                "best_real_prob": float(rej["best_real_prob"]),
-            }
-
-        out["features"], out["p_suitable"] = None, None
-        if self.reference is not None:
-            from monai_gamverify.metrics.similarity import similarity_metrics
-
-            if tuple(norm.shape[2:]) != tuple(self.reference.shape[2:]):
-                raise ValueError(
-                    f"the map of {path} has shape {tuple(norm.shape[2:])} but the reference map has "
-                    f"{tuple(self.reference.shape[2:])}: the reference was made with another preprocessing"
-                )
-            feats = similarity_metrics(norm.float(), self.reference.float(), metrics=self.metrics)
-            out["features"] = {k: float(v[0]) for k, v in feats.items()}
-            if self.verifier is not None:
-                import pandas as pd
-
-                cols = [str(c) for c in self.verifier.feature_names_in_]
-                row = pd.DataFrame([{c: out["features"][c] for c in cols}])
-                out["p_suitable"] = float(self.verifier.predict_proba(row)[0, 1])
-        if out["garbage"] is not None and out["garbage"]["rejected"]:
-            out["verdict"] = "rejected"
-        elif out["p_suitable"] is not None:
-            out["verdict"] = "suitable" if out["p_suitable"] >= self.threshold else "not suitable"
-        else:
-            out["verdict"] = "unverified"
+            out["outputs"] = [float(v) for v in res.logits.tolist()]
+        out.update(
+            energy=res.energy,
+            cam=res.files["map"],
+            cam_layer=self.layer,
+            cam_method=self.method,
+            garbage=res.garbage,
+            in_distribution=res.in_distribution,
+            p_value=res.p_value,
+            reasons=res.reasons,
+            features=res.features,
+            p_suitable=res.p_suitable,
+            verdict=res.verdict,
+        )
         return out
 
     def run_array(
@@ -290,8 +206,6 @@ class SuitabilityPipeline:
         Returns:
             As :meth:`run` (``image`` is the given ``name``).
         """
-        from monai_gamverify.io import save_nifti
-
         arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
         if (
             arr.ndim in (3, 4)
@@ -324,4 +238,5 @@ class SuitabilityPipeline:
             "verified": self.verified,
             "threshold": self.threshold,
             "metrics": self.metrics,
+            "screen": None if self.engine.screen is None else type(self.engine.screen).__name__,
         }

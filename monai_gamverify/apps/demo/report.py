@@ -1,0 +1,185 @@
+"""The demo's report: verdicts, ``report.html``, TensorBoard summary scalars and the printed summary."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["verdicts", "write_report", "tensorboard_summary", "format_summary", "records"]
+
+
+# ------------------------------------------------------------------------------------------------- 7 report
+def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
+    out = []
+    for name, info in summary["verification"]["gradcam"]["per_model"].items():
+        p = info["mean_p_suitable"]
+        suitable = p >= 0.5
+        truth = "trained on SOS" if info["label"] == 1 else "trained on other data"
+        out.append(
+            (
+                f"model {name} ({truth})",
+                f"{'suitable' if suitable else 'NOT suitable'} for the SOS data: mean P(suitable) {p:.2f}",
+                suitable == bool(info["label"]),
+            )
+        )
+    for row in summary["garbage"]["rejections"]:
+        ind = row["source"].startswith("sos")
+        good = row["rejection_rate"] <= 0.2 if ind else row["rejection_rate"] >= 0.5
+        out.append(
+            (
+                f"{row['source']} volumes",
+                f"{row['rejected']}/{row['n']} rejected by the K+1 model ({100 * row['rejection_rate']:.0f} %)",
+                good,
+            )
+        )
+    sig = [r["category"] for r in summary["energy"]["table"] if r.get("significant_holm")]
+    out.append(
+        (
+            "attribution energy",
+            f"tracks the consensus score (Holm p <= 0.05) for {len(sig)} of {len(summary['energy']['table'])} "
+            f"categories{': ' + ', '.join(sig) if sig else ''}",
+            bool(sig),
+        )
+    )
+    return out
+
+
+def write_report(out: Path, summary: dict, results: dict) -> Path:
+    from monai_gamverify.apps.report import Report
+
+    rep = Report(
+        "monai-gamverify demo: is this model suitable for this data?",
+        subtitle=f"synthetic cohorts, seed {summary['seed']}, {summary['mode']} run, weights: {summary['weights']}; "
+        "research demonstration, not for clinical use",
+    )
+    for v in verdicts(summary):
+        rep.verdict(*v)
+    rep.key_figures(summary["key_figures"])
+
+    sec = rep.section(
+        "Data",
+        "Synthetic phantoms with ground truth (monai_gamverify.data): SOS volumes (the task: fusion stage 1-5), "
+        "chin and cervical-vertebrae volumes (other anatomy), pure noise, and head-and-neck image-quality volumes "
+        "scored by five simulated raters.",
+    )
+    sec.add_table(pd.DataFrame(summary["cohorts"]), "cohorts")
+
+    sec = rep.section(
+        "Models",
+        "Five small_cnn bundles. Weights: "
+        + (
+            "shipped with the package (scripts/make_demo_weights.py --seed 0, same bundle configs and cohorts)."
+            if summary["weights"] == "shipped"
+            else "trained in this run through each bundle's configs/train.json."
+        ),
+    )
+    sec.add_table(pd.DataFrame(summary["models"]), "models")
+
+    sec = rep.section(
+        "Explanations (Grad-CAM)",
+        "Grad-CAM of the reference SOS model and of the chin model on SOS test volumes, on three orthogonal slices "
+        "through the map's peak; the white contour is the true synchondrosis. The text under each figure is "
+        "monai_gamverify.visualize.text.describe_map.",
+    )
+    for row in results["explanations"].to_dict(orient="records"):
+        extra = ""
+        if "peak_in_synchondrosis" in row:
+            extra = (
+                f" Peak in the synchondrosis: {'yes' if row['peak_in_synchondrosis'] else 'no'}; "
+                f"relevance mass {row['relevance_mass']:.2f}."
+            )
+        sec.add_figure(row["overlay"], f"{row['model']} on {row['id']}: {row['text']}{extra}")
+
+    methods = {"gradcam": "Method 1: Grad-CAM attention maps", "featuremap": "Method 2: early feature maps"}
+    for method, what in methods.items():
+        v = results["verification"][method]
+        d = Path(v["dir"])
+        sec = rep.section(
+            f"Verification, {what}",
+            f"Every candidate's map of every SOS test volume is compared with the reference model's mean map "
+            f"(layer {v['reference_layer']}) by seven similarity features; a Random Forest learns 'trained on similar "
+            f"data' (label 1) vs not (label 0), cross-validated over {summary['settings']['n_splits']} folds grouped "
+            f"by subject.",
+        )
+        sec.add_figure(d / "roc.png", "ROC of the out-of-fold P(suitable)")
+        sec.add_figure(d / "reference_map.png", "reference map (mean normalised map of the reference model)")
+        sec.add_figure(v["feature_distributions"], "per-label feature distributions")
+        per_model = pd.DataFrame([{"model": k, **vals} for k, vals in v["per_model"].items()])
+        sec.add_table(per_model, "mean out-of-fold P(suitable) per candidate")
+        sec.add_table(pd.DataFrame([v["cv_mean"]]), "cross-validation (mean over folds)")
+        sec.add_table(pd.read_csv(d / "summary.csv"), "per-label feature statistics")
+
+    e = results["energy"]
+    sec = rep.section(
+        "Attribution energy",
+        f"AE (sum of the raw Grad-CAM over all axial slices) of the 2D quality model on {e['n']} held-out "
+        "volumes, against the raters' consensus score, per category: Spearman rho, leave-one-out rho/p, bootstrap "
+        "interval and Holm adjustment (monai_gamverify.energy.analysis).",
+    )
+    for c in e["categories"]:
+        p = Path(e["paths"].get(f"scatter_{c}", ""))
+        if p.is_file():
+            sec.add_figure(p, f"AE vs consensus: {c}", width=480)
+    sec.add_table(e["table"], "AE vs consensus (energy_table.csv)")
+    sec.add_table(e["regression"], "quality model predictions vs consensus (regression_metrics.csv)")
+
+    g = results["garbage"]
+    sec = rep.section(
+        "Garbage class (K+1)",
+        "The K+1 SOS model has a sixth class trained on chin and CVM volumes; it should reject what is not an SOS "
+        "volume (noise was never seen in training) and keep the SOS test volumes. Post-hoc baselines on the "
+        f"5-class reference model for comparison. Stage accuracy of the K+1 model on SOS test volumes: "
+        f"{g['stage_accuracy']:.2f}.",
+    )
+    sec.add_table(g["table"], "rejection table")
+    sec.add_table(g["ood"], "OOD detection: in = SOS test, out = chin + CVM + noise")
+
+    sec = rep.section("Files", "Everything in the report is also on disk:")
+    sec.add_list([f"{k}: {v}" for k, v in summary["files"].items()])
+    sec.add_text(format_summary(summary), pre=True)
+    return rep.write(out / "report.html")
+
+
+def tensorboard_summary(tb: Path, summary: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tb / "summary"))
+    try:
+        for method, v in summary["verification"].items():
+            for k, val in v["cv_mean"].items():
+                writer.add_scalar(f"verify_{method}/{k}", val, 0)
+            for name, info in v["per_model"].items():
+                writer.add_scalar(f"verify_{method}/mean_p_suitable_{name}", info["mean_p_suitable"], 0)
+        for row in summary["energy"]["table"]:
+            writer.add_scalar(f"energy/rho_{row['category']}", row["rho"], 0)
+            writer.add_scalar(f"energy/median_loo_rho_{row['category']}", row["median_loo_rho"], 0)
+        for row in summary["garbage"]["rejections"]:
+            writer.add_scalar(f"garbage/rejection_rate_{row['source'].split()[0]}", row["rejection_rate"], 0)
+        for k, t in summary["timings_s"].items():
+            writer.add_scalar(f"timing_s/{k}", t, 0)
+    finally:
+        writer.close()
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The few lines printed at the end of a demo run: verdicts, key figures, where the report is.
+
+    Example:
+        >>> print(format_summary(run_demo("demo_out")))
+    """
+    lines = ["verdicts:"]
+    for subject, text, good in verdicts(dict(summary)):
+        lines.append(f"  [{'ok' if good else '!!'}] {subject}: {text}")
+    lines.append("key figures:")
+    for k, v in summary["key_figures"].items():
+        lines.append(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    lines.append(f"total {summary['timings_s']['total']:.0f} s; report: {summary['report']}")
+    return "\n".join(lines)
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    return json.loads(df.to_json(orient="records"))

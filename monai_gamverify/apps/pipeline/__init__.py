@@ -1,0 +1,59 @@
+"""THE single-image engine: every caller (``gamverify cam``, cohort runs, :class:`SuitabilityPipeline` and through it
+MONAI Label and MONAI Deploy, the demo) explains an image here, so a step changes in one place.
+
+One image goes through these steps, each a method of :class:`ImagePipeline`:
+
+1. :meth:`~ImagePipeline.load`: read the file (a DICOM series directory too) with the preprocessing's own loading
+   transforms, then the rest of the preprocessing (a bundle's inference ``preprocessing``, or for a network given by
+   name: channel first, checks, optional intensity window);
+2. :meth:`~ImagePipeline.explain`: ONE forward and backward pass giving the logits and the raw CAM of the explained
+   class (a 2D network on a volume: slice by slice, ``SliceAggregateInferer`` / ``SliceCAMd``), the attribution
+   energy of the raw map, the normalised map, the K+1 garbage rejection (``RejectGarbaged``'s rule) and, with a
+   ``screen``, the in-distribution test on the activations recorded during that same forward pass;
+3. :meth:`~ImagePipeline.verify`: the similarity features of a batch of maps against the reference map in one
+   ``similarity_metrics`` call, the verifier's P(suitable) in one forest call, and the verdicts;
+4. :meth:`~ImagePipeline.on_input_grid` / :meth:`~ImagePipeline.write`: the map back on the input's grid (the one
+   inverse, ``io.grid.to_input_grid``) written as NIfTI with the input's affine, a PNG overlay and a JSON summary.
+
+Names (one word per thing): ``network`` is the ``torch.nn.Module``; ``target_layers`` is the CAM layer as in MONAI's
+CAM classes (``network.named_modules()`` names); the engine explains exactly one layer, so it is one string and every
+map is a tensor of shape (1, *spatial) (never a dict); files and JSON summaries call it ``layer``.
+
+Verdicts, in order of precedence: ``"out of distribution"`` (the screen rejects the image), ``"rejected"`` (the K+1
+garbage class), ``"suitable"`` / ``"not suitable"`` (the verifier's P(suitable) against ``threshold``),
+``"unverified"`` (no verifier).
+
+Example:
+    >>> pipe = ImagePipeline.from_bundle("bundles/sos_staging")
+    >>> result = pipe.run("case_001.nii.gz", out_dir="out", name="case_001_gradcam")
+    >>> result.prediction_name, result.energy, result.files["map"]
+    ('stage3', 1234.5, 'out/case_001_gradcam.nii.gz')
+"""
+
+from __future__ import annotations
+
+from monai_gamverify.apps.pipeline.engine import ImagePipeline
+from monai_gamverify.apps.pipeline.result import (
+    VERDICTS,
+    ImageResult,
+    PreprocessingError,
+    decide_verdict,
+    error_message,
+    image_stem,
+    is_out_of_memory,
+    is_regression,
+    simple_preprocessing,
+)
+
+__all__ = [
+    "ImagePipeline",
+    "ImageResult",
+    "PreprocessingError",
+    "VERDICTS",
+    "decide_verdict",
+    "error_message",
+    "image_stem",
+    "is_out_of_memory",
+    "is_regression",
+    "simple_preprocessing",
+]
