@@ -321,11 +321,22 @@ def test_read_dicom_series_and_single_file(tmp_path):
 
 def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     torch.manual_seed(0)
-    make_cohort("sos", n=64, size=24, seed=0, out_dir=tmp_path / "sos", progress=False)
+    summary = make_cohort("sos", n=48, size=24, seed=0, out_dir=tmp_path / "sos", progress=False)
+    make_cohort("sos", n=24, size=24, seed=1, out_dir=tmp_path / "sos_more", progress=False)
     ckpt = tmp_path / "model.pt"
     torch.save(SmallCNN(3, 1, 5, width=4).state_dict(), ckpt)
-    screen = fit_screen(SOS, tmp_path / "sos", tmp_path / "screen", json.dumps(TINY), checkpoint=ckpt, seed=0)
+    screen = fit_screen(
+        SOS,
+        tmp_path / "sos",
+        tmp_path / "screen",
+        json.dumps(TINY),
+        checkpoint=ckpt,
+        calibration_dirs=[tmp_path / "sos_more"],
+    )
     assert screen.window == WINDOW and screen.early_layers == ["stem", "res2"] and screen.garbage_index is None
+    # fitted on the training list, calibrated on the validation list + every item of the extra cohort
+    assert screen.n_fit_ == summary["splits"]["training"]
+    assert screen.n_cal_ == summary["splits"]["validation"] + 24
     vol = generate("sos", n=1, size=24, seed=5).images[0]
     aff = np.diag([40 / 24] * 3 + [1.0])
     nib.save(nib.Nifti1Image(vol.astype(np.int16), aff), str(tmp_path / "sos_new.nii.gz"))

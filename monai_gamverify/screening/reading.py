@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,14 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+@functools.lru_cache(maxsize=4)
+def _loader(reader: str | None) -> Any:
+    """One ``LoadImage`` per reader choice (building one registers every reader, which logs on each build)."""
+    from monai.transforms import LoadImage
+
+    return LoadImage(image_only=True, reader=reader)
+
+
 def read_image(path: str | os.PathLike) -> Any:
     """Load an image as a channel-first MONAI ``MetaTensor`` in native units (no resampling, no scaling).
 
@@ -53,7 +62,7 @@ def read_image(path: str | os.PathLike) -> Any:
         >>> read_image("ct.nii.gz").shape
         torch.Size([1, 512, 512, 120])
     """
-    from monai.transforms import EnsureChannelFirst, LoadImage
+    from monai.transforms import EnsureChannelFirst
 
     p = Path(path)
     if not p.exists():
@@ -67,7 +76,12 @@ def read_image(path: str | os.PathLike) -> Any:
     else:
         reader = None
     try:
-        img = LoadImage(image_only=True, reader=reader)(str(p))
+        try:
+            img = _loader(reader)(str(p))
+        except Exception:
+            if reader is not None or p.is_dir():
+                raise
+            img = _loader("NibabelReader")(str(p))  # formats ITK lacks (e.g. FreeSurfer .mgz)
         img = EnsureChannelFirst()(img)
     except Exception as err:  # readers raise many types; name the file and keep the reader's reason
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -250,7 +250,9 @@ class Screen:
         except ValueError:
             head = None
         early = list(bundle.feature_layers) or list(getattr(bundle.network, "feature_layers", ()))
-        names = [str(n).lower() for n in bundle.class_names]
+        # the config's class names follow overrides (a K+1 bundle adds "garbage"); metadata describes the default
+        class_names = bundle.parser.get_parsed_content("class_names") if "class_names" in bundle.parser else None
+        names = [str(n).lower() for n in (class_names or bundle.class_names)]
         garbage = names.index("garbage") if "garbage" in names else None
         image_fmt = bundle.metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
         modality = "CT" if str(image_fmt.get("format", "")).lower() == "hounsfield" else image_fmt.get("modality")
@@ -465,17 +467,26 @@ class Screen:
         labels: Sequence[int] | None = None,
         *,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
+        calibration: Sequence[Any] | None = None,
         calibration_fraction: float = 0.35,
         seed: int = 0,
     ) -> Screen:
-        """Fit the detectors on in-distribution images and calibrate them on a held-out part.
+        """Fit the detectors on in-distribution images and calibrate them on held-out in-distribution images.
+
+        The calibration images must be exchangeable with the images the screen will judge: **not** images the model
+        was trained on (its features are tighter on those, and a screen calibrated on them rejects too many new
+        in-distribution images). Give them as ``calibration`` (e.g. a validation split plus unseen images of the
+        same source); without it, a seeded random part of ``images`` is held out, which is valid only when the
+        model never saw ``images``.
 
         Args:
             network: the model (eval mode is set for the passes and restored).
             images: paths (any format :func:`read_image` reads) or raw channel-first ``MetaTensor`` s.
             labels: class of every image (class-conditional Mahalanobis); ``None``: the model's predictions.
             preprocess: raw image -> the tensor the model sees (e.g. :func:`preprocessing_after_loading`).
-            calibration_fraction: share of the images held out for calibration.
+            calibration: held-out in-distribution images for the conformal calibration (``None``: a random part
+                of ``images``).
+            calibration_fraction: share of ``images`` held out when ``calibration`` is ``None``.
             seed: seed of the fit/calibration split.
 
         Returns:
@@ -489,35 +500,50 @@ class Screen:
             p99 = float(np.median([p.percentiles["p99"] for p in good]))
             self.hist_range_ = (p1, p99 if p99 > p1 else p1 + 1.0)
         obs = [self.observe_image(network, img, preprocess, cam) for img in images]
-        names = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {j}" for j, i in enumerate(images)]
-        return self.fit_observations(obs, labels, calibration_fraction=calibration_fraction, seed=seed, names=names)
+        cal = None if calibration is None else [self.observe_image(network, i, preprocess, cam) for i in calibration]
+        everything = list(images) + list(calibration or [])
+        names = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {j}" for j, i in enumerate(everything)]
+        return self.fit_observations(
+            obs, labels, calibration=cal, calibration_fraction=calibration_fraction, seed=seed, names=names
+        )
 
     def fit_observations(
         self,
         observations: Sequence[Observation],
         labels: Sequence[int] | None = None,
         *,
+        calibration: Sequence[Observation] | None = None,
         calibration_fraction: float = 0.35,
         seed: int = 0,
         names: Sequence[str] | None = None,
     ) -> Screen:
         """:meth:`fit` from observations the caller already made (e.g. during the engine's passes)."""
-        obs = list(observations)
+        n_given = len(observations)
+        obs = list(observations) + list(calibration or [])
         names = list(names) if names is not None else [f"image {i}" for i in range(len(obs))]
         bad = [(n, o.profile.hard_failures) for n, o in zip(names, obs) if o.profile.hard_failures]
         for n, why in bad:
             logger.warning("screen fit: %s left out: %s", n, "; ".join(why))
         keep = [i for i, o in enumerate(obs) if not o.profile.hard_failures]
+        if labels is not None:
+            lab = np.full(len(obs), -1, dtype=np.int64)
+            lab[:n_given] = np.asarray(labels, dtype=np.int64)
+        y = None if labels is None else lab[keep]
+        is_cal = np.array([i >= n_given for i in keep])
         obs = [obs[i] for i in keep]
-        y = None if labels is None else np.asarray(labels, dtype=np.int64)[keep]
         n = len(obs)
         if not 0 < calibration_fraction < 1:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
-        n_cal = int(round(calibration_fraction * n))
-        if n - n_cal < 8 or n_cal < 1:
+        if calibration is not None:
+            cal_idx, fit_idx = np.flatnonzero(is_cal), np.flatnonzero(~is_cal)
+        else:
+            perm = np.random.default_rng(seed).permutation(n)
+            n_cal = int(round(calibration_fraction * n))
+            cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+        n_cal = len(cal_idx)
+        if len(fit_idx) < 8 or n_cal < 1:
             raise ValueError(
-                f"{n} usable training images: too few to fit ({n - n_cal}) and calibrate ({n_cal}) a screen; "
-                "need at least 9"
+                f"{n} usable images: too few to fit ({len(fit_idx)}, need 8) and calibrate ({n_cal}, need 1) a screen"
             )
         if (n_cal + 1) * self.alpha < 1:
             logger.warning(
@@ -528,12 +554,12 @@ class Screen:
                 1 / (n_cal + 1),
                 self.alpha,
             )
-        perm = np.random.default_rng(seed).permutation(n)
-        cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
         fit_obs = [obs[i] for i in fit_idx]
         active = self._active()
         if y is None:
             y = np.array([self._predicted(o) for o in obs], dtype=np.int64)
+        elif (y[fit_idx] < 0).any():
+            raise ValueError("labels must be non-negative class indices")
         y_fit = y[fit_idx]
         self.detectors_: dict[str, Any] = {}
         for layer in ("penultimate", "early"):
@@ -582,6 +608,9 @@ class Screen:
         self.cal_scores_ = self._raw_scores([obs[i] for i in cal_idx])
         self.cal_stat_ = self._statistic(self.cal_scores_)
         self.n_fit_, self.n_cal_, self.seed_ = len(fit_idx), len(cal_idx), int(seed)
+        # positions (in the observations given) of the calibration images, for comparisons calibrated the same way
+        # (``calibration`` given: positions in it), for comparisons calibrated on the same images
+        self.calibration_index_ = np.asarray(keep)[cal_idx] - (n_given if calibration is not None else 0)
         self.fitted_ = True
         logger.info("screen fitted: %d fit, %d calibration images, detectors %s", len(fit_idx), len(cal_idx), active)
         return self
@@ -916,15 +945,22 @@ def fit_screen(
     config: str = "inference.json",
     checkpoint: str | os.PathLike | None = None,
     datalist: str | os.PathLike | None = None,
-    splits: Sequence[str] = ("training", "validation"),
+    fit_splits: Sequence[str] = ("training",),
+    calibration_splits: Sequence[str] = ("validation",),
+    calibration_dirs: Sequence[str | os.PathLike] = (),
     calibration_fraction: float = 0.35,
     combine: str = "maxz",
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> Screen:
-    """Fit a screen for a bundle's model on its training data and save it to ``out`` (``gamverify screen fit``).
+    """Fit a screen for a bundle's model and save it to ``out`` (``gamverify screen fit``).
 
-    Items labelled with the model's garbage class (K+1 bundles) are left out: they are not in-distribution.
+    The detectors are fitted on ``fit_splits`` of the dataset (the model's training data); the conformal
+    calibration uses images the model was **not** trained on: ``calibration_splits`` of the same datalist plus every
+    item of the datalists in ``calibration_dirs`` (more in-distribution images of the same source; at least
+    ``1/alpha - 1`` are needed to reject anything, a few hundred for a false-rejection rate close to alpha on every
+    draw). With no calibration split and no calibration dir, a seeded ``calibration_fraction`` of the fit images is
+    held out (valid only if the model never saw them). Items labelled with a K+1 model's garbage class are left out.
 
     Args:
         bundle_root: the MONAI bundle.
@@ -935,8 +971,10 @@ def fit_screen(
         config: the bundle config defining ``network_def`` and ``preprocessing``.
         checkpoint: weights (default: the bundle's ``models/model.pt``).
         datalist: the datalist JSON (default ``dataset_dir/datalist.json``).
-        splits: datalist lists used (fit + calibration).
-        calibration_fraction: held-out share for calibration.
+        fit_splits: datalist lists the detectors are fitted on.
+        calibration_splits: datalist lists used for calibration (held out from training).
+        calibration_dirs: more datasets (each with a ``datalist.json``) used for calibration, all their lists.
+        calibration_fraction: held-out share of the fit images when no calibration data is given.
         combine: ``maxz`` or ``bonferroni``.
         seed: split seed.
         device: torch device.
@@ -945,7 +983,8 @@ def fit_screen(
         The fitted :class:`Screen`.
 
     Example:
-        >>> fit_screen("bundles/sos_staging", "data/sos", "screen_sos", {"network_name": "small_cnn"})
+        >>> fit_screen("bundles/sos_staging", "data/sos", "screen_sos", {"network_name": "small_cnn"},
+        ...            calibration_dirs=["data/sos_more"])
     """
     from monai_gamverify.bundle import load_bundle
     from monai_gamverify.datalist import load_datalist
@@ -955,19 +994,43 @@ def fit_screen(
     bm = load_bundle(bundle_root, config=config, checkpoint=checkpoint, device=device, overrides=ov)
     screen = Screen.from_bundle(bm, config=config, overrides=ov, checkpoint=checkpoint, alpha=alpha, combine=combine)
     dl = Path(datalist) if datalist is not None else ds / "datalist.json"
-    items = []
-    for split in splits:
-        items += load_datalist(dl, split, dataset_dir=ds, spatial_dims=None, num_channels=None, check="exists")
-    if screen.garbage_index is not None:
-        items = [e for e in items if int(e.get("label", -1)) != screen.garbage_index]
-    if not items:
-        raise ValueError(f"no in-distribution items in {dl} ({', '.join(splits)})")
-    labels = [int(e["label"]) for e in items] if all("label" in e for e in items) else None
+
+    def items_of(path: Path, splits: Sequence[str], root: Path) -> list[dict]:
+        got: list[dict] = []
+        for split in splits:
+            got += load_datalist(
+                path,
+                split,
+                dataset_dir=root,
+                spatial_dims=None,
+                num_channels=None,
+                require_label=False,
+                check="exists",
+                allow_empty=True,
+            )
+        if screen.garbage_index is not None:
+            got = [e for e in got if int(e.get("label", -1)) != screen.garbage_index]
+        return got
+
+    fit_items = items_of(dl, fit_splits, ds)
+    cal_items = items_of(dl, calibration_splits, ds) if calibration_splits else []
+    for extra in calibration_dirs:
+        cal_items += items_of(Path(extra) / "datalist.json", ("training", "validation", "test"), Path(extra))
+    if not fit_items:
+        raise ValueError(f"no in-distribution items in {dl} ({', '.join(fit_splits)})")
+    if not cal_items:
+        logger.warning(
+            "screen fit: no calibration split or dataset; holding out %.0f %% of the fit images, valid only if the "
+            "model was not trained on them",
+            100 * calibration_fraction,
+        )
+    labels = [int(e["label"]) for e in fit_items] if all("label" in e for e in fit_items) else None
     screen.fit(
         bm.network,
-        [e["image"] for e in items],
+        [e["image"] for e in fit_items],
         labels,
         preprocess=preprocessing_after_loading(bm),
+        calibration=[e["image"] for e in cal_items] or None,
         calibration_fraction=calibration_fraction,
         seed=seed,
     )
