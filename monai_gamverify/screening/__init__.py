@@ -27,6 +27,7 @@ from monai_gamverify.screening.screen import (
     Screen,
     ScreenFileError,
     fit_screen,
+    load_screen_bundle,
     run_screen,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "conformal_pvalues",
     "fit_screen",
     "intensity_window_of",
+    "load_screen_bundle",
     "pool_features",
     "preprocessing_after_loading",
     "profile_image",

@@ -152,9 +152,8 @@ def _orientation(affine: np.ndarray) -> str:
 
 def _as_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return x.numpy()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor first: MetaTensor ops are slow
+        return x.detach().cpu().numpy()
     return np.asarray(x)
 
 
@@ -301,11 +300,11 @@ def attach_tensor(profile: DataProfile, tensor: Any) -> DataProfile:
     Example:
         >>> attach_tensor(profile_image(img, (-1000, 2000)), preprocess(img)).windowed_std
     """
-    t = torch.as_tensor(tensor).detach().to(torch.float64).cpu()
-    finite = t[torch.isfinite(t)]
-    profile.windowed_mean = float(finite.mean()) if finite.numel() else float("nan")
-    profile.windowed_std = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
-    if finite.numel() != t.numel():
+    t = _as_numpy(tensor).astype(np.float64, copy=False).reshape(-1)
+    finite = t[np.isfinite(t)]
+    profile.windowed_mean = float(finite.mean()) if finite.size else float("nan")
+    profile.windowed_std = float(finite.std()) if finite.size else float("nan")
+    if finite.size != t.size:
         profile.hard_failures.append("the preprocessed image contains NaN or infinite values")
     elif profile.windowed_std == 0.0 and not profile.hard_failures:
         profile.hard_failures.append(

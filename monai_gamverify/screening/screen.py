@@ -71,7 +71,7 @@ from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
 from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.transforms import make_cam
 
-__all__ = ["Screen", "Observation", "DETECTORS", "ScreenFileError", "fit_screen", "run_screen"]
+__all__ = ["Screen", "Observation", "DETECTORS", "ScreenFileError", "fit_screen", "run_screen", "load_screen_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ class Screen:
         modality: ``"CT"`` when the window is in Hounsfield units (messages say "not CT-like").
         bundle: where the model comes from, for :func:`run_screen` (``root``, ``config``, ``overrides``,
             ``checkpoint``).
+        attention_size: CAMs are average-pooled to at most this many voxels per axis before their similarity
+            features are computed.
 
     Example:
         >>> screen = Screen(window=(-1000, 2000), early_layers=["stem"], head="head", cam_layer="res4")
@@ -206,6 +208,7 @@ class Screen:
         reg: float = 1e-3,
         modality: str | None = None,
         bundle: dict | None = None,
+        attention_size: int = 16,
     ) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -225,6 +228,7 @@ class Screen:
         self.reg = float(reg)
         self.modality = modality
         self.bundle = dict(bundle or {})
+        self.attention_size = int(attention_size)
         self.fitted_ = False
 
     # ------------------------------------------------------------------------------------------------ building
@@ -401,8 +405,18 @@ class Screen:
             rows.append(np.append(v, js))
         return np.vstack(rows)
 
+    def _attention_grid(self, cams: torch.Tensor) -> torch.Tensor:
+        """(N, 1, *spatial) maps average-pooled to at most ``attention_size`` voxels per axis (a CAM carries no more
+        detail than its target layer's grid; this bounds the cost of the similarity features on large inputs)."""
+        size = [min(int(s), self.attention_size) for s in cams.shape[2:]]
+        if list(cams.shape[2:]) == size:
+            return cams
+        pool = (F.adaptive_avg_pool3d, F.adaptive_avg_pool2d)[0 if cams.ndim == 5 else 1]
+        return pool(cams, size).clamp(0, 1)
+
     def _attention_features(self, cams: torch.Tensor) -> np.ndarray:
         ref = torch.as_tensor(self.cam_ref_, dtype=torch.float32)
+        cams = self._attention_grid(cams)
         if tuple(cams.shape[2:]) != tuple(ref.shape[1:]):
             mode = "trilinear" if ref.ndim == 4 else "bilinear"
             cams = F.interpolate(cams, size=tuple(ref.shape[1:]), mode=mode, align_corners=False).clamp(0, 1)
@@ -574,7 +588,7 @@ class Screen:
             self.detectors_[f"knn_{layer}"] = KNNDetector(self.k).fit(feats)
         if "attention" in active:
             cams = torch.stack([o.cam for o in fit_obs])
-            self.cam_ref_ = cams.mean(0).numpy().astype(np.float32)
+            self.cam_ref_ = self._attention_grid(cams).mean(0).numpy().astype(np.float32)
             feats = self._attention_features(cams)
             self.detectors_["attention"] = ClassMahalanobis(self.reg).fit(feats, np.zeros(len(feats), np.int64))
         # data profile: histogram range and reference, per-feature robust scales with floors, ranges for messages
@@ -819,6 +833,7 @@ class Screen:
             "reg": self.reg,
             "modality": self.modality,
             "bundle": self.bundle,
+            "attention_size": self.attention_size,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -1038,7 +1053,12 @@ def fit_screen(
     return screen
 
 
-def _load_screen_bundle(screen: Screen, device: str | torch.device | None) -> Any:
+def load_screen_bundle(screen: Screen, device: str | torch.device | None = None) -> Any:
+    """The bundle model a screen was fitted for (root, config, overrides and checkpoint recorded at fit time).
+
+    Example:
+        >>> bm = load_screen_bundle(Screen.load("screen_sos"))
+    """
     from monai_gamverify.bundle import load_bundle
 
     info = screen.bundle
@@ -1087,7 +1107,7 @@ def run_screen(
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}")
     scr = screen if isinstance(screen, Screen) else Screen.load(screen)
-    bm = bundle if bundle is not None else _load_screen_bundle(scr, device)
+    bm = bundle if bundle is not None else load_screen_bundle(scr, device)
     pre = preprocessing_after_loading(bm)
     cam = _make_cam(bm.network, scr.cam_layer, scr.cam_method) if scr.cam_layer is not None else None
     rows = []
