@@ -1,0 +1,58 @@
+"""In-distribution screen: is this image like the data the model was made for? (data profile, feature density,
+K+1 garbage probability, attention atypicality, conformal p-values).
+
+Example:
+    >>> from monai_gamverify.screening import fit_screen, run_screen
+    >>> screen = fit_screen("bundles/sos_staging", "data/sos", "screen_sos", {"network_name": "small_cnn"})
+    >>> table = run_screen(screen, ["new.nii.gz", "dicom_series/"], "screen_out")
+"""
+
+from __future__ import annotations
+
+from monai_gamverify.screening.detectors import (
+    ClassMahalanobis,
+    KNNDetector,
+    RelativeMahalanobis,
+    RobustScaler,
+    bonferroni,
+    conformal_pvalues,
+    pool_features,
+)
+from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
+from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
+from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
+from monai_gamverify.screening.screen import (
+    DETECTORS,
+    Observation,
+    Screen,
+    ScreenFileError,
+    fit_screen,
+    load_screen_bundle,
+    run_screen,
+)
+
+__all__ = [
+    "DETECTORS",
+    "PENULTIMATE",
+    "ClassMahalanobis",
+    "DataProfile",
+    "FeatureRecorder",
+    "ImageReadError",
+    "KNNDetector",
+    "Observation",
+    "RelativeMahalanobis",
+    "RobustScaler",
+    "Screen",
+    "ScreenFileError",
+    "attach_tensor",
+    "bonferroni",
+    "conformal_pvalues",
+    "fit_screen",
+    "intensity_window_of",
+    "load_screen_bundle",
+    "pool_features",
+    "preprocessing_after_loading",
+    "profile_image",
+    "read_image",
+    "run_screen",
+]

@@ -1,0 +1,281 @@
+"""Feature-density detectors and conformal p-values of the in-distribution screen.
+
+Every detector here returns an **anomaly score: higher = less like the training data** (the opposite sign of the
+scores in :mod:`monai_gamverify.garbage`, whose convention is higher = in-distribution).
+
+- :class:`ClassMahalanobis`: min over classes of the squared Mahalanobis distance with a shared covariance
+  (Lee et al., 2018), computed by :class:`monai_gamverify.garbage.MahalanobisDetector`.
+- :class:`RelativeMahalanobis`: that distance minus the distance to one Gaussian fitted to all the data
+  (Ren et al., 2021), which removes the part of the distance that every input shares.
+- :class:`KNNDetector`: distance to the k-th nearest training feature after L2 normalisation (cosine geometry;
+  Sun et al., 2022).
+- :func:`conformal_pvalues`: ``(1 + #{s_cal >= s}) / (n + 1)``; :func:`bonferroni` combines several.
+
+Example:
+    >>> det = KNNDetector(k=5).fit(train_feats)
+    >>> p = conformal_pvalues(det.score(cal_feats), det.score(test_feats))
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_gamverify.garbage import MahalanobisDetector
+
+__all__ = [
+    "pool_features",
+    "ClassMahalanobis",
+    "RelativeMahalanobis",
+    "KNNDetector",
+    "RobustScaler",
+    "conformal_pvalues",
+    "bonferroni",
+]
+
+
+def pool_features(x: Any, moments: int = 1) -> np.ndarray:
+    """(B, C, *spatial) activations -> (B, C) channel means (``moments=2``: means then standard deviations,
+    (B, 2C)); (B, D) features pass through. Returns float64 numpy.
+
+    Example:
+        >>> pool_features(torch.ones(2, 3, 4, 4, 4), moments=2).shape
+        (2, 6)
+    """
+    t = torch.as_tensor(x).detach().to(torch.float64).cpu()
+    if t.ndim < 2:
+        raise ValueError(f"features must have shape (B, D) or (B, C, *spatial), got {tuple(t.shape)}")
+    if t.ndim == 2:
+        return t.numpy()
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    parts = [flat.mean(-1)]
+    if moments >= 2:
+        parts.append(flat.std(-1, unbiased=False))
+    return torch.cat(parts, dim=1).numpy()
+
+
+def _mahalanobis_state(det: MahalanobisDetector, prefix: str) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}classes": det.classes_.cpu().numpy(),
+        f"{prefix}means": det.means_.cpu().numpy(),
+        f"{prefix}covariance": det.covariance_.cpu().numpy(),
+        f"{prefix}precision": det.precision_.cpu().numpy(),
+    }
+
+
+def _mahalanobis_from_state(arrays: dict[str, np.ndarray], prefix: str, reg: float) -> MahalanobisDetector:
+    det = MahalanobisDetector(reg=reg)
+    det.classes_ = torch.as_tensor(arrays[f"{prefix}classes"])
+    det.means_ = torch.as_tensor(arrays[f"{prefix}means"], dtype=torch.float64)
+    det.covariance_ = torch.as_tensor(arrays[f"{prefix}covariance"], dtype=torch.float64)
+    det.precision_ = torch.as_tensor(arrays[f"{prefix}precision"], dtype=torch.float64)
+    det.n_features_in_ = int(det.means_.shape[1])
+    return det
+
+
+class ClassMahalanobis:
+    """Class-conditional Mahalanobis anomaly score ``min_k (x - mu_k)^T S^-1 (x - mu_k)`` (shared covariance S).
+
+    Args:
+        reg: ridge on the covariance diagonal relative to its mean variance (see ``MahalanobisDetector``).
+
+    Example:
+        >>> ClassMahalanobis().fit(feats, labels).score(feats[:2])
+    """
+
+    def __init__(self, reg: float = 1e-3) -> None:
+        self.reg = float(reg)
+        self.det: MahalanobisDetector | None = None
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> ClassMahalanobis:
+        """Fit the class means and the shared covariance on (N, D) features and (N,) integer labels."""
+        self.det = MahalanobisDetector(reg=self.reg).fit(torch.as_tensor(features), torch.as_tensor(labels))
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N,) anomaly scores (squared distance to the closest class mean)."""
+        if self.det is None:
+            raise RuntimeError("ClassMahalanobis is not fitted")
+        return (-self.det.score(torch.as_tensor(features))).cpu().numpy()
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """Arrays that rebuild the detector (for ``.npz``)."""
+        if self.det is None:
+            raise RuntimeError("ClassMahalanobis is not fitted")
+        return _mahalanobis_state(self.det, prefix)
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], prefix: str, reg: float) -> ClassMahalanobis:
+        """Inverse of :meth:`state`."""
+        obj = cls(reg)
+        obj.det = _mahalanobis_from_state(arrays, prefix, reg)
+        return obj
+
+
+class RelativeMahalanobis:
+    """Relative Mahalanobis distance (Ren et al., 2021): ``min_k d_k^2(x) - d_0^2(x)``, where ``d_0`` is the
+    distance to one Gaussian fitted to all training features (labels ignored).
+
+    Example:
+        >>> RelativeMahalanobis().fit(feats, labels).score(test_feats)
+    """
+
+    def __init__(self, reg: float = 1e-3) -> None:
+        self.reg = float(reg)
+        self.cls = ClassMahalanobis(reg)
+        self.background = ClassMahalanobis(reg)
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> RelativeMahalanobis:
+        """Fit the class-conditional model and the single background Gaussian."""
+        self.cls.fit(features, labels)
+        self.background.fit(features, np.zeros(len(features), dtype=np.int64))
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N,) relative Mahalanobis anomaly scores."""
+        return self.cls.score(features) - self.background.score(features)
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """Arrays that rebuild the detector."""
+        return {**self.cls.state(prefix + "cls_"), **self.background.state(prefix + "bg_")}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], prefix: str, reg: float) -> RelativeMahalanobis:
+        """Inverse of :meth:`state`."""
+        obj = cls(reg)
+        obj.cls = ClassMahalanobis.from_state(arrays, prefix + "cls_", reg)
+        obj.background = ClassMahalanobis.from_state(arrays, prefix + "bg_", reg)
+        return obj
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+class KNNDetector:
+    """Distance to the k-th nearest training feature, both L2-normalised (so distance = sqrt(2 - 2 cos)).
+
+    Args:
+        k: neighbour rank (clipped to the bank size).
+
+    Example:
+        >>> KNNDetector(k=5).fit(train_feats).score(test_feats)
+    """
+
+    def __init__(self, k: int = 5) -> None:
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k!r}")
+        self.k = int(k)
+        self.bank: np.ndarray | None = None
+
+    def fit(self, features: np.ndarray) -> KNNDetector:
+        """Store the normalised (N, D) training features."""
+        feats = np.asarray(features, dtype=np.float64)
+        if feats.ndim != 2 or len(feats) < 2:
+            raise ValueError(f"need (N >= 2, D) features, got shape {feats.shape}")
+        self.bank = _l2n(feats)
+        return self
+
+    def score(self, features: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+        """(N,) k-th neighbour distances; ``exclude_self=True`` scores the bank itself leaving each point out."""
+        if self.bank is None:
+            raise RuntimeError("KNNDetector is not fitted")
+        q = _l2n(features)
+        if q.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"expected {self.bank.shape[1]} features, got {q.shape[1]}")
+        d2 = (q**2).sum(1)[:, None] + (self.bank**2).sum(1)[None] - 2.0 * q @ self.bank.T
+        d = np.sqrt(np.clip(d2, 0.0, None))
+        k = min(self.k + int(exclude_self), self.bank.shape[0])
+        return np.sort(d, axis=1)[:, k - 1]
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """Arrays that rebuild the detector."""
+        if self.bank is None:
+            raise RuntimeError("KNNDetector is not fitted")
+        return {f"{prefix}bank": self.bank}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], prefix: str, k: int) -> KNNDetector:
+        """Inverse of :meth:`state`."""
+        obj = cls(k)
+        obj.bank = np.asarray(arrays[f"{prefix}bank"], dtype=np.float64)
+        return obj
+
+
+class RobustScaler:
+    """``z = (s - median) / scale`` with ``scale = max(1.4826 MAD, floor)`` fitted column-wise on (N, M) scores.
+
+    Example:
+        >>> RobustScaler().fit(np.array([[1.0], [2.0], [3.0]])).transform(np.array([[5.0]]))
+    """
+
+    def __init__(self, floor: np.ndarray | float = 1e-9) -> None:
+        self.floor = floor
+        self.median_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+
+    def fit(self, scores: np.ndarray) -> RobustScaler:
+        """Fit medians and scales, ignoring NaN."""
+        s = np.asarray(scores, dtype=np.float64)
+        s = s[:, None] if s.ndim == 1 else s
+        with warnings.catch_warnings():  # an all-NaN column (inactive detector) stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self.median_ = np.nanmedian(s, axis=0)
+            mad = 1.4826 * np.nanmedian(np.abs(s - self.median_), axis=0)
+        floor = np.broadcast_to(np.asarray(self.floor, dtype=np.float64), mad.shape)
+        self.scale_ = np.maximum(np.nan_to_num(mad, nan=0.0), floor)
+        return self
+
+    def transform(self, scores: np.ndarray) -> np.ndarray:
+        """Robust z-scores (NaN stays NaN)."""
+        if self.median_ is None or self.scale_ is None:
+            raise RuntimeError("RobustScaler is not fitted")
+        s = np.asarray(scores, dtype=np.float64)
+        return (s - self.median_) / self.scale_
+
+
+def conformal_pvalues(calibration: Any, scores: Any) -> np.ndarray:
+    """Conformal p-values of anomaly ``scores`` against in-distribution ``calibration`` scores.
+
+    ``p = (1 + #{s_cal >= s}) / (n + 1)``: for a new in-distribution image exchangeable with the calibration set,
+    ``P(p <= alpha) <= alpha`` for every alpha. A NaN score gives a NaN p-value.
+
+    Args:
+        calibration: (n,) anomaly scores of held-out in-distribution images (finite).
+        scores: anomaly scores to test (any shape).
+
+    Returns:
+        p-values, the shape of ``scores``.
+
+    Example:
+        >>> conformal_pvalues([0.1, 0.2, 0.3], [0.25, 5.0])
+        array([0.5 , 0.25])
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64).reshape(-1))
+    if cal.size == 0 or not np.isfinite(cal).all():
+        raise ValueError("calibration scores must be a non-empty finite array")
+    s = np.asarray(scores, dtype=np.float64)
+    n_ge = cal.size - np.searchsorted(cal, s, side="left")
+    p = (1.0 + n_ge) / (cal.size + 1.0)
+    return np.where(np.isnan(s), np.nan, p)
+
+
+def bonferroni(pvalues: Any, axis: int = -1) -> np.ndarray:
+    """Bonferroni min-p combination ``min(1, m * min_j p_j)`` over the non-NaN p-values along ``axis``
+    (m = how many are present); all NaN gives NaN. Valid under any dependence between the detectors.
+
+    Example:
+        >>> bonferroni(np.array([[0.01, 0.5, np.nan]]))
+        array([0.02])
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = np.sum(~np.isnan(p), axis=axis)
+    with np.errstate(invalid="ignore"):
+        mn = np.nanmin(np.where(np.isnan(p), np.inf, p), axis=axis)
+    out = np.minimum(1.0, m * mn)
+    return np.where(m > 0, out, np.nan)

@@ -1,0 +1,79 @@
+"""Record the screen's features during a forward pass that runs anyway (the CAM's), so screening costs no extra pass.
+
+:class:`FeatureRecorder` hooks the early layers (their outputs) and the classifier head (its input: the penultimate
+features) and keeps what the **first** forward pass after entering (or :meth:`FeatureRecorder.reset`) produced; the
+later passes of Score-CAM (masked inputs) are ignored. Hooks are removed on exit, whatever happens.
+:mod:`monai_gamverify.hooks` records the last call of a layer's *output*; this recorder needs the first call and a
+module's *input*, hence this small helper.
+
+Example:
+    >>> with FeatureRecorder(net, early_layers=["stem"], head="head") as rec:
+    ...     result = GradCAM(net, "res4").explain(x)
+    >>> rec.activations["stem"].shape, rec.activations[PENULTIMATE].shape
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from monai_gamverify.hooks import resolve_layers
+
+__all__ = ["FeatureRecorder", "PENULTIMATE"]
+
+#: key of the classifier head's input in :attr:`FeatureRecorder.activations`
+PENULTIMATE = "penultimate"
+
+
+class FeatureRecorder:
+    """Context manager recording early-layer outputs and the classifier head's input (detached copies).
+
+    Args:
+        model: the network.
+        early_layers: names (``model.named_modules()``) whose outputs are recorded.
+        head: name of the classifier head whose input is recorded under :data:`PENULTIMATE` (``None``: none).
+
+    Attributes:
+        activations: dict name -> tensor from the first forward pass since entering or :meth:`reset`.
+    """
+
+    def __init__(self, model: nn.Module, early_layers: Sequence[str] = (), head: str | None = None) -> None:
+        self.model = model
+        self.modules = resolve_layers(model, list(early_layers)) if early_layers else {}
+        self.head = resolve_layers(model, head)[head] if head else None
+        self.activations: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _out_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if name not in self.activations and isinstance(output, torch.Tensor):
+                self.activations[name] = output.detach().clone()
+
+        return hook
+
+    def _head_hook(self, module: nn.Module, inputs: tuple) -> None:
+        if PENULTIMATE not in self.activations and inputs and isinstance(inputs[0], torch.Tensor):
+            self.activations[PENULTIMATE] = inputs[0].detach().clone()
+
+    def __enter__(self) -> FeatureRecorder:
+        self.reset()
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._out_hook(name)))
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_pre_hook(self._head_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def reset(self) -> None:
+        """Forget what was recorded (the next forward pass is recorded)."""
+        self.activations = {}
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
