@@ -313,9 +313,18 @@ def test_image_array_and_affine():
     arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     a, af, name = image_array_and_affine(_FakeImage(arr, {"affine": aff, "filename": "/x/case_3.nii.gz"}))
     assert a is arr and np.array_equal(af, aff) and name == "case_3"
-    dicom = {"row_pixel_spacing": 1.0, "nifti_affine_transform": aff, "SeriesInstanceUID": "1.2.3"}
+    dicom = {
+        "row_pixel_spacing": 3.0,  # PixelSpacing[0]: between rows, along the column direction (j)
+        "col_pixel_spacing": 2.0,  # PixelSpacing[1]: between columns, along the row direction (i)
+        "row_direction_cosine": [1.0, 0.0, 0.0],
+        "col_direction_cosine": [0.0, 1.0, 0.0],
+        "dicom_affine_transform": np.array([[3.0, 0, 0, 5], [0, 2.0, 0, 6], [0, 0, 4.0, 7], [0, 0, 0, 1]]),
+        "nifti_affine_transform": np.eye(4),  # SDK 4.0's, wrong for non-square pixels: not used
+        "SeriesInstanceUID": "1.2.3",
+    }
     a, af, name = image_array_and_affine(_FakeImage(arr, dicom))
-    assert a.shape == (4, 3, 2) and a[3, 2, 1] == arr[1, 2, 3] and np.array_equal(af, aff) and name == "1.2.3"
+    expected = np.array([[-2.0, 0, 0, -5], [0, -3.0, 0, -6], [0, 0, 4.0, 7], [0, 0, 0, 1]])  # LPS -> RAS
+    assert a.shape == (4, 3, 2) and a[3, 2, 1] == arr[1, 2, 3] and np.array_equal(af, expected) and name == "1.2.3"
     mt = MetaTensor(torch.as_tensor(arr)[None], affine=torch.as_tensor(aff), meta={"filename_or_obj": "y/z.nii"})
     a, af, name = image_array_and_affine(mt)
     assert a.shape == (1, 2, 3, 4) and np.allclose(af, aff) and name == "z"

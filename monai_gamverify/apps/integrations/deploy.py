@@ -22,18 +22,190 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline, image_stem
+from monai_gamverify.apps.integrations.dicom import series_affine_from_metadata
 
-__all__ = ["GamverifyRunner", "image_array_and_affine", "sdk_available"]
+__all__ = [
+    "GamverifyRunner",
+    "image_array_and_affine",
+    "sdk_available",
+    "resolve_bundle",
+    "check_weights",
+    "require_selected_series",
+    "DEFAULT_SERIES_RULES",
+    "DICOM_RECORD_KEYS",
+    "parse_app_options",
+    "runner_kwargs",
+]
+
+#: series selection rules for ``DICOMSeriesSelectorOperator``: the first CT series, else the first MR series, that is
+#: an original primary acquisition (no localizer, no derived reformat), the one with the most slices first
+DEFAULT_SERIES_RULES = json.dumps(
+    {
+        "selections": [
+            {"name": "CT series", "conditions": {"Modality": "(?i)CT", "ImageType": ["PRIMARY", "ORIGINAL"]}},
+            {"name": "MR series", "conditions": {"Modality": "(?i)MR", "ImageType": ["PRIMARY", "ORIGINAL"]}},
+        ]
+    }
+)
+#: DICOM attributes of the volume copied into ``<name>_gamverify.json`` (no patient identifiers)
+DICOM_RECORD_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "selection_name",
+    "row_pixel_spacing",
+    "col_pixel_spacing",
+    "depth_pixel_spacing",
+)
+_INFER_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 
 _OPERATORS: dict[str, type] = {}
+logger = logging.getLogger(__name__)
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() and any((path / "configs" / c).is_file() for c in _INFER_CONFIGS)
+
+
+def resolve_bundle(model_path: str | os.PathLike, name: str | None = None) -> Path:
+    """The bundle directory in an SDK model path.
+
+    Accepted layouts: the bundle itself (``configs/inference.json``), ``<model_path>/<bundle>`` and the SDK's default
+    ``<model_path>/models/<bundle>`` (what ``monai-deploy package`` lays out under ``/opt/holoscan/models``).
+
+    Args:
+        model_path: the app context's ``model_path`` (``-m`` / ``HOLOSCAN_MODEL_PATH``).
+        name: the bundle's directory name, needed when the model path holds several bundles.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        FileNotFoundError: the path does not exist or holds no bundle.
+        ValueError: several bundles and no ``name``.
+
+    Example:
+        >>> resolve_bundle("/opt/holoscan/models")  # holds models/sos_staging/configs/inference.json
+        PosixPath('/opt/holoscan/models/models/sos_staging')
+    """
+    root = Path(model_path)
+    if not root.exists():
+        raise FileNotFoundError(f"model path {root} does not exist")
+    if name:
+        for cand in (root / name, root / "models" / name):
+            if _is_bundle(cand):
+                return cand
+        raise FileNotFoundError(f"no bundle {name!r} (configs/inference.json) in {root} or {root / 'models'}")
+    if _is_bundle(root):
+        return root
+    found = sorted(
+        {c for base in (root, root / "models") if base.is_dir() for c in base.iterdir() if _is_bundle(c)},
+        key=str,
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no bundle (configs/inference.json) in {root}, {root}/<bundle> or {root}/models/<bundle>"
+        )
+    if len(found) > 1:
+        names = ", ".join(c.name for c in found)
+        raise ValueError(f"{root} holds several bundles ({names}): choose one by name (--bundle-name)")
+    return found[0]
+
+
+def check_weights(
+    bundle: str | os.PathLike, checkpoint: str | os.PathLike | None = None, require_weights: bool = True
+) -> Path | None:
+    """The weights file the pipeline will load, checked before any input is read.
+
+    Args:
+        bundle: bundle directory.
+        checkpoint: explicit weights file (must exist).
+        require_weights: refuse a bundle without ``models/model.pt``.
+
+    Returns:
+        The weights file, or ``None`` (random weights allowed and none present).
+
+    Raises:
+        FileNotFoundError: naming the missing file and what to do.
+
+    Example:
+        >>> check_weights("bundles/sos_staging")
+        PosixPath('bundles/sos_staging/models/model.pt')
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} not found")
+        return path
+    path = Path(bundle) / "models" / "model.pt"
+    if path.is_file():
+        return path
+    if require_weights:
+        raise FileNotFoundError(
+            f"bundle {bundle} has no weights {path.relative_to(bundle).as_posix()} ({path}): train it, give a "
+            "checkpoint, or allow random weights (--allow-random-weights / require_weights=False)"
+        )
+    return None
+
+
+def _n_instances(series: Any) -> int | None:
+    try:
+        return len(series.get_sop_instances())
+    except Exception:  # a series object without instances: count unknown
+        return None
+
+
+def require_selected_series(selected: Any, studies: Sequence[Any] | None, rules: str | None = None) -> Any:
+    """Pass the selector's output on, or say clearly that no series matched and what the study holds.
+
+    ``DICOMSeriesToVolumeOperator`` answers an empty selection with "Missing expected input" (or an IndexError);
+    this names the rules and lists every series found (modality, description, instance count, UID).
+
+    Args:
+        selected: ``DICOMSeriesSelectorOperator``'s ``study_selected_series_list``.
+        studies: ``DICOMDataLoaderOperator``'s ``dicom_study_list``.
+        rules: the selection rules (JSON text) for the message.
+
+    Returns:
+        ``selected``, unchanged, when it holds at least one series.
+
+    Raises:
+        ValueError: no study, or no series matched.
+
+    Example:
+        >>> selected = require_selected_series(selected, studies, DEFAULT_SERIES_RULES)
+    """
+    if selected and any(len(getattr(s, "selected_series", [s]) or []) for s in selected):
+        return selected
+    if not studies:
+        raise ValueError("no DICOM study in the input folder (no readable DICOM file with a study and series)")
+    found = []
+    for study in studies:
+        for series in study.get_all_series():
+            n = _n_instances(series)
+            count = "?" if n is None else f"{n} instance{'s' if n != 1 else ''}"
+            desc = getattr(series, "SeriesDescription", None)
+            uid = getattr(series, "SeriesInstanceUID", None) or series.get_series_instance_uid()
+            found.append(f"{getattr(series, 'Modality', None) or '?'} {desc!r} ({count}, {uid})")
+    what = f"the selection rules {rules}" if rules else "the selector's default rules"
+    raise ValueError(
+        f"no series matches {what}; the input holds {len(found)} series: "
+        + "; ".join(found)
+        + ". This app needs a CT or MR image series (an SR-only or SEG-only study has none)."
+    )
 
 
 def sdk_available() -> bool:
@@ -57,8 +229,10 @@ def image_array_and_affine(value: Any) -> tuple[np.ndarray, np.ndarray | None, s
     """``(array, affine, name)`` from what an SDK pipeline passes around.
 
     - an SDK ``Image`` (anything with ``asnumpy()`` and ``metadata()``): from ``DICOMSeriesToVolumeOperator``
-      (metadata ``row_pixel_spacing``, array in D, H, W order) the axes are swapped to W, H, D and the affine is
-      ``nifti_affine_transform``, as ``MonaiBundleInferenceOperator`` does; otherwise the affine is metadata
+      (metadata ``row_pixel_spacing``, array in D, H, W order) the axes are swapped to W, H, D, as
+      ``MonaiBundleInferenceOperator`` does, and the affine is rebuilt from ImageOrientationPatient, PixelSpacing and
+      the slice positions (:func:`~monai_gamverify.apps.integrations.dicom.series_affine_from_metadata`; the SDK's own
+      ``nifti_affine_transform`` swaps the in-plane spacings); otherwise the affine is metadata
       ``affine`` (or ``original_affine``), e.g. from :class:`ImageFileLoaderOperator`;
     - a MONAI ``MetaTensor``: its array and affine;
     - a NumPy array or tensor: no affine (identity).
@@ -79,7 +253,8 @@ def image_array_and_affine(value: Any) -> tuple[np.ndarray, np.ndarray | None, s
         arr = np.asarray(value.asnumpy())
         if "row_pixel_spacing" in meta and arr.ndim == 3:  # DICOM series volume: (D, H, W) -> (W, H, D)
             arr = np.swapaxes(arr, 0, 2)
-            affine = meta.get("nifti_affine_transform")
+            # not the SDK's nifti_affine_transform: SDK 4.0 swaps the in-plane spacings (wrong for non-square pixels)
+            affine = series_affine_from_metadata(meta)
         else:
             affine = meta.get("affine", meta.get("original_affine"))
         affine = None if affine is None else np.asarray(affine, dtype=np.float64)
@@ -99,9 +274,13 @@ def image_array_and_affine(value: Any) -> tuple[np.ndarray, np.ndarray | None, s
 class GamverifyRunner:
     """What :class:`GamverifyOperator` does with one input, without the SDK.
 
+    The bundle is resolved (:func:`resolve_bundle`: the bundle itself, ``<path>/<bundle>`` or the SDK's
+    ``<path>/models/<bundle>``) and its weights checked (:func:`check_weights`) at construction, before any input.
+
     Args:
-        bundle_path: bundle directory.
+        bundle_path: bundle directory or SDK model path.
         output_folder: where the map and the JSON go (created).
+        bundle_name: the bundle's directory name when the model path holds several.
         kwargs: :class:`~monai_gamverify.apps.integrations.SuitabilityPipeline` arguments (``reference``, ``verifier``,
             ``threshold``, ``overrides``, ``checkpoint``, ``require_weights``, ``garbage_threshold``, ``device`` ...).
 
@@ -109,10 +288,20 @@ class GamverifyRunner:
         >>> prediction, cam_path, verdict = GamverifyRunner("bundles/sos_staging", "out")("case.nii.gz")
     """
 
-    def __init__(self, bundle_path: str | os.PathLike, output_folder: str | os.PathLike, **kwargs: Any) -> None:
-        self.bundle_path = Path(bundle_path)
+    def __init__(
+        self,
+        bundle_path: str | os.PathLike,
+        output_folder: str | os.PathLike,
+        *,
+        bundle_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.bundle_path = resolve_bundle(bundle_path, name=bundle_name)
         self.output_folder = Path(output_folder)
         self.kwargs = dict(kwargs)
+        self.weights = check_weights(
+            self.bundle_path, self.kwargs.get("checkpoint"), self.kwargs.get("require_weights", True)
+        )
         self._pipeline: SuitabilityPipeline | None = None
 
     @property
@@ -130,9 +319,13 @@ class GamverifyRunner:
         """
         from monai_gamverify.io import write_json
 
+        dicom: dict[str, Any] = {}
         if isinstance(value, (str, os.PathLike)):
             res = self.pipeline.run(value, self.output_folder)
         else:
+            if hasattr(value, "metadata") and callable(value.metadata):
+                meta = dict(value.metadata() or {})
+                dicom = {k: _jsonable(meta[k]) for k in DICOM_RECORD_KEYS if meta.get(k) is not None}
             arr, affine, name = image_array_and_affine(value)
             res = self.pipeline.run_array(arr, self.output_folder, affine=affine, name=name)
         prediction = {
@@ -160,8 +353,86 @@ class GamverifyRunner:
             "cam_method": res["cam_method"],
             **verdict,
         }
+        if dicom.get("SeriesInstanceUID"):
+            record["dicom"] = dicom
         write_json(record, self.output_folder / f"{stem}_gamverify.json")
         return prediction, cam, verdict
+
+
+def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """The example apps' own options; the rest (the SDK's ``-i``, ``-o``, ``-m``, ``-l``) is returned untouched.
+
+    Args:
+        argv: command-line arguments without the program name.
+        dicom: also accept ``--rules`` (series selection rules: JSON text or a file).
+
+    Returns:
+        ``(options, remaining arguments)``.
+
+    Raises:
+        ValueError: ``--overrides`` or ``--rules`` is not valid JSON (naming the option).
+
+    Example:
+        >>> opts, rest = parse_app_options(["-i", "in", "--threshold", "0.7"])
+        >>> opts.threshold, rest
+        (0.7, ['-i', 'in'])
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--reference", default=None, help="reference map (.nii.gz) of the verifier")
+    parser.add_argument("--verifier", default=None, help="fitted SuitabilityVerifier (.skops)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="P(suitable) threshold")
+    parser.add_argument("--garbage-threshold", type=float, default=None, help="reject when p(garbage) >= this")
+    parser.add_argument("--overrides", default=None, help="bundle config overrides as JSON")
+    parser.add_argument("--bundle-name", default=None, help="the bundle's folder when the model path holds several")
+    parser.add_argument("--allow-random-weights", action="store_true", help="run a bundle without models/model.pt")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    if dicom:
+        parser.add_argument("--rules", default=None, help="series selection rules: JSON text or a .json file")
+    opts, rest = parser.parse_known_args(list(argv))
+    try:
+        opts.overrides = json.loads(opts.overrides) if opts.overrides else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--overrides is not valid JSON: {err}") from err
+    if opts.overrides is not None and not isinstance(opts.overrides, dict):
+        raise ValueError(f"--overrides must be a JSON object, got {type(opts.overrides).__name__}")
+    if dicom:
+        text = opts.rules or DEFAULT_SERIES_RULES
+        if opts.rules and not text.lstrip().startswith("{"):
+            text = Path(opts.rules).read_text()
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--rules is not valid JSON: {err}") from err
+        if not isinstance(parsed, dict) or not parsed.get("selections"):
+            raise ValueError('--rules must be a JSON object with a non-empty "selections" list')
+        opts.rules = text
+    return opts, rest
+
+
+def runner_kwargs(opts: argparse.Namespace) -> dict[str, Any]:
+    """:class:`GamverifyRunner` keyword arguments from :func:`parse_app_options` options.
+
+    Example:
+        >>> GamverifyOperator(app, bundle_path=ctx.model_path, output_folder=ctx.output_path, **runner_kwargs(opts))
+    """
+    return {
+        "bundle_name": opts.bundle_name,
+        "reference": opts.reference,
+        "verifier": opts.verifier,
+        "threshold": opts.threshold,
+        "garbage_threshold": opts.garbage_threshold,
+        "overrides": opts.overrides,
+        "require_weights": not opts.allow_random_weights,
+        "device": opts.device,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, bool, type(None))):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value) if isinstance(value, (float, np.floating)) else int(value)
+    return str(value)
 
 
 def _build_operators() -> dict[str, type]:
@@ -207,7 +478,8 @@ def _build_operators() -> dict[str, type]:
             **kwargs: Any,
         ) -> None:
             op_kwargs = {k: kwargs.pop(k) for k in ("name",) if k in kwargs}
-            self.runner = GamverifyRunner(bundle_path, output_folder, **kwargs)
+            self.runner = GamverifyRunner(bundle_path, output_folder, **kwargs)  # resolves, checks the weights
+            _ = self.runner.pipeline  # the network is built now: a bad bundle fails before any study is loaded
             self.input_name_image = "image"
             self.outputs = ("prediction", "cam", "verdict")
             self.results: list[tuple[dict[str, Any], Path, dict[str, Any]]] = []
@@ -277,11 +549,50 @@ def _build_operators() -> dict[str, type]:
             meta = {"affine": affine_of(img), "filename": str(file), "spatial_shape": list(img.shape[1:])}
             op_output.emit(Image(img.numpy(), meta), "image")
 
-    return {"GamverifyOperator": GamverifyOperator, "ImageFileLoaderOperator": ImageFileLoaderOperator}
+    class SeriesCheckOperator(Operator):
+        """Between ``DICOMSeriesSelectorOperator`` and ``DICOMSeriesToVolumeOperator``: a clear error when no series
+        matched (the SDK's own answer is "Missing expected input"), naming the rules and the series found.
+
+        Named inputs:
+            dicom_study_list: the loader's studies.
+            study_selected_series_list: the selector's output.
+
+        Named output:
+            study_selected_series_list: the same list, when it holds a series.
+
+        Args:
+            fragment: the application.
+            rules: the selector's rules (JSON text), for the message.
+
+        Example:
+            >>> check = SeriesCheckOperator(app, rules=DEFAULT_SERIES_RULES, name="series_check")
+            >>> app.add_flow(loader, check, {("dicom_study_list", "dicom_study_list")})
+            >>> app.add_flow(selector, check, {("study_selected_series_list", "study_selected_series_list")})
+        """
+
+        def __init__(self, fragment: Fragment, *args: Any, rules: str | None = None, **kwargs: Any) -> None:
+            self.rules = rules
+            super().__init__(fragment, *args, **kwargs)
+
+        def setup(self, spec: OperatorSpec) -> None:
+            spec.input("dicom_study_list")
+            spec.input("study_selected_series_list")
+            spec.output("study_selected_series_list").condition(ConditionType.NONE)
+
+        def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+            studies = op_input.receive("dicom_study_list")
+            selected = op_input.receive("study_selected_series_list")
+            op_output.emit(require_selected_series(selected, studies, self.rules), "study_selected_series_list")
+
+    return {
+        "GamverifyOperator": GamverifyOperator,
+        "ImageFileLoaderOperator": ImageFileLoaderOperator,
+        "SeriesCheckOperator": SeriesCheckOperator,
+    }
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("GamverifyOperator", "ImageFileLoaderOperator"):
+    if name in ("GamverifyOperator", "ImageFileLoaderOperator", "SeriesCheckOperator"):
         if not _OPERATORS:
             _OPERATORS.update(_build_operators())
         return _OPERATORS[name]

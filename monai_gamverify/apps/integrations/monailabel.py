@@ -25,19 +25,37 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 
-__all__ = ["check_bundle_for_monailabel", "SuitabilityInfer", "infer_type_from_name", "MONAILABEL_CONFIGS"]
+__all__ = [
+    "check_bundle_for_monailabel",
+    "SuitabilityInfer",
+    "infer_type_from_name",
+    "MONAILABEL_CONFIGS",
+    "find_bundles",
+    "task_options",
+    "write_app",
+    "APP_DIR",
+]
+
+logger = logging.getLogger(__name__)
+#: the MONAI Label app shipped with the package (``main.py``); :func:`write_app` copies it
+APP_DIR = Path(__file__).resolve().parent / "monailabel_app"
 
 #: infer configs ``BundleConstants.configs()`` looks for, in order
 MONAILABEL_CONFIGS = ("inference.json", "inference.yaml")
@@ -67,7 +85,11 @@ def _recommended_type(pred: Mapping[str, Any]) -> str:
 
 
 def check_bundle_for_monailabel(
-    bundle_root: str | os.PathLike, *, instantiate: bool = True, strict: bool = False
+    bundle_root: str | os.PathLike,
+    *,
+    instantiate: bool = True,
+    strict: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check a bundle against what MONAI Label's ``BundleInferTask`` reads, without MONAI Label.
 
@@ -76,6 +98,9 @@ def check_bundle_for_monailabel(
         instantiate: also build ``network_def``, the transforms and the inferer, and run the network once on zeros of
             the declared input shape (its output width must match the labels).
         strict: raise ``ValueError`` listing the problems instead of returning them.
+        overrides: config overrides the server will apply (``--conf gamverify_overrides`` of the shipped app); with
+            ``instantiate``, ``models/model.pt`` must load into ``network_def`` built with them (a bundle trained
+            with ``--network_name small_cnn`` needs ``{"network_name": "small_cnn"}``).
 
     Returns:
         Dict with ``ok`` (no problem), ``problems`` (what makes ``BundleInferTask`` fail or ignore the bundle),
@@ -155,14 +180,14 @@ def check_bundle_for_monailabel(
         warnings.append("no models/model.pt or models/model.ts: BundleInferTask ignores the bundle until it is trained")
 
     if report["config"] is not None:
-        _check_config(Path(report["config"]), root, report, instantiate)
+        _check_config(Path(report["config"]), root, report, instantiate, dict(overrides or {}))
     report["ok"] = not problems
     if strict and problems:
         raise ValueError(f"bundle {root} does not work with MONAI Label's BundleInferTask: " + "; ".join(problems))
     return report
 
 
-def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bool) -> None:
+def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bool, overrides: dict[str, Any]) -> None:
     """The config keys ``BundleInferTask`` parses (network, pre/post transforms, inferer), parsed as it does."""
     from monai.bundle import ConfigParser
     from monai.transforms import Compose, LoadImaged
@@ -175,6 +200,9 @@ def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bo
         problems.append(f"{cfg} cannot be read: {err}")
         return
     parser.config.update({"bundle_root": str(root)})  # as BundleInferTask._load_bundle_config does
+    if overrides:
+        parser.update(overrides)
+    report["overrides"] = overrides
     if "network_def" not in parser:
         problems.append(f"{cfg} defines no 'network_def'")
     report["pre_keys"] = [k for k in _PRE_KEYS if parser.get(k)]
@@ -210,6 +238,17 @@ def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bo
         parsed(key)
     if report["inferer"]:
         parsed("inferer")
+    weights = root / "models" / "model.pt"
+    if isinstance(network, torch.nn.Module) and weights.is_file():
+        from monai_gamverify.bundle import load_checkpoint
+
+        try:
+            load_checkpoint(network, weights)
+            report["weights_load"] = True
+        except ValueError as err:
+            report["weights_load"] = False
+            hint = f" with overrides {overrides}" if overrides else " (no overrides given: was it trained with some?)"
+            problems.append(f"{weights} does not load into network_def{hint}: {err}")
     if isinstance(network, torch.nn.Module) and report.get("input_shape") and report["labels"]:
         shape = report["input_shape"]
         try:
@@ -222,6 +261,166 @@ def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bo
         n = len(report["labels"])
         if width is not None and width != n and report["recommended_type"] == "classification":
             problems.append(f"network_def gives {width} outputs for {n} labels in channel_def")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the shipped app: which bundles, with which options
+# ----------------------------------------------------------------------------------------------------------------------
+def find_bundles(folder: str | os.PathLike, only: str | Sequence[str] | None = None) -> dict[str, Path]:
+    """The bundles in ``folder`` (each subfolder with ``configs/inference.json``), by folder name; no download.
+
+    Args:
+        folder: the app's bundle folder (``--conf gamverify_bundles``, default ``<app>/model``).
+        only: names to keep (MONAI Label's ``--conf models a,b``; ``"all"`` or ``None`` keeps every bundle).
+
+    Returns:
+        ``{name: bundle path}``, sorted by name.
+
+    Raises:
+        FileNotFoundError: the folder is missing, holds no bundle, or lacks a requested one (listing what it has).
+
+    Example:
+        >>> find_bundles("apps/gamverify/model")
+        {'sos_staging': PosixPath('apps/gamverify/model/sos_staging')}
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"bundle folder {root} does not exist (set --conf gamverify_bundles DIR)")
+    found = {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and any((p / "configs" / c).is_file() for c in MONAILABEL_CONFIGS)
+    }
+    if isinstance(only, str):
+        only = [] if only.strip().lower() in ("", "all") else [n.strip() for n in only.split(",") if n.strip()]
+    if only:
+        missing = [n for n in only if n not in found]
+        if missing:
+            raise FileNotFoundError(f"bundle(s) {missing} not in {root}; it holds {sorted(found)}")
+        found = {n: found[n] for n in only}
+    if not found:
+        raise FileNotFoundError(f"no bundle (configs/inference.json) under {root}")
+    return found
+
+
+def _conf_json(conf: Mapping[str, Any], key: str) -> Any:
+    value = conf.get(key)
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    text = str(value).strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--conf {key} is not valid JSON: {err}") from err
+
+
+def task_options(conf: Mapping[str, Any], name: str, names: Sequence[str] = ()) -> dict[str, Any]:
+    """:class:`SuitabilityInfer` arguments for bundle ``name`` from the app's ``--conf`` options.
+
+    Each option is either one value for every bundle, or a JSON object ``{bundle name: value}``:
+
+    - ``gamverify_overrides``: bundle config overrides, JSON (``{"network_name": "small_cnn"}`` for all, or
+      ``{"sos_staging": {"network_name": "small_cnn"}}``);
+    - ``gamverify_reference``, ``gamverify_verifier``: reference map and fitted verifier files;
+    - ``gamverify_threshold``, ``gamverify_garbage_threshold``: numbers;
+    - ``gamverify_allow_random_weights``: ``true`` serves a bundle without ``models/model.pt`` (demo / test only).
+
+    Args:
+        conf: the app's ``conf``.
+        name: the bundle's name.
+        names: every served bundle's name (tells a per-bundle object from a plain overrides object).
+
+    Returns:
+        Keyword arguments (only those set).
+
+    Example:
+        >>> task_options({"gamverify_overrides": '{"network_name": "small_cnn"}'}, "sos_staging")
+        {'overrides': {'network_name': 'small_cnn'}}
+    """
+    names = set(names) | {name}
+    out: dict[str, Any] = {}
+    over = _conf_json(conf, "gamverify_overrides")
+    if over is not None:
+        if not isinstance(over, dict):
+            raise ValueError(f"--conf gamverify_overrides must be a JSON object, got {over!r}")
+        if over and set(over) <= names:  # per bundle
+            over = over.get(name)
+        if over:
+            out["overrides"] = dict(over)
+    for key, arg, cast in (
+        ("gamverify_reference", "reference", str),
+        ("gamverify_verifier", "verifier", str),
+        ("gamverify_threshold", "threshold", float),
+        ("gamverify_garbage_threshold", "garbage_threshold", float),
+    ):
+        value = _conf_json(conf, key)
+        if isinstance(value, dict):
+            value = value.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            out[arg] = cast(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--conf {key} must be a {cast.__name__}, got {value!r}") from err
+    if str(conf.get("gamverify_allow_random_weights", "")).strip().lower() in ("1", "true", "yes"):
+        out["require_weights"] = False
+    return out
+
+
+def write_app(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Copy the shipped MONAI Label app (``main.py``) to ``out`` and create its bundle folder ``out/model``.
+
+    Args:
+        out: the app folder to create (what ``monailabel start_server --app`` takes).
+        overwrite: replace an existing ``main.py``.
+
+    Returns:
+        The app folder.
+
+    Raises:
+        FileExistsError: ``out/main.py`` exists and ``overwrite`` is off.
+
+    Example:
+        >>> write_app("apps/gamverify")  # then copy bundles into apps/gamverify/model/
+    """
+    dest = Path(out)
+    target = dest / "main.py"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists: pass --overwrite to replace it")
+    (dest / "model").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(APP_DIR / "main.py", target)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m monai_gamverify.apps.integrations.monailabel app --out DIR`` (writes the app) or
+    ``check BUNDLE [--overrides JSON]`` (prints the :func:`check_bundle_for_monailabel` report as JSON).
+
+    Returns:
+        Exit status: 0, or 1 when ``check`` finds problems.
+    """
+    parser = argparse.ArgumentParser(prog="python -m monai_gamverify.apps.integrations.monailabel")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    app = sub.add_parser("app", help="write the MONAI Label app folder")
+    app.add_argument("--out", required=True, help="app folder to create (e.g. apps/gamverify)")
+    app.add_argument("--overwrite", action="store_true", help="replace an existing main.py")
+    chk = sub.add_parser("check", help="check a bundle against what MONAI Label reads")
+    chk.add_argument("bundle")
+    chk.add_argument("--overrides", default=None, help="config overrides as JSON")
+    args = parser.parse_args(argv)
+    if args.cmd == "app":
+        dest = write_app(args.out, overwrite=args.overwrite)
+        sys.stdout.write(
+            f"wrote {dest / 'main.py'}; copy trained bundles into {dest / 'model'}/ and run:\n"
+            f"  monailabel start_server --app {dest} --studies IMAGES_DIR --host 127.0.0.1\n"
+        )
+        return 0
+    overrides = json.loads(args.overrides) if args.overrides else None
+    report = check_bundle_for_monailabel(args.bundle, overrides=overrides)
+    sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    return 0 if report["ok"] else 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -272,24 +471,47 @@ class SuitabilityInfer:
                 ``result_name`` sets the file stem of the map.
 
         Returns:
-            ``(cam NIfTI path, result json)``; the json has ``label`` (class name), ``label_index``,
-            ``probabilities``, ``cam`` (path), ``garbage`` (``None`` without a garbage class), ``suitability``
-            (``verdict``, ``p_suitable``, ``features``, ``threshold``) and ``latencies`` (seconds).
+            ``(cam NIfTI path, result json)``. The file is MONAI Label's result file: the server sends it (the body
+            of ``output=image``, the ``image`` part of the ``output=all`` multipart answer) and deletes it. Without
+            ``output_dir`` it is a single temporary file (no folder is left behind). The json has ``label`` (class
+            name), ``label_index``, ``probabilities``, ``cam`` (``in_response``, ``shape``, ``layer``, ``method``,
+            and ``path`` only when ``output_dir`` was given: the server's temporary file is gone once answered),
+            ``garbage`` (``None`` without a garbage class), ``suitability`` (``verdict``, ``p_suitable``,
+            ``features``, ``threshold``) and ``latencies`` (seconds).
+
+        Raises:
+            TypeError: ``request`` is not a dict.
+            ValueError: no image path, an image that is not a file, or one the bundle cannot read or take (e.g. 2D
+                for a 3D network); the message names the problem.
         """
-        if not isinstance(request, Mapping):
-            raise TypeError(f"request must be a dict, got {type(request).__name__}")
-        image = request.get("image")
-        if not isinstance(image, (str, os.PathLike)):
-            raise ValueError(f"request['image'] must be an image file path, got {type(image).__name__}")
+        image = self._image(request)
         start = time.perf_counter()
-        out_dir = self.output_dir or Path(tempfile.mkdtemp(prefix="gamverify_infer_"))
-        res = self.pipeline.run(image, out_dir, name=request.get("result_name"))
+        tmp = Path(tempfile.mkdtemp(prefix="gamverify_infer_")) if self.output_dir is None else None
+        try:
+            res = self.pipeline.run(image, tmp or self.output_dir, name=request.get("result_name"))
+            cam_file = res["cam"]
+            if tmp is not None:  # one file outside the folder: the server removes it after answering
+                fd, cam_file = tempfile.mkstemp(prefix="gamverify_", suffix="_cam.nii.gz")
+                os.close(fd)
+                shutil.move(res["cam"], cam_file)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from err
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        shape = list(nib.load(cam_file).shape)
         result = {
             "label": res["prediction_name"],
             "label_index": res["prediction"],
             "probabilities": res.get("probabilities"),
             "outputs": res.get("outputs"),
-            "cam": res["cam"],
+            "cam": {
+                "in_response": True,
+                "path": cam_file if tmp is None else None,
+                "shape": shape,
+                "layer": res["cam_layer"],
+                "method": res["cam_method"],
+            },
             "cam_layer": res["cam_layer"],
             "cam_method": res["cam_method"],
             "garbage": res["garbage"],
@@ -301,7 +523,61 @@ class SuitabilityInfer:
             },
             "latencies": {"total": round(time.perf_counter() - start, 3)},
         }
-        return res["cam"], {k: v for k, v in result.items() if not (k == "outputs" and v is None)}
+        return cam_file, {k: v for k, v in result.items() if not (k == "outputs" and v is None)}
+
+    @staticmethod
+    def _image(request: Mapping[str, Any]) -> str | os.PathLike:
+        if not isinstance(request, Mapping):
+            raise TypeError(f"request must be a dict, got {type(request).__name__}")
+        image = request.get("image")
+        if not isinstance(image, (str, os.PathLike)) or not str(image):
+            raise ValueError(f"request['image'] must be an image file path, got {image!r}")
+        if not Path(image).is_file():
+            raise ValueError(f"image {str(image)!r} not found: not a datastore image id nor an existing file")
+        return image
+
+    def predict(self, request: Mapping[str, Any]) -> tuple[None, dict[str, Any]]:
+        """The plain prediction: the bundle's preprocessing and one forward pass, no map, no verdict.
+
+        The baseline the full request is timed against, and a cheap label-only route.
+
+        Args:
+            request: as :meth:`__call__`.
+
+        Returns:
+            ``(None, json)`` with ``label``, ``label_index``, ``probabilities`` and ``latencies``.
+
+        Example:
+            >>> _, result = infer.predict({"image": "case.nii.gz"})
+        """
+        image = self._image(request)
+        start = time.perf_counter()
+        pipe = self.pipeline
+        try:
+            img = pipe.preprocessing({"image": str(image)})["image"]
+        except Exception as err:  # transforms wrap errors in long chains: name the file and the first cause
+            raise ValueError(
+                f"cannot preprocess {image} with the bundle's preprocessing: {err.__cause__ or err}"
+            ) from err
+        if pipe.spatial_dims is not None and img.ndim - 1 != pipe.spatial_dims:
+            raise ValueError(
+                f"the bundle's network takes {pipe.spatial_dims}D inputs but {image} gives {img.ndim - 1}D images "
+                f"({tuple(img.shape)})"
+            )
+        net = pipe.bundle.network
+        x = img.unsqueeze(0).to(pipe.device, dtype=torch.float32)
+        with torch.inference_mode():
+            out = net(x.as_tensor() if hasattr(x, "as_tensor") else x)
+        logits = out.float()[0]
+        names = pipe._names_for(int(logits.numel()))
+        pred = int(logits.argmax())
+        result: dict[str, Any] = {"label": names[pred], "label_index": pred}
+        if logits.numel() > 1:
+            result["probabilities"] = {n: float(p) for n, p in zip(names, logits.softmax(0).tolist())}
+        else:
+            result["outputs"] = [float(v) for v in logits.tolist()]
+        result["latencies"] = {"total": round(time.perf_counter() - start, 3)}
+        return None, result
 
     def info(self) -> dict[str, Any]:
         """What MONAI Label shows for the task."""
@@ -331,6 +607,8 @@ def _build_task_class() -> type:
             f"numpy<2); the core logic without it is SuitabilityInfer. ({err})"
         ) from err
 
+    error_cls = _request_error_class()
+
     class SuitabilityInferTask(BasicInferTask):
         """MONAI Label infer task: bundle prediction + Grad-CAM NIfTI (result file) + suitability verdict (json).
 
@@ -354,6 +632,9 @@ def _build_task_class() -> type:
             conf: Mapping[str, Any] | None = None,
             reference: str | os.PathLike | None = None,
             verifier: str | os.PathLike | None = None,
+            *,
+            predict_only: bool = False,
+            core: SuitabilityInfer | None = None,
             **kwargs: Any,
         ) -> None:
             conf = dict(conf or {})
@@ -361,7 +642,9 @@ def _build_task_class() -> type:
             verifier = verifier or conf.get("gamverify_verifier") or None
             if "gamverify_threshold" in conf and "threshold" not in kwargs:
                 kwargs["threshold"] = float(conf["gamverify_threshold"])
-            self.core = SuitabilityInfer(path, reference=reference, verifier=verifier, **kwargs)
+            self.predict_only = bool(predict_only)
+            # a shared core: the predict route and the full route of one bundle hold one network
+            self.core = core or SuitabilityInfer(path, reference=reference, verifier=verifier, **kwargs)
             model = Path(path) / "models" / "model.pt"
             super().__init__(
                 path=str(model) if model.is_file() else None,
@@ -369,8 +652,8 @@ def _build_task_class() -> type:
                 type=InferType.CLASSIFICATION,
                 labels=self.core.labels,
                 dimension=self.core.dimension,
-                description=self.core.description,
-                config={"gamverify": self.core.pipeline.describe()},
+                description=("label only: " if self.predict_only else "") + self.core.description,
+                config={},
             )
 
         def is_valid(self) -> bool:
@@ -386,6 +669,7 @@ def _build_task_class() -> type:
         def info(self) -> dict[str, Any]:
             i = super().info()
             i["version"] = self.core.version
+            i["gamverify"] = {**self.core.pipeline.describe(), "predict_only": self.predict_only}
             return i
 
         def __call__(self, request: Mapping[str, Any], callbacks: Any = None) -> tuple[str, dict[str, Any]]:
@@ -396,11 +680,56 @@ def _build_task_class() -> type:
                 self.core.pipeline.bundle.network.to(dev)
                 if self.core.pipeline.reference is not None:
                     self.core.pipeline.reference = self.core.pipeline.reference.to(dev)
-            result_file, result_json = self.core(req)
+            try:
+                result_file, result_json = self.core.predict(req) if self.predict_only else self.core(req)
+            except (ValueError, TypeError, FileNotFoundError) as err:  # the request's fault: 4xx with the message
+                status = 404 if "not found" in str(err) else 422
+                raise error_cls(f"model {self.core.pipeline.root.name}: {err}", status_code=status) from err
             result_json["label_names"] = self.labels
             return result_file, result_json
 
     return SuitabilityInferTask
+
+
+_ERROR_CLASS: type | None = None
+
+
+def _request_error_class() -> type:
+    """``GamverifyRequestError``: a ``MONAILabelException`` (``MONAILabelError.INVALID_INPUT``) that is also a
+    FastAPI ``HTTPException``, so that MONAI Label's server answers it with its 4xx status and the message instead of
+    "500 Internal Server Error" (the server registers no handler for ``MONAILabelException`` itself)."""
+    global _ERROR_CLASS
+    if _ERROR_CLASS is not None:
+        return _ERROR_CLASS
+    try:
+        from fastapi import HTTPException
+        from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+    except ImportError as err:
+        raise ImportError(f"GamverifyRequestError needs MONAI Label (pip install monailabel). ({err})") from err
+
+    class GamverifyRequestError(MONAILabelException, HTTPException):
+        """A bad request: MONAI Label's exception type, answered as HTTP ``status_code`` (4xx) with ``msg``.
+
+        Args:
+            msg: what is wrong with the request.
+            status_code: 400 (malformed), 404 (unknown image or model) or 422 (an image the model cannot take).
+            error: the ``MONAILabelError`` code.
+
+        Example:
+            >>> raise GamverifyRequestError("image 'x' is not in the datastore", status_code=404)
+        """
+
+        def __init__(self, msg: str, status_code: int = 400, error: Any = MONAILabelError.INVALID_INPUT) -> None:
+            if not 400 <= int(status_code) < 500:
+                raise ValueError(f"a request error needs a 4xx status, got {status_code}")
+            MONAILabelException.__init__(self, error, msg)
+            HTTPException.__init__(self, status_code=int(status_code), detail=msg)
+
+        def __str__(self) -> str:
+            return str(self.msg)
+
+    _ERROR_CLASS = GamverifyRequestError
+    return _ERROR_CLASS
 
 
 def __getattr__(name: str) -> Any:
@@ -409,4 +738,10 @@ def __getattr__(name: str) -> Any:
         if _TASK_CLASS is None:
             _TASK_CLASS = _build_task_class()
         return _TASK_CLASS
+    if name == "GamverifyRequestError":
+        return _request_error_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
