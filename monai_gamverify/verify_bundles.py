@@ -109,23 +109,51 @@ def _candidate_specs(
 
 
 def format_summary(report: Mapping[str, Any]) -> str:
-    """Short text summary of a :func:`verify_bundles` / ``run_verification`` report.
+    """Short text summary of a :func:`verify_bundles` / ``run_verification`` report, each figure with its protocol.
 
     Args:
-        report: the returned dict (``per_model``, ``cv_mean``, ``out_dir``).
+        report: the returned dict (``per_model``, ``cv_mean``, ``protocol``, ``cv_secondary``, ``out_dir``; a
+            one-class report has ``one_class`` and per-model ``p_value``).
 
     Returns:
-        A few lines: per-model label and mean out-of-fold P(suitable), CV accuracy / ROC AUC / F1, report directory.
+        A few lines: per-model label, mean out-of-fold P(suitable) with its bootstrap interval and verdict (or the
+        conformal p-value in one-class mode), cross-validation scores named by protocol, report directory.
 
     Example:
         >>> print(format_summary(report))
     """
-    lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17}"]
+    protocol = report.get("protocol", "subject-grouped")
+    if report.get("one_class"):
+        lines = [
+            f"one-class verification ({protocol}); conformal p-value against {report.get('n_references', '?')} "
+            f"reference models, alpha {report.get('alpha', 0.1):g}"
+        ]
+        lines.append(f"{'model':<24} {'label':>5} {'p-value':>8} {'score':>8}  verdict")
+        for name, info in report["per_model"].items():
+            lab = "?" if info.get("label") is None else str(info["label"])
+            lines.append(f"{name:<24} {lab:>5} {info['p_value']:>8.3f} {info['score']:>8.3f}  {info['verdict']}")
+        if report.get("model_level_roc_auc") is not None:
+            lines.append(f"model-level ROC AUC ({protocol}): {report['model_level_roc_auc']:.3f}")
+        lines.append(f"report: {report['out_dir']}")
+        return "\n".join(lines)
+    lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17} {'95% CI':>16}  verdict ({protocol}, out-of-fold)"]
     for name, info in report["per_model"].items():
-        lines.append(f"{name:<16} {info['label']:>5} {info['mean_p_suitable']:>17.3f}")
+        ci = f"[{info['ci_low']:.3f}, {info['ci_high']:.3f}]" if "ci_low" in info else ""
+        lines.append(
+            f"{name:<16} {info['label']:>5} {info['mean_p_suitable']:>17.3f} {ci:>16}  {info.get('verdict', '')}"
+        )
     cv = report.get("cv_mean", {})
-    scores = ", ".join(f"{k} {cv[k]:.3f}" for k in ("accuracy", "roc_auc", "f1") if k in cv)
-    lines.append(f"cross-validation ({report.get('n_splits', '?')} folds, mean): {scores}")
+    scores = ", ".join(f"{k} {cv[k]:.3f}" for k in ("accuracy", "roc_auc_oof", "f1") if k in cv and cv[k] == cv[k])
+    lines.append(f"cross-validation, {protocol} ({report.get('n_splits', '?')} folds requested): {scores}")
+    if cv.get("roc_auc_model") == cv.get("roc_auc_model") and "roc_auc_model" in cv:
+        lines.append(f"model-level ROC AUC ({protocol}): {cv['roc_auc_model']:.3f}")
+    sec = report.get("cv_secondary")
+    if sec:
+        m = sec["mean"]
+        lines.append(
+            f"secondary, {sec['protocol']} (a model's rows in training and test folds): "
+            + ", ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "roc_auc_oof", "f1") if k in m)
+        )
     lines.append(f"report: {report['out_dir']}")
     return "\n".join(lines)
 
