@@ -171,6 +171,14 @@ class ReferenceMap:
         background = reference_image if reference_image is not None else self.background
         if background is None:
             background = value
+        bg_shape = tuple(np.shape(background))[-value.ndim :]
+        if bg_shape != tuple(value.shape):
+            # a map on a coarser common grid (verification_grid.CommonGrid): voxels scaled, the map its own background
+            if affine is not None and len(bg_shape) == value.ndim:
+                affine = np.array(affine, dtype=np.float64, copy=True)
+                for i, (b, v) in enumerate(zip(bg_shape, value.shape)):
+                    affine[:3, i] *= b / v
+            background = value
         paths = {
             "nifti": save_nifti(value, out / f"{name}.nii.gz", reference=affine),
             "png": overlay_png(background, value, out / f"{name}.png", title=f"reference map (mean of {self.count})"),
@@ -870,6 +878,7 @@ def run_verification(
     seed: int = 0,
     threshold: float = 0.5,
     confidence: float = 0.95,
+    map_transform: Callable[[MapFn], MapFn] | None = None,
     image_key: str = "image",
     id_key: str = "id",
     subject_key: str = "subject",
@@ -906,6 +915,8 @@ def run_verification(
         seed: seed of the forest, the folds and the bootstrap.
         threshold: P(suitable) threshold of the model-level verdicts.
         confidence: coverage of the bootstrap interval of each model's mean out-of-fold P(suitable).
+        map_transform: optional wrapper of every map function, e.g.
+            ``lambda fn: CommonGrid(fn, 4)`` (:mod:`monai_gamverify.verification_grid`).
         image_key: image key in the batches.
         id_key: sample-id key in the batches.
         subject_key: subject-id key in the batches.
@@ -936,12 +947,13 @@ def run_verification(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    ref_fn = _map_fn(reference[0], reference[1], method, class_idx)
+    wrap = map_transform or (lambda fn: fn)
+    ref_fn = wrap(_map_fn(reference[0], reference[1], method, class_idx))
     ref = reference_map(
         ref_fn, data if reference_data is None else reference_data, image_key=image_key, progress=progress
     )
     files: dict[str, Any] = {f"reference_{k}": v for k, v in ref.save(out).items()}
-    fns = {name: (_map_fn(m, layer, method, class_idx), label) for name, (m, layer, label) in candidates.items()}
+    fns = {name: (wrap(_map_fn(m, layer, method, class_idx)), label) for name, (m, layer, label) in candidates.items()}
     table = feature_table(
         ref,
         fns,

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,7 @@ def run_one_class(
     metrics: Sequence[str] | None = None,
     slice_axis: int | None = None,
     progress: bool = True,
+    map_transform: Callable[[MapFn], MapFn] | None = None,
     **keys: str,
 ) -> dict[str, Any]:
     """One-class verification from models and a report directory (the one-class twin of ``run_verification``).
@@ -328,6 +329,7 @@ def run_one_class(
         metrics: similarity features.
         slice_axis: features per 2D slice.
         progress: progress bars.
+        map_transform: optional wrapper of every map function (e.g. ``lambda fn: CommonGrid(fn, 4)``).
         **keys: ``image_key`` / ``id_key`` / ``subject_key``.
 
     Returns:
@@ -339,8 +341,11 @@ def run_one_class(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    refs = {n: _map_fn(m, layer, method, class_idx) for n, (m, layer) in references.items()}
-    cands = {n: refs[n] if n in refs else _map_fn(m, layer, method, class_idx) for n, (m, layer) in candidates.items()}
+    wrap = map_transform or (lambda fn: fn)
+    refs = {n: wrap(_map_fn(m, layer, method, class_idx)) for n, (m, layer) in references.items()}
+    cands = {
+        n: refs[n] if n in refs else wrap(_map_fn(m, layer, method, class_idx)) for n, (m, layer) in candidates.items()
+    }
     res = one_class_verify(
         refs, cands, data, labels=labels, alpha=alpha, k=k, metrics=metrics, slice_axis=slice_axis,
         progress=progress, **keys,

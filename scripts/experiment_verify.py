@@ -39,6 +39,7 @@ from train_zoo import ZOO, load_cohort, load_member, start_run  # noqa: E402
 
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
 from monai_gamverify.verification import run_verification  # noqa: E402
+from monai_gamverify.verification_grid import CommonGrid  # noqa: E402
 from monai_gamverify.verification_oneclass import run_one_class  # noqa: E402
 
 
@@ -92,6 +93,8 @@ def main() -> None:
     p.add_argument("--n-estimators", type=int, default=200)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--small-ensemble", type=int, default=4)
+    p.add_argument("--grid", type=int, default=0, help="bring every map to a grid^3 common grid first (0: off; >= 7 for ssim)")
+    p.add_argument("--rank", action="store_true", help="with --grid: rank-normalise each map too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -125,7 +128,18 @@ def main() -> None:
     test_x, _ = load_cohort("sos", args.n_test, size, args.seed + 1000)
     dev_b, test_b = batches(dev_x, "dev", args.batch), batches(test_x, "sos", args.batch)
     labels = {n: info["label"] for n, (_, info) in zoo.items()}
-    results: dict = {"zoo": zt.to_dict(orient="records"), "size": size, "n_test": args.n_test, "methods": {}}
+    wrap = (lambda fn: CommonGrid(fn, args.grid, rank=args.rank)) if args.grid else None
+    features = (
+        f"maps on a common {args.grid}^3 grid{' , rank-normalised' if args.rank else ''}" if args.grid else "maps"
+    )
+    print(f"features: similarity of {features}")
+    results: dict = {
+        "features": features,
+        "zoo": zt.to_dict(orient="records"),
+        "size": size,
+        "n_test": args.n_test,
+        "methods": {},
+    }
 
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         res: dict = {}
@@ -135,7 +149,7 @@ def main() -> None:
         sup = run_verification(
             (ref_model, layer_of(ref_info, method)), cands, test_b, out / method / "supervised", method=method,
             reference_data=dev_b, n_splits=args.n_splits, groups="auto", n_estimators=args.n_estimators,
-            seed=args.seed, progress=False,
+            seed=args.seed, progress=False, map_transform=wrap,
         )  # fmt: skip
         v = pd.read_csv(sup["files"]["verdicts"])
         res["supervised"] = {
@@ -153,7 +167,7 @@ def main() -> None:
         refs = {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items() if i["label"] == 1}
         oc = run_one_class(
             refs, {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items()}, test_b, out / method / "one_class",
-            labels=labels, method=method, alpha=args.alpha, progress=False,
+            labels=labels, method=method, alpha=args.alpha, progress=False, map_transform=wrap,
         )  # fmt: skip
         ov = pd.read_csv(oc["files"]["verdicts"])
         res["one_class"] = {
@@ -171,7 +185,7 @@ def main() -> None:
             {n: (zoo[n][0], layer_of(zoo[n][1], method)) for n in small},
             {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items() if n not in small},
             test_b, out / method / "one_class_small", labels={n: lab for n, lab in labels.items() if n not in small},
-            method=method, alpha=alpha_small, progress=False,
+            method=method, alpha=alpha_small, progress=False, map_transform=wrap,
         )  # fmt: skip
         osv = pd.read_csv(oc_s["files"]["verdicts"])
         res["one_class_small"] = {

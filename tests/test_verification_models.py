@@ -120,3 +120,24 @@ def test_model_verdicts_and_model_level_auc():
     assert verdict_of(0.51, 0.9) == "suitable" and verdict_of(0.1, 0.49) == "not suitable"
     with pytest.raises(ValueError, match="'model'"):
         model_verdicts(pd.DataFrame({"p_suitable": [0.1]}))
+
+
+def test_common_grid_and_rank_normalize_match_numpy():
+    import torch
+
+    from monai_gamverify.verification_grid import CommonGrid, rank_normalize
+
+    x = torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    pooled = CommonGrid(lambda t: t, grid=2)(x)
+    blocks = x.numpy().reshape(2, 1, 2, 4, 2, 4, 2, 4).mean(axis=(3, 5, 7))  # 4x4x4 block means
+    lo = blocks.min(axis=(2, 3, 4), keepdims=True)
+    hi = blocks.max(axis=(2, 3, 4), keepdims=True)
+    np.testing.assert_allclose(pooled.numpy(), (blocks - lo) / (hi - lo), atol=1e-5)
+    r = rank_normalize(x)
+    expected = (stats.rankdata(x[1].numpy().ravel()) - 1) / (x[1].numel() - 1)
+    np.testing.assert_allclose(r[1].numpy().ravel(), expected, atol=1e-6)
+    assert CommonGrid(lambda t: t, grid=2, rank=True)(x).shape == (2, 1, 2, 2, 2)
+    assert CommonGrid(lambda t: t, grid=(2, 4))(torch.rand(1, 1, 8, 8)).shape == (1, 1, 2, 4)
+    assert (CommonGrid(lambda t: t, grid=2)(torch.ones(1, 1, 4, 4)) == 0).all()  # a constant map gives zeros
+    with pytest.raises(ValueError, match="grid"):
+        CommonGrid(lambda t: t, grid=0)
