@@ -3,8 +3,11 @@
 A reference model's normalised maps are averaged over a reference dataset (:class:`ReferenceMap`, streaming).
 Every candidate model's map of every sample is compared with that mean map by the similarity features
 (:func:`feature_table`), and a Random Forest (:class:`SuitabilityVerifier`) learns to tell "model trained on
-similar data" (label 1) from "model trained on other data" (label 0), cross-validated with folds grouped by subject.
-:func:`run_verification` does all of it and writes a report directory.
+similar data" (label 1) from "model trained on other data" (label 0), cross-validated **leave-models-out** whenever
+each label has >= 2 models (:mod:`monai_gamverify.verification_protocol`; subject-grouped folds only as a secondary
+line), with one verdict per model from a bootstrap interval (:mod:`monai_gamverify.verification_models`).
+:func:`run_verification` does all of it and writes a report directory; the one-class mode (no unsuitable models) is
+:mod:`monai_gamverify.verification_oneclass`.
 """
 
 from __future__ import annotations
@@ -489,7 +492,7 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
 
     Example:
         >>> ver = SuitabilityVerifier(random_state=0)
-        >>> cv = ver.cross_validate(table, n_splits=5)      # folds grouped by subject_id
+        >>> cv = ver.cross_validate(table, n_splits=5)      # leave-models-out when each label has >= 2 models
         >>> ver.fit(table).save("verifier.skops")
         >>> SuitabilityVerifier.load("verifier.skops").predict_proba(new_rows)[:, 1]
     """

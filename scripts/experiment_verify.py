@@ -13,7 +13,8 @@ its training + validation data).
   SOS). The Random Forest is cross-validated **leave-models-out** (folds grouped by model: a test model is never
   in training); subject-grouped folds as a secondary line. Model-level: each model's out-of-fold P(suitable) mean
   with a 95 % BCa bootstrap interval; verdict suitable / not suitable / undecided at 0.5; ROC AUC over models.
-- **One-class** (``run_one_class``): no unsuitable model is used. References = the SOS-trained models; every zoo
+- **One-class** (``run_one_class``): no unsuitable model is used. References = the SOS-trained models (with
+  ``--ref-min-val-acc``: only those whose validation accuracy reaches it, as a user would vet them); every zoo
   model is a candidate (a reference is tested against the others: leave one model out); conformal p-value at
   ``--alpha``; ROC AUC over models of the p-value. Also with a small ensemble (``--small-ensemble`` models of
   different architectures, the trusted one first), the user's situation with few references.
@@ -93,7 +94,13 @@ def main() -> None:
     p.add_argument("--n-estimators", type=int, default=200)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--small-ensemble", type=int, default=4)
-    p.add_argument("--grid", type=int, default=0, help="bring every map to a grid^3 common grid first (0: off; >= 7 for ssim)")
+    p.add_argument(
+        "--ref-min-val-acc", type=float, default=0.0,
+        help="one-class references: only SOS models with validation accuracy >= this (what a user can check)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grid", type=int, default=0, help="bring every map to a grid^3 common grid first (0: off; >= 7 for ssim)"
+    )
     p.add_argument("--rank", action="store_true", help="with --grid: rank-normalise each map too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=10)
@@ -164,7 +171,11 @@ def main() -> None:
             "seconds": time.perf_counter() - t1,
         }
         t2 = time.perf_counter()
-        refs = {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items() if i["label"] == 1}
+        refs = {
+            n: (m, layer_of(i, method))
+            for n, (m, i) in zoo.items()
+            if i["label"] == 1 and i["val_acc"] >= args.ref_min_val_acc
+        }
         oc = run_one_class(
             refs, {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items()}, test_b, out / method / "one_class",
             labels=labels, method=method, alpha=args.alpha, progress=False, map_transform=wrap,
@@ -172,6 +183,7 @@ def main() -> None:
         ov = pd.read_csv(oc["files"]["verdicts"])
         res["one_class"] = {
             "protocol": oc["protocol"],
+            "references": list(refs),
             "n_references": len(refs),
             "alpha": args.alpha,
             "roc_auc_model": oc["model_level_roc_auc"],
