@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_zoo import ZOO, load_cohort, load_member, start_run  # noqa: E402
 
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
-from monai_gamverify.verification import run_verification  # noqa: E402
+from monai_gamverify.verification import SuitabilityVerifier, run_verification  # noqa: E402
 from monai_gamverify.verification_grid import CommonGrid  # noqa: E402
+from monai_gamverify.verification_models import model_verdicts  # noqa: E402
 from monai_gamverify.verification_oneclass import run_one_class  # noqa: E402
 
 
@@ -94,6 +95,10 @@ def main() -> None:
     p.add_argument("--n-estimators", type=int, default=200)
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--small-ensemble", type=int, default=4)
+    p.add_argument(
+        "--learned-margin", type=float, default=0.1,
+        help="post-hoc line: supervised leave-models-out on the models whose own-task test accuracy >= chance + this",
+    )  # fmt: skip
     p.add_argument(
         "--ref-min-val-acc", type=float, default=0.0,
         help="one-class references: only SOS models with validation accuracy >= this (what a user can check)",
@@ -170,6 +175,30 @@ def main() -> None:
             "undecided": int((v["verdict"] == "undecided").sum()),
             "seconds": time.perf_counter() - t1,
         }
+        # post-hoc: only models that learned their own task (same features, same protocol, no new maps)
+        feats = pd.read_csv(sup["files"]["features"])
+        learned = [
+            n for n in feats["model"].unique() if zoo[n][1]["test_acc"] >= zoo[n][1]["chance"] + args.learned_margin
+        ]
+        sub = feats[feats["model"].isin(learned)]
+        if sub.groupby("label")["model"].nunique().min() >= 2 and sub["label"].nunique() == 2:
+            cv_l = SuitabilityVerifier(n_estimators=args.n_estimators, random_state=args.seed).cross_validate(
+                sub, n_splits=args.n_splits, seed=args.seed
+            )
+            vl = model_verdicts(sub[["model", "label"]].assign(p_suitable=cv_l.oof_proba), seed=args.seed)
+            res["supervised_learned_only"] = {
+                "protocol": cv_l.params["protocol"],
+                "models": learned,
+                "roc_auc_model": cv_l.mean["roc_auc_model"],
+                "roc_auc_rows_oof": cv_l.mean["roc_auc_oof"],
+                "unsuitable_judged_suitable": vl[(vl["label"] == 0) & (vl["verdict"] == "suitable")]["model"].tolist(),
+            }
+            r = res["supervised_learned_only"]
+            print(
+                f"post-hoc, supervised on the {len(learned)} models with test acc >= chance + {args.learned_margin} "
+                f"({r['protocol']}): model-level ROC AUC {r['roc_auc_model']:.3f}; unsuitable judged suitable: "
+                f"{r['unsuitable_judged_suitable'] or 'none'}"
+            )
         t2 = time.perf_counter()
         refs = {
             n: (m, layer_of(i, method))
