@@ -1017,6 +1017,7 @@ def run_verification(
 
     writer = SummaryWriter(log_dir=str(out / "tensorboard"))
     try:
+        writer.add_text("protocol", f"cross-validation and model-level verdicts: {protocol}", 0)
         for row in cv.folds.to_dict(orient="records"):
             for s in _SCORES:
                 writer.add_scalar(f"cv_fold/{s}", row[s], int(row["fold"]))
