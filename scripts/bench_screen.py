@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from monai_gamverify.screening import Screen, load_screen_bundle, preprocessing_after_loading, read_image
-from monai_gamverify.transforms import make_cam
+from monai_gamverify.visualize.registry import make_cam
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,13 +38,14 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from scipy.ndimage import gaussian_filter
-
-from monai_gamverify.bundle import load_bundle
 from monai_gamverify.datalist import load_datalist
 from monai_gamverify.demo import MODELS, bundles_dir, demo_settings, shipped_weights
 from monai_gamverify.garbage import energy_score, msp_score, ood_metrics
 from monai_gamverify.hooks import preserved_state
+from monai_gamverify.synthetic import generate, make_cohort
+from scipy.ndimage import gaussian_filter
+
+from monai_gamverify.bundle import load_bundle
 from monai_gamverify.io import write_csv
 from monai_gamverify.screening import (
     PENULTIMATE,
@@ -54,7 +55,6 @@ from monai_gamverify.screening import (
     preprocessing_after_loading,
     read_image,
 )
-from monai_gamverify.synthetic import generate, make_cohort
 
 NEAR = ("chin", "cvm", "quality", "sos_rot30", "sos_1mm")
 FAR = ("noise_white", "noise_smooth", "constant", "sos_blurred", "sos_mri_range", "brain_mri_phantom", "nibabel_real")

@@ -1,26 +1,26 @@
-"""The verification study's setting on the synthetic SOS cohort: Method 1 (Grad-CAM) and Method 2 (early feature maps).
+"""Suitability verification on the model zoo, leave-models-out and model-level: supervised and one-class.
 
-Run (after ``python scripts/train_zoo.py``):
-``python scripts/experiment_verify.py [--zoo runs/zoo] [--out runs/experiment_verify] [--reference auto]``
+Run (after ``python scripts/train_zoo.py --zoo full ...``):
+``python scripts/experiment_verify.py [--zoo runs/zoo] [--out runs/experiment_verify] [--reference sos_small_cnn_s0]
+[--methods gradcam,featuremap] [--threads 1]``
 
-Method 1: the reference is the SOS-trained ConvNeXt+Attn (``--reference auto`` falls back to the SOS model with the
-best test accuracy when ConvNeXt+Attn is not clearly above chance, and says so). Suitable candidates (label 1) are
-the other SOS-trained zoo models, unsuitable ones (label 0) the chin- and cvm-trained models; every model is applied
-to the SOS test cohort (``generate("sos", n=100, size=32, seed=1000)``). The reference mean Grad-CAM map is taken
-over the SOS development cohort (seed 0, the reference's training + validation data). Grad-CAM of each model's last
-stage (ResNet ``layer4``, ConvNeXt ``stages.2``, SmallCNN ``res4``) -> the seven similarity features against the
-reference map -> Random Forest, 5-fold cross-validation grouped by subject (``run_verification``); the same features
-are also cross-validated with folds grouped by model (a model never seen in training).
+Data: every zoo model is applied to the SOS test cohort (``generate("sos", n=--n-test, size, seed=1000)``, the size
+the zoo was trained at); the reference (trusted) model's mean map is taken over the SOS development cohort (seed 0,
+its training + validation data).
 
-Method 2: for each zoo model and each early layer (ResNet ``layer1``/``layer2``, ConvNeXt ``stages.0``/``stages.1``,
-SmallCNN ``stem``/``res2``), the model's feature maps of the SOS test cohort (label 1) and of the same subjects
-rotated by 30 degrees (``rotate=30``, label 0) are compared with the model's own mean feature map over the SOS
-development cohort; a Random Forest (5 folds grouped by subject) says whether the data is like the training data.
+- **Supervised** (``run_verification``): the trusted SOS model is the reference; every other zoo model is a
+  candidate with its label (1 = trained on SOS, 0 = chin / cvm / quality / label-shuffled SOS / contrast-inverted
+  SOS). The Random Forest is cross-validated **leave-models-out** (folds grouped by model: a test model is never
+  in training); subject-grouped folds as a secondary line. Model-level: each model's out-of-fold P(suitable) mean
+  with a 95 % BCa bootstrap interval; verdict suitable / not suitable / undecided at 0.5; ROC AUC over models.
+- **One-class** (``run_one_class``): no unsuitable model is used. References = the SOS-trained models (with
+  ``--ref-min-val-acc``: only those whose validation accuracy reaches it, as a user would vet them); every zoo
+  model is a candidate (a reference is tested against the others: leave one model out); conformal p-value at
+  ``--alpha``; ROC AUC over models of the p-value. Also with a small ensemble (``--small-ensemble`` models of
+  different architectures, the trusted one first), the user's situation with few references.
 
-Prints: the zoo; the RF cross-validation table (per fold + mean; precision/recall/F1 weighted over the two labels
-as in the study, ``--average``); the mean out-of-fold P(suitable) per model; feature
-importances; the per-label feature statistics (``summary_table``); the Method-2 table Model / Layer / Train / Test /
-Accuracy / ROC AUC / F1. Writes CSVs, ``cv.json`` and ROC PNGs under ``--out``.
+Method 1 = Grad-CAM of each model's ``cam_layer``; Method 2 = its first early feature layer (``featuremap``).
+Prints markdown tables and a goal check; writes every report directory and ``results.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -34,27 +34,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_zoo import CAM_LAYER, DATA_ARCH, FEATURE_LAYERS, family, load_member, start_run, to_input  # noqa: E402
+from train_zoo import ZOO, load_cohort, load_member, start_run  # noqa: E402
 
-from monai_gamverify.data.synthetic import generate  # noqa: E402
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
-from monai_gamverify.verification.verifier import (  # noqa: E402
-    SuitabilityVerifier,
-    feature_table,
-    reference_map,
-    roc_png,
-    run_verification,
-)
-from monai_gamverify.visualize.featuremaps import FeatureMap  # noqa: E402
-
-SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc"]
+from monai_gamverify.verification.grid import CommonGrid  # noqa: E402
+from monai_gamverify.verification.models import model_verdicts  # noqa: E402
+from monai_gamverify.verification.oneclass import run_one_class  # noqa: E402
+from monai_gamverify.verification.verifier import SuitabilityVerifier, run_verification  # noqa: E402
 
 
 def batches(x: torch.Tensor, prefix: str, batch: int) -> list[dict]:
-    """List of batch dicts (re-iterable) with image, sample id and subject id (subject ``s{i}`` across cohorts)."""
+    """List of batch dicts (re-iterable) with image, sample id and subject id."""
     return [
         {
             "image": x[i : i + batch],
@@ -75,34 +67,46 @@ def md_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def choose_reference(zoo: dict[str, tuple], wanted: str) -> tuple[str, str]:
-    """(reference name, note)."""
-    sos = {n: info for n, (_, info) in zoo.items() if info["data"] == "sos"}
-    if wanted != "auto":
-        return wanted, f"reference {wanted} (chosen by --reference)"
-    best = max(sos, key=lambda n: sos[n]["test_acc"])
-    attn = "sos_convnext_attn_pico"
-    if attn in sos and sos[attn]["test_acc"] >= sos[attn]["chance"] + 0.2:
-        return attn, f"reference {attn} (the study's ConvNeXt+Attn), test accuracy {sos[attn]['test_acc']:.3f}"
-    why = "is not in the zoo" if attn not in sos else f"is near chance (test accuracy {sos[attn]['test_acc']:.3f})"
-    return best, (
-        f"NOTE: ConvNeXt+Attn {why}; the reference is the best-learning SOS model {best} "
-        f"(test accuracy {sos[best]['test_acc']:.3f}) instead"
-    )
+def layer_of(info: dict, method: str) -> str:
+    return info["feature_layers"][0] if method == "featuremap" else info["cam_layer"]
+
+
+def small_ensemble(zoo: dict, trusted: str, n: int) -> list[str]:
+    """The trusted model and then one SOS model per other architecture (zoo order), ``n`` in all."""
+    chosen, archs = [trusted], {zoo[trusted][1]["arch"]}
+    for name, (_, info) in zoo.items():
+        if len(chosen) >= n:
+            break
+        if info["label"] == 1 and info["arch"] not in archs:
+            chosen.append(name)
+            archs.add(info["arch"])
+    return chosen
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="runs/zoo")
     p.add_argument("--out", default="runs/experiment_verify")
-    p.add_argument("--reference", default="auto", help="zoo member used as reference, or 'auto'")
+    p.add_argument("--reference", default="sos_small_cnn_s0", help="the trusted SOS model (supervised reference)")
+    p.add_argument("--methods", default="gradcam,featuremap")
     p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--n-ref", type=int, default=200, help="subjects of the SOS development cohort for reference maps")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--rotate", type=float, default=30.0)
+    p.add_argument("--n-ref", type=int, default=200, help="SOS development cohort (the zoo's --n) for reference maps")
     p.add_argument("--n-splits", type=int, default=5)
     p.add_argument("--n-estimators", type=int, default=200)
-    p.add_argument("--average", default="weighted", help="precision/recall/F1 averaging (the study: weighted)")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--small-ensemble", type=int, default=4)
+    p.add_argument(
+        "--learned-margin", type=float, default=0.1,
+        help="post-hoc line: supervised leave-models-out on the models whose own-task test accuracy >= chance + this",
+    )  # fmt: skip
+    p.add_argument(
+        "--ref-min-val-acc", type=float, default=0.0,
+        help="one-class references: only SOS models with validation accuracy >= this (what a user can check)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grid", type=int, default=0, help="bring every map to a grid^3 common grid first (0: off; >= 7 for ssim)"
+    )
+    p.add_argument("--rank", action="store_true", help="with --grid: rank-normalise each map too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -110,148 +114,175 @@ def main() -> None:
     device, out, t0 = start_run(args)
 
     zoo = {}
-    for name in DATA_ARCH:
+    for name in ZOO:
         if (Path(args.zoo) / f"{name}.json").is_file():
             model, info = load_member(args.zoo, name)
             zoo[name] = (model.to(device), info)
-    if not zoo:
-        raise SystemExit(f"no trained model in {args.zoo}: run scripts/train_zoo.py first")
-    print("zoo (test accuracy on the disjoint test cohort of its own data):")
-    for name, (_, info) in zoo.items():
-        print(f"  {name:26s} {info['data']:5s} acc {info['test_acc']:.3f} (chance {info['chance']:.3f})")
-    ref_name, note = choose_reference(zoo, args.reference)
-    print(note)
-    ref_model, ref_info = zoo[ref_name]
-
-    dev = generate("sos", n=args.n_ref, size=args.size, seed=args.seed)
-    test = generate("sos", n=args.n_test, size=args.size, seed=args.seed + 1000)
-    rot = generate("sos", n=args.n_test, size=args.size, seed=args.seed + 1000, rotate=args.rotate)
-    dev_b = batches(to_input(dev.images), "dev", args.batch)
-    test_b = batches(to_input(test.images), "sos", args.batch)
-    rot_b = batches(to_input(rot.images), "rot", args.batch)
-
-    # ------------------------------------------------------------------ Method 1: Grad-CAM of the last stage
-    candidates = {
-        name: (model, CAM_LAYER[family(info["arch"])], int(info["data"] == "sos"))
-        for name, (model, info) in zoo.items()
-        if name != ref_name
-    }
-    t1 = time.perf_counter()
-    report = run_verification(
-        (ref_model, CAM_LAYER[family(ref_info["arch"])]),
-        candidates,
-        test_b,
-        out / "method1",
-        method="gradcam",
-        reference_data=dev_b,
-        n_splits=args.n_splits,
-        groups="subject_id",
-        average=args.average,
-        n_estimators=args.n_estimators,
-        seed=args.seed,
-    )
-    cv = json.loads(Path(report["files"]["cv"]).read_text())
-    folds = pd.DataFrame(cv["cross_validation"]["folds"])
-    mean = {"fold": "mean", **{s: cv["cross_validation"]["mean"][s] for s in SCORES}}
-    std = {"fold": "std", **{s: cv["cross_validation"]["std"][s] for s in SCORES}}
-    m1 = pd.concat([folds[["fold", *SCORES]].astype({"fold": str}), pd.DataFrame([mean, std])], ignore_index=True)
-    print(f"\nMethod 1 (Grad-CAM, reference {ref_name}); {len(candidates)} candidates x {args.n_test} SOS test volumes")
-    print(f"RF {args.n_splits}-fold cross-validation, folds grouped by subject:")
-    print(md_table(m1))
-    print(f"pooled out-of-fold ROC AUC: {cv['cross_validation']['mean']['roc_auc_oof']:.3f}")
-
-    table = pd.read_csv(report["files"]["features"])
-    # harder: a model never seen in training (folds grouped by model; needs >= 2 models of each label)
-    models_per_label = table.groupby("label")["model"].nunique()
-    k_models = int(min(args.n_splits, models_per_label.min())) if len(models_per_label) == 2 else 0
-    per_model = pd.DataFrame(
+    if args.reference not in zoo:
+        raise SystemExit(f"reference {args.reference!r} not in {args.zoo}: run scripts/train_zoo.py --zoo full first")
+    size = zoo[args.reference][1]["size"]
+    zt = pd.DataFrame(
         [
             {
                 "model": n,
-                "label": v["label"],
-                "test acc (own data)": zoo[n][1]["test_acc"],
-                "mean P(suitable), subject folds": v["mean_p_suitable"],
+                "data": info["data"] + (f"/{info['corrupt']}" if info.get("corrupt") else ""),
+                "arch": info["arch"],
+                "label": info["label"],
+                "test acc (own task)": info["test_acc"],
+                "chance": info["chance"],
             }
-            for n, v in report["per_model"].items()
+            for n, (_, info) in zoo.items()
         ]
     )
-    if k_models >= 2:
-        by_model = SuitabilityVerifier(n_estimators=args.n_estimators, random_state=args.seed).cross_validate(
-            table, n_splits=k_models, groups="model", seed=args.seed, average=args.average
-        )
-        write_json(by_model.to_dict(), out / "method1" / "cv_grouped_by_model.json")
-        print(f"RF {k_models}-fold cross-validation, folds grouped by model (test models unseen in training), mean:")
-        print(md_table(pd.DataFrame([{s: by_model.mean[s] for s in SCORES}])))
-        roc_png(
-            by_model.y_true,
-            by_model.oof_proba,
-            out / "method1" / "roc_grouped_by_model.png",
-            fold=by_model.fold,
-            title="Method 1 ROC, folds grouped by model",
-        )
-        oof_model = pd.Series(by_model.oof_proba, index=table.index).groupby(table["model"]).mean()
-        per_model["mean P(suitable), model folds"] = per_model["model"].map(oof_model)
-    else:
-        print("(too few models per label for folds grouped by model)")
-    write_csv(per_model, out / "method1" / "per_model.csv")
-    print("\nper model (out-of-fold):")
-    print(md_table(per_model))
-    imp = pd.DataFrame(
-        sorted(cv["feature_importances"].items(), key=lambda kv: -kv[1]), columns=["feature", "importance"]
+    print(f"zoo: {len(zoo)} models, {zt['arch'].nunique()} architectures, size {size}^3")
+    print(md_table(zt))
+    dev_x, _ = load_cohort("sos", args.n_ref, size, args.seed)
+    test_x, _ = load_cohort("sos", args.n_test, size, args.seed + 1000)
+    dev_b, test_b = batches(dev_x, "dev", args.batch), batches(test_x, "sos", args.batch)
+    labels = {n: info["label"] for n, (_, info) in zoo.items()}
+    wrap = (lambda fn: CommonGrid(fn, args.grid, rank=args.rank)) if args.grid else None
+    features = (
+        f"maps on a common {args.grid}^3 grid{' , rank-normalised' if args.rank else ''}" if args.grid else "maps"
     )
-    print("\nfeature importances (forest refitted on all rows):")
-    print(md_table(imp))
-    summary = pd.read_csv(report["files"]["summary"]).drop(columns="count")
-    print("\nper-label feature statistics (label 1 = suitable, 0 = unsuitable):")
-    print(md_table(summary, digits=4))
-    print(f"Method 1 took {time.perf_counter() - t1:.0f} s")
+    print(f"features: similarity of {features}")
+    results: dict = {
+        "features": features,
+        "zoo": zt.to_dict(orient="records"),
+        "size": size,
+        "n_test": args.n_test,
+        "methods": {},
+    }
 
-    # ------------------------------------------------------------------ Method 2: early feature maps, SOS vs rotated
-    t2 = time.perf_counter()
-    rows = []
-    jobs = [(n, layer) for n, (_, info) in zoo.items() for layer in FEATURE_LAYERS[family(info["arch"])]]
-    for name, layer in tqdm(jobs, desc="Method 2"):
-        model, info = zoo[name]
-        fm = FeatureMap(model, layer)
-        ref = reference_map(fm, dev_b, progress=False)
-        tab = pd.concat(
-            [
-                feature_table(ref, {name: (fm, 1)}, test_b, progress=False),
-                feature_table(ref, {name: (fm, 0)}, rot_b, progress=False),
-            ],
-            ignore_index=True,
-        )
-        res = SuitabilityVerifier(n_estimators=args.n_estimators, random_state=args.seed).cross_validate(
-            tab, n_splits=args.n_splits, groups="subject_id", seed=args.seed, average=args.average
-        )
-        tag = f"{name}_{layer.replace('.', '')}"
-        write_csv(tab, out / "method2" / f"features_{tag}.csv")
-        roc_png(
-            res.y_true,
-            res.oof_proba,
-            out / "method2" / f"roc_{tag}.png",
-            fold=res.fold,
-            title=f"{name} {layer}: SOS vs rotated SOS",
-        )
-        rows.append(
-            {
-                "Model": info["arch"],
-                "Layer": layer,
-                "Train": info["data"],
-                "Test": f"sos vs sos rot{args.rotate:g}",
-                "Accuracy": res.mean["accuracy"],
-                "ROC AUC": res.mean["roc_auc"],
-                "F1": res.mean["f1"],
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        res: dict = {}
+        ref_model, ref_info = zoo[args.reference]
+        cands = {n: (m, layer_of(i, method), i["label"]) for n, (m, i) in zoo.items() if n != args.reference}
+        t1 = time.perf_counter()
+        sup = run_verification(
+            (ref_model, layer_of(ref_info, method)), cands, test_b, out / method / "supervised", method=method,
+            reference_data=dev_b, n_splits=args.n_splits, groups="auto", n_estimators=args.n_estimators,
+            seed=args.seed, progress=False, map_transform=wrap,
+        )  # fmt: skip
+        v = pd.read_csv(sup["files"]["verdicts"])
+        res["supervised"] = {
+            "protocol": sup["protocol"],
+            "roc_auc_model": sup["model_level_roc_auc"],
+            "roc_auc_rows_oof": sup["cv_mean"]["roc_auc_oof"],
+            "accuracy_rows": sup["cv_mean"]["accuracy"],
+            "secondary": sup["cv_secondary"],
+            "unsuitable_judged_suitable": v[(v["label"] == 0) & (v["verdict"] == "suitable")]["model"].tolist(),
+            "suitable_judged_suitable": int(((v["label"] == 1) & (v["verdict"] == "suitable")).sum()),
+            "undecided": int((v["verdict"] == "undecided").sum()),
+            "seconds": time.perf_counter() - t1,
+        }
+        # post-hoc: only models that learned their own task (same features, same protocol, no new maps)
+        feats = pd.read_csv(sup["files"]["features"])
+        learned = [
+            n for n in feats["model"].unique() if zoo[n][1]["test_acc"] >= zoo[n][1]["chance"] + args.learned_margin
+        ]
+        sub = feats[feats["model"].isin(learned)]
+        if sub.groupby("label")["model"].nunique().min() >= 2 and sub["label"].nunique() == 2:
+            cv_l = SuitabilityVerifier(n_estimators=args.n_estimators, random_state=args.seed).cross_validate(
+                sub, n_splits=args.n_splits, seed=args.seed
+            )
+            vl = model_verdicts(sub[["model", "label"]].assign(p_suitable=cv_l.oof_proba), seed=args.seed)
+            res["supervised_learned_only"] = {
+                "protocol": cv_l.params["protocol"],
+                "models": learned,
+                "roc_auc_model": cv_l.mean["roc_auc_model"],
+                "roc_auc_rows_oof": cv_l.mean["roc_auc_oof"],
+                "unsuitable_judged_suitable": vl[(vl["label"] == 0) & (vl["verdict"] == "suitable")]["model"].tolist(),
+            }
+            r = res["supervised_learned_only"]
+            print(
+                f"post-hoc, supervised on the {len(learned)} models with test acc >= chance + {args.learned_margin} "
+                f"({r['protocol']}): model-level ROC AUC {r['roc_auc_model']:.3f}; unsuitable judged suitable: "
+                f"{r['unsuitable_judged_suitable'] or 'none'}"
+            )
+        t2 = time.perf_counter()
+        refs = {
+            n: (m, layer_of(i, method))
+            for n, (m, i) in zoo.items()
+            if i["label"] == 1 and i["val_acc"] >= args.ref_min_val_acc
+        }
+        oc = run_one_class(
+            refs, {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items()}, test_b, out / method / "one_class",
+            labels=labels, method=method, alpha=args.alpha, progress=False, map_transform=wrap,
+        )  # fmt: skip
+        ov = pd.read_csv(oc["files"]["verdicts"])
+        res["one_class"] = {
+            "protocol": oc["protocol"],
+            "references": list(refs),
+            "n_references": len(refs),
+            "alpha": args.alpha,
+            "roc_auc_model": oc["model_level_roc_auc"],
+            "unsuitable_judged_consistent": ov[(ov["label"] == 0) & (ov["verdict"] == "consistent")]["model"].tolist(),
+            "suitable_rejected": ov[(ov["label"] == 1) & (ov["verdict"] == "not suitable")]["model"].tolist(),
+            "seconds": time.perf_counter() - t2,
+        }
+        small = small_ensemble(zoo, args.reference, args.small_ensemble)
+        alpha_small = max(args.alpha, 1.0 / (len(small) + 1))
+        oc_s = run_one_class(
+            {n: (zoo[n][0], layer_of(zoo[n][1], method)) for n in small},
+            {n: (m, layer_of(i, method)) for n, (m, i) in zoo.items() if n not in small},
+            test_b, out / method / "one_class_small", labels={n: lab for n, lab in labels.items() if n not in small},
+            method=method, alpha=alpha_small, progress=False, map_transform=wrap,
+        )  # fmt: skip
+        osv = pd.read_csv(oc_s["files"]["verdicts"])
+        res["one_class_small"] = {
+            "references": small,
+            "alpha": alpha_small,
+            "roc_auc_model": oc_s["model_level_roc_auc"],
+            "unsuitable_judged_consistent": osv[(osv["label"] == 0) & (osv["verdict"] == "consistent")][
+                "model"
+            ].tolist(),
+        }
+        table = v[["model", "label", "mean_p_suitable", "ci_low", "ci_high", "verdict"]].rename(
+            columns={
+                "mean_p_suitable": "sup mean P",
+                "ci_low": "CI low",
+                "ci_high": "CI high",
+                "verdict": "sup verdict",
             }
         )
-    m2 = pd.DataFrame(rows)
-    write_csv(m2, out / "method2" / "method2.csv")
-    print(
-        "\nMethod 2 (early feature maps vs the model's own mean map on SOS development data; "
-        f"RF {args.n_splits}-fold by subject):"
-    )
-    print(md_table(m2))
-    print(f"Method 2 took {time.perf_counter() - t2:.0f} s; total {time.perf_counter() - t0:.0f} s; outputs in {out}")
+        table = table.merge(
+            ov[["model", "p_value", "verdict"]].rename(columns={"p_value": "1-class p", "verdict": "1-class verdict"}),
+            on="model",
+            how="left",
+        )
+        table["test acc (own task)"] = table["model"].map(zt.set_index("model")["test acc (own task)"])
+        write_csv(table, out / method / "per_model.csv")
+        res["per_model"] = table.to_dict(orient="records")
+        results["methods"][method] = res
+        s, o, sm = res["supervised"], res["one_class"], res["one_class_small"]
+        print(f"\n## {method}")
+        print(
+            f"supervised, {s['protocol']}: model-level ROC AUC {s['roc_auc_model']:.3f}; pooled out-of-fold row AUC "
+            f"{s['roc_auc_rows_oof']:.3f}; unsuitable judged suitable: {s['unsuitable_judged_suitable'] or 'none'}; "
+            f"suitable judged suitable {s['suitable_judged_suitable']}, undecided {s['undecided']} "
+            f"({s['seconds']:.0f} s)"
+        )
+        if s["secondary"]:
+            print(
+                f"  secondary, {s['secondary']['protocol']}: pooled out-of-fold row AUC "
+                f"{s['secondary']['mean']['roc_auc_oof']:.3f}, "
+                f"model-level {s['secondary']['mean']['roc_auc_model']:.3f}"
+            )
+        print(
+            f"one-class ({o['n_references']} SOS references, leave one model out), alpha {o['alpha']}: model-level ROC "
+            f"AUC {o['roc_auc_model']:.3f}; unsuitable judged consistent: "
+            f"{o['unsuitable_judged_consistent'] or 'none'}; "
+            f"suitable rejected: {o['suitable_rejected'] or 'none'} ({o['seconds']:.0f} s)"
+        )
+        print(
+            f"one-class, small ensemble {sm['references']}, alpha {sm['alpha']:.2f}: model-level ROC AUC "
+            f"{sm['roc_auc_model']:.3f}; unsuitable judged consistent: {len(sm['unsuitable_judged_consistent'])}"
+        )
+        print(md_table(table))
+    write_json(results, out / "results.json")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; outputs in {out}")
+    print(json.dumps({m: {k: r[k]["roc_auc_model"] for k in ("supervised", "one_class", "one_class_small")}
+                      for m, r in results["methods"].items()}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
     """`gamverify energy --bundle_root --datalist`: the same AE as evaluate.json, scores from the datalist entries,
     the same table as energy_report on those two CSVs; bad combinations of arguments are refused."""
     from monai_gamverify import cli
-    from monai_gamverify.energy.attribution import energy_report
+    from monai_gamverify.energy.report import energy_report
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():

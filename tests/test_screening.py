@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai_gamverify.cam import GradCAM, ScoreCAM
+from monai_gamverify.garbage import extract_features
+from monai_gamverify.hooks import record_activations
+from monai_gamverify.synthetic import generate, make_cohort
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from monai_gamverify.cam import GradCAM, ScoreCAM
-from monai_gamverify.garbage import extract_features
-from monai_gamverify.hooks import record_activations
 from monai_gamverify.networks import SmallCNN
 from monai_gamverify.screening import (
     PENULTIMATE,
@@ -38,7 +39,6 @@ from monai_gamverify.screening import (
     read_image,
     run_screen,
 )
-from monai_gamverify.synthetic import generate, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 SOS = REPO / "bundles" / "sos_staging"

@@ -345,3 +345,35 @@ def test_run_verification_report(method, layer, tmp_path):
         run_verification((small_net(2), layer), cands, iter(data), tmp_path / "x", method=method, progress=False)
     with pytest.raises(ValueError, match="method"):
         run_verification((small_net(2), layer), cands, data, tmp_path / "x", method="lime", progress=False)
+
+
+def test_run_verification_leave_models_out_report(tmp_path):
+    from monai_gamverify.verification.bundles import format_summary
+
+    torch.manual_seed(0)
+    data = [{"image": torch.rand(3, 1, 16, 16), "subject": [f"s{b}{i}" for i in range(3)]} for b in range(4)]
+    cands = {"a": (small_net(2, 0), "3", 1), "b": (small_net(2, 1), "3", 1), "c": (small_net(2, 8), "3", 0),
+             "d": (small_net(2, 9), "3", 0)}  # fmt: skip
+    out = run_verification((small_net(2, 0), "3"), cands, data, tmp_path, n_splits=5, n_estimators=20, progress=False)
+    report = json.loads((tmp_path / "cv.json").read_text())
+    assert report["protocol"] == "leave-models-out" == out["protocol"]
+    assert report["cross_validation"]["params"]["splitter"].startswith("LeaveOneGroupOut")  # 2 models per label < 5
+    assert report["cross_validation_secondary"]["protocol"] == "subject-grouped"
+    assert report["model_level"]["protocol"] == "leave-models-out"
+    verdicts = pd.read_csv(tmp_path / "verdicts.csv")
+    assert list(verdicts.columns) == [
+        "model",
+        "label",
+        "n",
+        "mean_p_suitable",
+        "ci_low",
+        "ci_high",
+        "verdict",
+        "protocol",
+    ]
+    assert set(verdicts["verdict"]) <= {"suitable", "not suitable", "undecided"} and (verdicts["n"] == 12).all()
+    assert (verdicts["ci_low"] <= verdicts["mean_p_suitable"]).all()
+    preds = pd.read_csv(tmp_path / "predictions.csv")
+    assert preds.groupby("model")["fold"].nunique().eq(1).all()  # each model in one test fold
+    text = format_summary({**out, "n_splits": 5})
+    assert "leave-models-out" in text and "secondary, subject-grouped" in text and "95% CI" in text

@@ -130,3 +130,38 @@ def test_verify_config(setup):
     )
     assert len(pd.read_csv(out / "features.csv")) == 8
     assert (out / "cv.json").is_file()
+
+
+def test_verify_bundles_one_class(setup, capsys):
+    out = setup["tmp"] / "report_oc"
+    kw = _kwargs(setup)
+    kw.update(
+        candidates={"chin": str(setup["chin"])},
+        labels=None,
+        one_class=True,
+        references=json.dumps({"sos_b": str(setup["sos_b"])}),
+        candidate_overrides={"*": SMALL, "chin": {"num_classes": 2}},
+        alpha=0.5,
+    )
+    report = verify_bundles(out=str(out), max_items=4, **kw)
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["one_class"] and cv["params"]["references"] == ["reference", "sos_b"]
+    p = cv["per_model"]["chin"]["p_value"]
+    assert p in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)  # 3 models in the set
+    for name in ("features.csv", "verdicts.csv", "predictions.csv", "summary.csv", "reference_map.nii.gz"):
+        assert (out / name).is_file(), name
+    assert len(pd.read_csv(out / "features.csv")) == 3 * 4
+    printed = capsys.readouterr().out
+    assert (
+        "one-class" in printed
+        and "p-value" in printed
+        and report["per_model"]["chin"]["verdict"]
+        in (
+            "consistent",
+            "not suitable",
+        )
+    )
+    with pytest.raises(ValueError, match="needs references"):
+        verify_bundles(**{**kw, "references": None})
+    with pytest.raises(ValueError, match="one-class mode only"):
+        verify_bundles(**{**_kwargs(setup), "references": {"x": str(setup["sos_b"])}})

@@ -69,7 +69,7 @@ from monai_gamverify.screening.profile import DataProfile, attach_tensor, intens
 from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
 from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
 from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
-from monai_gamverify.transforms import make_cam
+from monai_gamverify.visualize.registry import make_cam
 
 __all__ = ["Screen", "Observation", "DETECTORS", "ScreenFileError", "fit_screen", "run_screen", "load_screen_bundle"]
 

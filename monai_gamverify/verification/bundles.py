@@ -3,7 +3,7 @@ report directory out (the ``gamverify verify`` command and ``sos_staging/configs
 
 Every model sees the same inputs: the datalist split is loaded once with the **reference bundle's** inference
 ``preprocessing`` and fed to the reference and to every candidate; the rest is
-:func:`monai_gamverify.verification.verifier.run_verification`.
+:func:`~.verifier.run_verification`.
 
 Example:
     >>> report = verify_bundles(
@@ -76,16 +76,24 @@ def _load(role: str, root: Any, overrides: Mapping | None, device: str | None) -
 
 
 def _candidate_specs(
-    candidates: Mapping[str, Any], labels: Mapping[str, Any] | None, candidate_overrides: Mapping[str, Any]
+    candidates: Mapping[str, Any],
+    labels: Mapping[str, Any] | None,
+    candidate_overrides: Mapping[str, Any],
+    require_label: bool = True,
+    other_names: tuple[str, ...] = (),
 ) -> dict[str, dict]:
-    """Normalise candidates to ``{name: {"bundle", "label", "overrides"}}`` and check names and labels."""
+    """Normalise candidates to ``{name: {"bundle", "label", "overrides"}}`` and check names and labels.
+
+    ``require_label=False`` (one-class mode, reference ensembles) lets a label be missing (``None``);
+    ``other_names`` are further names that ``candidate_overrides`` may use (the one-class references).
+    """
     if not candidates:
         raise ValueError("no candidate bundles: pass candidates={name: bundle_dir, ...}")
     labels = dict(labels or {})
     unknown = sorted(set(labels) - set(candidates))
     if unknown:
         raise ValueError(f"labels name unknown candidate(s) {unknown}; candidates are {sorted(candidates)}")
-    unknown = sorted(set(candidate_overrides) - set(candidates) - {"*"})
+    unknown = sorted(set(candidate_overrides) - set(candidates) - set(other_names) - {"*"})
     if unknown:
         raise ValueError(
             f"candidate_overrides name unknown candidate(s) {unknown}; candidates are {sorted(candidates)}"
@@ -96,36 +104,64 @@ def _candidate_specs(
         if "bundle" not in spec:
             raise ValueError(f"candidate {name!r}: a dict spec needs a 'bundle' path, got {spec!r}")
         label = labels.get(name, spec.get("label"))
-        if label is None:
+        if label is None and require_label:
             raise ValueError(f"candidate {name!r} has no label: pass labels={{{name!r}: 1 or 0, ...}}")
-        if isinstance(label, bool) or int(label) not in (0, 1) or int(label) != label:
+        if label is not None and (isinstance(label, bool) or int(label) not in (0, 1) or int(label) != label):
             raise ValueError(f"candidate {name!r}: label must be 1 (suitable) or 0 (not), got {label!r}")
         ovr = {**dict(candidate_overrides.get("*", {})), **dict(candidate_overrides.get(name, {}))}
         ovr.update(spec.get("overrides", {}) or {})
         if spec.get("checkpoint") is not None:
             ovr["checkpoint"] = spec["checkpoint"]
-        specs[str(name)] = {"bundle": spec["bundle"], "label": int(label), "overrides": ovr}
+        specs[str(name)] = {"bundle": spec["bundle"], "label": None if label is None else int(label), "overrides": ovr}
     return specs
 
 
 def format_summary(report: Mapping[str, Any]) -> str:
-    """Short text summary of a :func:`verify_bundles` / ``run_verification`` report.
+    """Short text summary of a :func:`verify_bundles` / ``run_verification`` report, each figure with its protocol.
 
     Args:
-        report: the returned dict (``per_model``, ``cv_mean``, ``out_dir``).
+        report: the returned dict (``per_model``, ``cv_mean``, ``protocol``, ``cv_secondary``, ``out_dir``; a
+            one-class report has ``one_class`` and per-model ``p_value``).
 
     Returns:
-        A few lines: per-model label and mean out-of-fold P(suitable), CV accuracy / ROC AUC / F1, report directory.
+        A few lines: per-model label, mean out-of-fold P(suitable) with its bootstrap interval and verdict (or the
+        conformal p-value in one-class mode), cross-validation scores named by protocol, report directory.
 
     Example:
         >>> print(format_summary(report))
     """
-    lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17}"]
+    protocol = report.get("protocol", "subject-grouped")
+    if report.get("one_class"):
+        lines = [
+            f"one-class verification ({protocol}); conformal p-value against {report.get('n_references', '?')} "
+            f"reference models, alpha {report.get('alpha', 0.1):g}"
+        ]
+        lines.append(f"{'model':<24} {'label':>5} {'p-value':>8} {'score':>8}  verdict")
+        for name, info in report["per_model"].items():
+            lab = "?" if info.get("label") is None else str(info["label"])
+            lines.append(f"{name:<24} {lab:>5} {info['p_value']:>8.3f} {info['score']:>8.3f}  {info['verdict']}")
+        if report.get("model_level_roc_auc") is not None:
+            lines.append(f"model-level ROC AUC ({protocol}): {report['model_level_roc_auc']:.3f}")
+        lines.append(f"report: {report['out_dir']}")
+        return "\n".join(lines)
+    lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17} {'95% CI':>16}  verdict ({protocol}, out-of-fold)"]
     for name, info in report["per_model"].items():
-        lines.append(f"{name:<16} {info['label']:>5} {info['mean_p_suitable']:>17.3f}")
+        ci = f"[{info['ci_low']:.3f}, {info['ci_high']:.3f}]" if "ci_low" in info else ""
+        lines.append(
+            f"{name:<16} {info['label']:>5} {info['mean_p_suitable']:>17.3f} {ci:>16}  {info.get('verdict', '')}"
+        )
     cv = report.get("cv_mean", {})
-    scores = ", ".join(f"{k} {cv[k]:.3f}" for k in ("accuracy", "roc_auc", "f1") if k in cv)
-    lines.append(f"cross-validation ({report.get('n_splits', '?')} folds, mean): {scores}")
+    scores = ", ".join(f"{k} {cv[k]:.3f}" for k in ("accuracy", "roc_auc_oof", "f1") if k in cv and cv[k] == cv[k])
+    lines.append(f"cross-validation, {protocol} ({report.get('n_splits', '?')} folds requested): {scores}")
+    if cv.get("roc_auc_model") == cv.get("roc_auc_model") and "roc_auc_model" in cv:
+        lines.append(f"model-level ROC AUC ({protocol}): {cv['roc_auc_model']:.3f}")
+    sec = report.get("cv_secondary")
+    if sec:
+        m = sec["mean"]
+        lines.append(
+            f"secondary, {sec['protocol']} (a model's rows in training and test folds): "
+            + ", ".join(f"{k} {m[k]:.3f}" for k in ("accuracy", "roc_auc_oof", "f1") if k in m)
+        )
     lines.append(f"report: {report['out_dir']}")
     return "\n".join(lines)
 
@@ -148,12 +184,16 @@ def verify_bundles(
     datalist: str | None = None,
     batch_size: int = 1,
     n_estimators: int = 200,
+    one_class: bool = False,
+    references: dict[str, str] | str | None = None,
+    alpha: float = 0.1,
+    k: int = 3,
 ) -> dict:
     """Verify candidate bundles against a reference bundle on one datalist split and write a report directory.
 
     Loads every bundle with :func:`monai_gamverify.bundle.load_bundle` (``configs/inference.json``, trained weights
     required), builds one ``DataLoader`` over ``dataset_dir``'s datalist split with the reference bundle's inference
-    ``preprocessing`` (items keep ``"id"``), and calls :func:`monai_gamverify.verification.run_verification` with each
+    ``preprocessing`` (items keep ``"id"``), and calls :func:`~.verifier.run_verification` with each
     bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Prints a short summary.
 
     Args:
@@ -178,6 +218,15 @@ def verify_bundles(
         datalist: datalist JSON (default ``<dataset_dir>/datalist.json``).
         batch_size: batch size of the data loader.
         n_estimators: trees of the verifier's random forest.
+        one_class: one-class mode (no unsuitable model needed): the reference bundle and ``references`` form the
+            reference ensemble, each candidate gets a conformal p-value against it
+            (:func:`monai_gamverify.verification.oneclass.run_one_class`); ``labels`` are optional then (used only
+            for a model-level ROC AUC). Same report files (``cv.json`` names the one-class protocol).
+        references: one-class mode: further reference bundles ``{name: bundle_dir}`` (models for the same task:
+            other seeds or architectures; the ensemble needs >= 2 models, and ``1 / (n + 1) <= alpha`` to reject).
+            ``candidate_overrides`` may name them.
+        alpha: one-class mode: significance level of the verdict ("not suitable" when p <= alpha).
+        k: one-class mode: neighbours of the nonconformity score.
 
     Returns:
         The ``run_verification`` dict (``out_dir``, ``files``, ``cv_mean``, ``per_model``) plus ``reference``,
@@ -196,14 +245,31 @@ def verify_bundles(
     from monai.data import DataLoader, Dataset
 
     from monai_gamverify.data.datalist import load_datalist
+    from monai_gamverify.verification.oneclass import run_one_class
     from monai_gamverify.verification.verifier import _METHODS, run_verification
 
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     cands = _parse(candidates, "candidates")
+    refs_in = _parse(references, "references") or {}
+    if one_class and not refs_in:
+        raise ValueError(
+            "one_class=True needs references={name: bundle_dir, ...} (the reference bundle plus >= 1 more)"
+        )
+    if refs_in and not one_class:
+        raise ValueError("references are used in one-class mode only: pass one_class=True")
+    cand_ovr = _parse(candidate_overrides, "candidate_overrides") or {}
     specs = _candidate_specs(
-        cands or {}, _parse(labels, "labels"), _parse(candidate_overrides, "candidate_overrides") or {}
+        cands or {}, _parse(labels, "labels"), cand_ovr, require_label=not one_class, other_names=tuple(refs_in)
     )
+    ref_specs = (
+        _candidate_specs(refs_in, None, cand_ovr, require_label=False, other_names=tuple(cands or {}))
+        if refs_in
+        else {}
+    )
+    clash = sorted(set(ref_specs) & {"reference"})
+    if clash:
+        raise ValueError("the name 'reference' is taken by the reference bundle; rename that reference")
     overrides = _parse(overrides, "overrides")
 
     # data first: a bad dataset fails before any model is built
@@ -237,13 +303,35 @@ def verify_bundles(
         layer = layer_of(bm, f"candidate {name!r}")
         models[name] = (bm.network, layer, spec["label"])
         info[name] = {"bundle": str(bm.root), "label": spec["label"], "layer": layer}
-    if len({s["label"] for s in specs.values()}) < 2:
+    if not one_class and len({s["label"] for s in specs.values()}) < 2:
         raise ValueError(f"candidates need both labels 1 (suitable) and 0 (not) for the verifier, got {info}")
 
     preprocessing = ref.preprocessing()
     if preprocessing is None:
         raise ValueError(f"reference bundle {ref.root} defines no inference 'preprocessing'")
     loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=int(batch_size), shuffle=False)
+    if one_class:
+        ensemble = {"reference": (ref.network, ref_layer)}
+        ref_info = {"reference": {"bundle": str(ref.root), "layer": ref_layer}}
+        for name, spec in ref_specs.items():
+            bm = _load(f"reference {name!r}", spec["bundle"], spec["overrides"], device)
+            ensemble[name] = (bm.network, layer_of(bm, f"reference {name!r}"))
+            ref_info[name] = {"bundle": str(bm.root), "layer": ensemble[name][1]}
+        report = run_one_class(
+            ensemble,
+            {n: m[:2] for n, m in models.items()},
+            loader,
+            out,
+            labels={n: s["label"] for n, s in specs.items() if s["label"] is not None},
+            method=method,
+            alpha=float(alpha),
+            k=int(k),
+            progress=progress,
+        )
+        report.update(reference=ref_info, candidates=info, n_items=len(items))
+        report["summary"] = format_summary(report)
+        print(report["summary"])
+        return report
     report = run_verification(
         reference=(ref.network, ref_layer),
         candidates=models,

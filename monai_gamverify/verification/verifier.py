@@ -3,12 +3,16 @@
 A reference model's normalised maps are averaged over a reference dataset (:class:`ReferenceMap`, streaming).
 Every candidate model's map of every sample is compared with that mean map by the similarity features
 (:func:`feature_table`), and a Random Forest (:class:`SuitabilityVerifier`) learns to tell "model trained on
-similar data" (label 1) from "model trained on other data" (label 0), cross-validated with folds grouped by subject.
-:func:`run_verification` does all of it and writes a report directory.
+similar data" (label 1) from "model trained on other data" (label 0), cross-validated **leave-models-out** whenever
+each label has >= 2 models (:mod:`monai_gamverify.verification.protocol`; subject-grouped folds only as a secondary
+line), with one verdict per model from a bootstrap interval (:mod:`monai_gamverify.verification.models`).
+:func:`run_verification` does all of it and writes a report directory; the one-class mode (no unsuitable models) is
+:mod:`monai_gamverify.verification.oneclass`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,15 +25,18 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score, roc_curve
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from monai_gamverify.io import affine_of, atomic_path, save_nifti, write_csv, write_json
+from monai_gamverify.verification.models import format_verdicts, model_level_auc, model_verdicts, verdicts_to_dict
+from monai_gamverify.verification.protocol import make_splits, resolve_groups
 from monai_gamverify.visualize.plots import overlay_png, save_figure
 
 __all__ = [
     "META_COLUMNS",
+    "KNOWN_NON_FEATURES",
+    "FEATURE_PREFIX",
     "ReferenceMap",
     "reference_map",
     "feature_table",
@@ -43,6 +50,11 @@ __all__ = [
 
 #: columns of a feature table that are not features
 META_COLUMNS = ("sample_id", "subject_id", "model", "label")
+#: numeric columns that other tables of this package add beside the features (never features, never "unknown")
+KNOWN_NON_FEATURES = ("fold", "p_suitable", "p_value", "score", "n_rows")
+#: declared prefix of feature columns other than the similarity metric names
+FEATURE_PREFIX = "feat_"
+logger = logging.getLogger(__name__)
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 _FORMAT = "monai-gamverify.SuitabilityVerifier"
 # types a verifier file may hold beyond what skops trusts by default (RandomForest, DecisionTree, numpy, builtins)
@@ -160,6 +172,14 @@ class ReferenceMap:
         affine = affine_of(reference_image) if hasattr(reference_image, "affine") else self.affine
         background = reference_image if reference_image is not None else self.background
         if background is None:
+            background = value
+        bg_shape = tuple(np.shape(background))[-value.ndim :]
+        if bg_shape != tuple(value.shape):
+            # a map on a coarser common grid (verification_grid.CommonGrid): voxels scaled, the map its own background
+            if affine is not None and len(bg_shape) == value.ndim:
+                affine = np.array(affine, dtype=np.float64, copy=True)
+                for i, (b, v) in enumerate(zip(bg_shape, value.shape)):
+                    affine[:3, i] *= b / v
             background = value
         paths = {
             "nifti": save_nifti(value, out / f"{name}.nii.gz", reference=affine),
@@ -329,8 +349,33 @@ def feature_table(
     return table
 
 
-def feature_columns(table: pd.DataFrame, features: Sequence[str] | None = None) -> list[str]:
-    """The feature columns of ``table``: ``features`` if given (checked), else every numeric non-meta column."""
+def feature_columns(
+    table: pd.DataFrame,
+    features: Sequence[str] | None = None,
+    *,
+    prefix: str | Sequence[str] = FEATURE_PREFIX,
+    strict: bool = False,
+) -> list[str]:
+    """The feature columns of ``table``, declared, never guessed from the dtype.
+
+    Without ``features``, a column is a feature when its name is a similarity metric (``similarity.ALL_METRICS``)
+    or starts with a declared ``prefix`` (default ``"feat_"``). Other numeric columns (``fold``, ``p_suitable``,
+    an id stored as a number) are not features: they are ignored, and with ``strict=True`` the call raises naming
+    them (columns of :data:`META_COLUMNS` and :data:`KNOWN_NON_FEATURES` never count as unknown).
+
+    Args:
+        table: feature table.
+        features: explicit feature columns (checked to exist).
+        prefix: declared prefix(es) of extra feature columns.
+        strict: raise on numeric columns that are neither meta nor features.
+
+    Returns:
+        Feature column names, in table order (or in ``features`` order).
+
+    Example:
+        >>> feature_columns(table)                    # ['iou', 'dice', ..., 'wasserstein']
+        >>> feature_columns(table, prefix="rank_")    # also 'rank_cosine', ...
+    """
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame, got {type(table).__name__}")
     if features is not None:
@@ -339,10 +384,40 @@ def feature_columns(table: pd.DataFrame, features: Sequence[str] | None = None) 
         if missing:
             raise ValueError(f"feature column(s) {missing} missing from the table; columns: {list(table.columns)}")
         return names
-    names = [c for c in table.columns if c not in META_COLUMNS and pd.api.types.is_numeric_dtype(table[c])]
+    from monai_gamverify.metrics.similarity import ALL_METRICS
+
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    names = [c for c in table.columns if isinstance(c, str) and (c in ALL_METRICS or c.startswith(prefixes))]
+    unknown = [
+        c
+        for c in table.columns
+        if c not in names
+        and c not in META_COLUMNS
+        and c not in KNOWN_NON_FEATURES
+        and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    if unknown and strict:
+        raise ValueError(
+            f"numeric column(s) {unknown} are neither features (similarity metric names or prefix {prefixes}) nor "
+            "meta columns; rename them with the feature prefix, pass features=[...], or drop them"
+        )
+    if unknown:
+        logger.debug("feature_columns: ignoring numeric non-feature column(s) %s", unknown)
     if not names:
-        raise ValueError(f"no numeric feature column in the table; columns: {list(table.columns)}")
+        raise ValueError(
+            f"no feature column in the table (similarity metric names or prefix {prefixes}); "
+            f"columns: {list(table.columns)}"
+        )
+    bad = [c for c in names if not pd.api.types.is_numeric_dtype(table[c])]
+    if bad:
+        raise ValueError(f"feature column(s) {bad} are not numeric")
     return names
+
+
+def _nanmean(values: Any) -> float:
+    """Mean ignoring NaN; NaN (without a warning) when every value is NaN (e.g. per-fold AUC of one-model folds)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
 def _check_labels(y: Any, where: str = "label") -> np.ndarray:
@@ -405,7 +480,7 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
         min_samples_leaf: minimum samples per leaf.
         max_features: features considered per split (``RandomForestClassifier`` semantics).
         class_weight: ``None``, ``"balanced"`` or ``"balanced_subsample"``.
-        features: feature columns to use (default: every numeric column other than ``META_COLUMNS``).
+        features: feature columns to use (default: :func:`feature_columns`, the metric-named and ``feat_`` columns).
         random_state: seed of the forest.
         n_jobs: parallel jobs of the forest.
 
@@ -416,7 +491,7 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
 
     Example:
         >>> ver = SuitabilityVerifier(random_state=0)
-        >>> cv = ver.cross_validate(table, n_splits=5)      # folds grouped by subject_id
+        >>> cv = ver.cross_validate(table, n_splits=5)      # leave-models-out when each label has >= 2 models
         >>> ver.fit(table).save("verifier.skops")
         >>> SuitabilityVerifier.load("verifier.skops").predict_proba(new_rows)[:, 1]
     """
@@ -519,25 +594,32 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
         self,
         table: pd.DataFrame,
         n_splits: int = 5,
-        groups: str | None = "subject_id",
+        groups: str | None = "auto",
         seed: int = 0,
         average: str = "binary",
         progress: bool = False,
     ) -> CrossValidationResult:
-        """Stratified, grouped k-fold cross-validation (a subject never sits in both train and test of a fold).
+        """Stratified, grouped cross-validation; leave-models-out by default when each label has >= 2 models.
 
         Args:
             table: feature table with a ``label`` column (and the ``groups`` column).
-            n_splits: number of folds.
-            groups: column whose values must not be split across train/test (``"subject_id"``; ``"model"`` gives
-                leave-models-out folds; ``None``: plain stratified folds).
+            n_splits: number of folds (leave-models-out with fewer models per label than folds: one fold per model).
+            groups: ``"auto"`` (``"model"`` when both labels have >= 2 models, else ``"subject_id"``), ``"model"``
+                (leave-models-out), ``"subject_id"`` (the study's protocol), another column, or ``None`` (plain
+                stratified folds). See :mod:`monai_gamverify.verification.protocol`.
             seed: shuffling seed of the folds.
             average: averaging of precision/recall/F1 (``"binary"`` for the suitable class, or ``"weighted"`` /
                 ``"macro"``; the study reports weighted values).
             progress: show a progress bar over folds.
 
         Returns:
-            :class:`CrossValidationResult` with per-fold scores, their mean/std and out-of-fold probabilities.
+            :class:`CrossValidationResult` with per-fold scores, their mean/std, out-of-fold probabilities; ``mean``
+            also holds ``roc_auc_oof`` (pooled rows) and, with a ``model`` column, ``roc_auc_model`` (AUC of each
+            model's mean out-of-fold P(suitable)); ``params["protocol"]`` names the protocol.
+
+        Example:
+            >>> cv = SuitabilityVerifier().cross_validate(table)      # leave-models-out when possible
+            >>> cv.params["protocol"], cv.mean["roc_auc_model"]
         """
         if not isinstance(table, pd.DataFrame) or "label" not in table.columns:
             raise ValueError("cross_validate needs a feature table (DataFrame) with a 'label' column")
@@ -548,23 +630,15 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
         table = table.reset_index(drop=True)
         arr, cols = self._matrix(table, None)
         y = _check_labels(table["label"])
+        groups, protocol = resolve_groups(table, groups)
         counts = np.bincount(y, minlength=2)
-        if len(y) < n_splits or counts.min() < n_splits:
+        if groups != "model" and (len(y) < n_splits or counts.min() < n_splits):
             raise ValueError(
                 f"too few samples for {n_splits} folds: {len(y)} rows, {counts[0]} of class 0 and {counts[1]} of "
                 "class 1 (each class needs at least one row per fold)"
             )
-        if groups is not None:
-            if groups not in table.columns:
-                raise ValueError(f"group column {groups!r} not in the table; columns: {list(table.columns)}")
-            g = table[groups].astype(str).to_numpy()
-            n_groups = len(np.unique(g))
-            if n_groups < n_splits:
-                raise ValueError(f"only {n_groups} distinct {groups!r} value(s) for {n_splits} folds")
-            splits = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(arr, y, g)
-        else:
-            g = None
-            splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(arr, y)
+        g = None if groups is None else table[groups].astype(str).to_numpy()
+        splits, splitter = make_splits(y, g, int(n_splits), seed, groups)
         oof = np.full(len(y), np.nan)
         fold_of = np.full(len(y), -1, dtype=np.int64)
         rows = []
@@ -597,10 +671,24 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
             oof[test] = proba
             fold_of[test] = k
         folds = pd.DataFrame(rows)
-        mean = {s: float(np.nanmean(folds[s])) for s in _SCORES}
-        std = {s: float(np.nanstd(folds[s])) for s in _SCORES}
+        mean = {s: _nanmean(folds[s]) for s in _SCORES}
+        std = {s: float(np.nanstd(folds[s])) if folds[s].notna().any() else float("nan") for s in _SCORES}
         mean["roc_auc_oof"] = float(roc_auc_score(y, oof))
-        params = {"n_splits": int(n_splits), "groups": groups, "seed": seed, "average": average, "features": cols}
+        if "model" in table.columns:
+            per_model = pd.DataFrame({"model": table["model"].astype(str), "y": y, "p": oof}).groupby("model")
+            ym, pm = per_model["y"].first().to_numpy(), per_model["p"].mean().to_numpy()
+            mean["roc_auc_model"] = float(roc_auc_score(ym, pm)) if len(np.unique(ym)) == 2 else float("nan")
+            mean["n_models"] = int(len(ym))
+        params = {
+            "protocol": protocol,
+            "n_splits": int(n_splits),
+            "n_folds": len(folds),
+            "splitter": splitter,
+            "groups": groups,
+            "seed": seed,
+            "average": average,
+            "features": cols,
+        }
         return CrossValidationResult(folds, mean, std, y, oof, fold_of, params)
 
     # ------------------------------------------------------------------ persistence (skops, never pickle)
@@ -664,7 +752,7 @@ def summary_table(table: pd.DataFrame, features: Sequence[str] | None = None, la
 
     Args:
         table: feature table.
-        features: feature columns (default: every numeric non-meta column).
+        features: feature columns (default: :func:`feature_columns`).
         label: label column.
 
     Returns:
@@ -786,10 +874,13 @@ def run_verification(
     slice_axis: int | None = None,
     metrics: Sequence[str] | None = None,
     n_splits: int = 5,
-    groups: str | None = "subject_id",
+    groups: str | None = "auto",
     average: str = "binary",
     n_estimators: int = 200,
     seed: int = 0,
+    threshold: float = 0.5,
+    confidence: float = 0.95,
+    map_transform: Callable[[MapFn], MapFn] | None = None,
     image_key: str = "image",
     id_key: str = "id",
     subject_key: str = "subject",
@@ -798,11 +889,13 @@ def run_verification(
     """Verify candidate models against a reference model and write a report directory.
 
     Steps: reference mean map over ``reference_data`` (default ``data``) → feature table of every candidate on
-    ``data`` → grouped, stratified k-fold cross-validation of a :class:`SuitabilityVerifier` → verifier refitted on
-    all rows. Written to ``out_dir``: ``features.csv``, ``predictions.csv`` (out-of-fold P(suitable) per row),
-    ``cv.json`` (per-fold and mean scores, importances, per-model mean P(suitable)), ``summary.csv`` (per-label
-    feature statistics), ``roc.png``, ``reference_map.nii.gz/.png/.json``, ``verifier.skops`` and TensorBoard scalars
-    in ``tensorboard/``.
+    ``data`` → grouped, stratified cross-validation of a :class:`SuitabilityVerifier` (leave-models-out whenever
+    each label has >= 2 models) → model-level verdicts from each model's out-of-fold P(suitable) (mean with a
+    bootstrap interval, :func:`~monai_gamverify.verification.models.model_verdicts`) → verifier refitted on all
+    rows. Written to ``out_dir``: ``features.csv``, ``predictions.csv`` (out-of-fold P(suitable) per row),
+    ``verdicts.csv`` (per model: mean, interval, verdict), ``cv.json`` (protocol, per-fold and mean scores,
+    model-level AUC, importances, per-model verdicts), ``summary.csv`` (per-label feature statistics), ``roc.png``,
+    ``reference_map.nii.gz/.png/.json``, ``verifier.skops`` and TensorBoard scalars in ``tensorboard/``.
 
     Args:
         reference: ``(model, layer)`` of the reference model.
@@ -816,18 +909,25 @@ def run_verification(
         slice_axis: compute features per 2D slice along this spatial axis.
         metrics: feature names (default: the study's seven).
         n_splits: cross-validation folds.
-        groups: column grouping the folds (``"subject_id"``, ``"model"`` or ``None``).
+        groups: column grouping the folds: ``"auto"`` (leave-models-out when each label has >= 2 models, else
+            subject-grouped), ``"model"``, ``"subject_id"`` or ``None``. When the protocol is leave-models-out, the
+            subject-grouped figures are added as a secondary line (``cross_validation_secondary`` in ``cv.json``).
         average: precision/recall/F1 averaging (``"binary"`` or ``"weighted"`` as in the study).
         n_estimators: trees of the forest.
-        seed: seed of the forest and of the folds.
+        seed: seed of the forest, the folds and the bootstrap.
+        threshold: P(suitable) threshold of the model-level verdicts.
+        confidence: coverage of the bootstrap interval of each model's mean out-of-fold P(suitable).
+        map_transform: optional wrapper of every map function, e.g.
+            ``lambda fn: CommonGrid(fn, 4)`` (:mod:`monai_gamverify.verification.grid`).
         image_key: image key in the batches.
         id_key: sample-id key in the batches.
         subject_key: subject-id key in the batches.
         progress: show progress bars.
 
     Returns:
-        Dict with ``"out_dir"``, ``"files"`` (name -> path), ``"cv_mean"`` (mean scores) and ``"per_model"``
-        (model -> label and mean out-of-fold P(suitable)).
+        Dict with ``"out_dir"``, ``"files"`` (name -> path), ``"protocol"``, ``"cv_mean"`` (mean scores of that
+        protocol), ``"cv_secondary"`` (``{"protocol", "mean"}`` of the subject-grouped folds, or ``None``) and
+        ``"per_model"`` (model -> label, mean out-of-fold P(suitable), ``ci_low``, ``ci_high``, ``verdict``).
 
     Example:
         >>> report = run_verification((ref_net, "layer4"), {"r18": (r18, "layer4", 1), "chin": (c, "layer4", 0)},
@@ -849,12 +949,13 @@ def run_verification(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    ref_fn = _map_fn(reference[0], reference[1], method, class_idx)
+    wrap = map_transform or (lambda fn: fn)
+    ref_fn = wrap(_map_fn(reference[0], reference[1], method, class_idx))
     ref = reference_map(
         ref_fn, data if reference_data is None else reference_data, image_key=image_key, progress=progress
     )
     files: dict[str, Any] = {f"reference_{k}": v for k, v in ref.save(out).items()}
-    fns = {name: (_map_fn(m, layer, method, class_idx), label) for name, (m, layer, label) in candidates.items()}
+    fns = {name: (wrap(_map_fn(m, layer, method, class_idx)), label) for name, (m, layer, label) in candidates.items()}
     table = feature_table(
         ref,
         fns,
@@ -870,26 +971,44 @@ def run_verification(
 
     verifier = SuitabilityVerifier(n_estimators=n_estimators, random_state=seed)
     cv = verifier.cross_validate(table, n_splits=n_splits, groups=groups, seed=seed, average=average, progress=progress)
+    protocol = cv.params["protocol"]
+    secondary = None
+    if cv.params["groups"] == "model" and "subject_id" in table.columns:
+        sub_cv = verifier.cross_validate(
+            table, n_splits=n_splits, groups="subject_id", seed=seed, average=average, progress=progress
+        )
+        secondary = {"protocol": sub_cv.params["protocol"], **sub_cv.to_dict()}
     verifier.fit(table)
     files["verifier"] = verifier.save(out / "verifier.skops")
 
     preds = table[list(META_COLUMNS)].assign(fold=cv.fold, p_suitable=cv.oof_proba)
     files["predictions"] = write_csv(preds, out / "predictions.csv")
-    per_model = {
-        str(name): {"label": int(part["label"].iloc[0]), "mean_p_suitable": float(part["p_suitable"].mean())}
-        for name, part in preds.groupby("model", sort=False)
-    }
+    verdicts = model_verdicts(preds, threshold=threshold, confidence=confidence, seed=seed)
+    files["verdicts"] = write_csv(verdicts.assign(protocol=protocol), out / "verdicts.csv")
+    per_model = verdicts_to_dict(verdicts)
+    logger.info("%s", format_verdicts(verdicts, protocol, confidence, threshold))
     summary = summary_table(table)
     files["summary"] = write_csv(summary, out / "summary.csv")
-    files["roc"] = roc_png(cv.y_true, cv.oof_proba, out / "roc.png", fold=cv.fold, title=f"verifier ROC ({method})")
+    files["roc"] = roc_png(
+        cv.y_true, cv.oof_proba, out / "roc.png", fold=cv.fold, title=f"verifier ROC ({method}; {protocol})"
+    )
     importances = dict(zip(verifier.feature_names_in_.tolist(), verifier.feature_importances_.tolist()))
     report = {
         "method": method,
+        "protocol": protocol,
         "reference_layer": reference[1],
         "n_rows": len(table),
         "n_samples": int(table["sample_id"].nunique()),
         "models": {n: {"layer": spec[1], "label": spec[2]} for n, spec in candidates.items()},
         "cross_validation": cv.to_dict(),
+        "cross_validation_secondary": secondary,
+        "model_level": {
+            "protocol": protocol,
+            "roc_auc": model_level_auc(verdicts),
+            "threshold": threshold,
+            "confidence": confidence,
+            "interval": "BCa bootstrap of the mean out-of-fold P(suitable), 2000 resamples",
+        },
         "feature_importances": importances,
         "per_model": per_model,
     }
@@ -897,6 +1016,7 @@ def run_verification(
 
     writer = SummaryWriter(log_dir=str(out / "tensorboard"))
     try:
+        writer.add_text("protocol", f"cross-validation and model-level verdicts: {protocol}", 0)
         for row in cv.folds.to_dict(orient="records"):
             for s in _SCORES:
                 writer.add_scalar(f"cv_fold/{s}", row[s], int(row["fold"]))
@@ -909,4 +1029,12 @@ def run_verification(
     finally:
         writer.close()
     files["tensorboard"] = out / "tensorboard"
-    return {"out_dir": out, "files": files, "cv_mean": cv.mean, "per_model": per_model}
+    return {
+        "out_dir": out,
+        "files": files,
+        "protocol": protocol,
+        "cv_mean": cv.mean,
+        "cv_secondary": None if secondary is None else {"protocol": secondary["protocol"], "mean": secondary["mean"]},
+        "model_level_roc_auc": report["model_level"]["roc_auc"],
+        "per_model": per_model,
+    }

@@ -300,7 +300,8 @@ def energy_stage(
 # -------------------------------------------------------------------------------------------------- 6 garbage class
 def garbage_stage(data: Path, models: Mapping[str, Any], out: Path, device: torch.device, progress: bool) -> dict:
     from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.kplus1 import RejectGarbaged, energy_score, kplus1_score, msp_score, ood_metrics
+    from monai_gamverify.kplus1 import RejectGarbaged
+    from monai_gamverify.metrics.ood import energy_score, kplus1_score, msp_score, ood_metrics
 
     pre = models["sos_ref"].preprocessing()
     sources = {"sos (in-distribution)": "sos", "chin": "chin", "cvm": "cvm", "noise": "noise"}
