@@ -19,7 +19,7 @@ import torch
 from monai.data import DistributedSampler
 
 from monai_gamverify.apps.cohort import cohort_items, results_table, run_cohort, shard
-from monai_gamverify.cli import cohort_main as main
+from monai_gamverify.apps.cohort.command import main
 from monai_gamverify.data.datalist import DataError
 from monai_gamverify.networks.nets import SmallCNN
 from monai_gamverify.visualize.cam import GradCAM, normalize_maps
@@ -345,7 +345,7 @@ def test_sigkill_then_sigint_then_resume_equals_uninterrupted_run(cohort, baseli
         "go = Path(sys.argv[1])\n"
         "while not go.exists():\n"
         "    time.sleep(0.02)\n"
-        "sys.exit(monai_gamverify.cli.cohort_main(sys.argv[2:]))\n"
+        "sys.exit(monai_gamverify.cli.cohort(*sys.argv[2:]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -4,7 +4,8 @@ and a fitted verifier, the similarity features and a suitability verdict. Every 
 engine (:mod:`monai_gamverify.apps.pipeline`).
 
 Modules: :mod:`.items` (what to run on), :mod:`.distributed` (``torchrun`` processes), :mod:`.outdir` (``run.json``,
-per-item results and their validation on resume, the final tables), :mod:`.runner` (:func:`run_cohort`).
+per-item results and their validation on resume, the final tables), :mod:`.runner` (:func:`run_cohort`),
+:mod:`.command` (the command line).
 
 Every item's result is written atomically (``out/items/<id>.json``, ``out/maps/<id>_cam.nii.gz``); a restarted run
 skips items whose result and map are valid, so a run killed at any point is finished by running the same command
@@ -12,7 +13,7 @@ again. A bad item is recorded in ``out/errors.csv`` and the run goes on; a devic
 Under ``torchrun`` the items are split between the processes like ``DistributedSampler`` (without padding) and rank 0
 writes ``out/results.csv`` and ``out/summary.json``, identical to a single-process run.
 
-Command line (one parser, ``monai_gamverify.cli.cohort_parser``; the same flags and exit codes either way)::
+Command line (one parser, :func:`.command.cohort_parser`; the same flags and exit codes either way)::
 
     gamverify cohort data/sos/datalist.json --out o --bundle_root bundles/sos_staging
     python -m monai_gamverify.apps.cohort --bundle_root bundles/sos_staging --datalist data/sos/datalist.json --out o

@@ -1,12 +1,12 @@
 """``python -m monai_gamverify.apps.cohort`` / ``torchrun -m monai_gamverify.apps.cohort``: the same parser and exit
-codes as ``gamverify cohort`` (``monai_gamverify.cli.cohort_main``)."""
+codes as ``gamverify cohort`` (:func:`monai_gamverify.apps.cohort.command.main`)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from monai_gamverify.cli import cohort_main
+from monai_gamverify.apps.cohort.command import main
 
 
 def _exit(code: int) -> None:
@@ -20,4 +20,4 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    _exit(cohort_main(prog="python -m monai_gamverify.apps.cohort"))
+    _exit(main(prog="python -m monai_gamverify.apps.cohort"))
