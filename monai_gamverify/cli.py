@@ -22,6 +22,8 @@ def cam(
     a_max: float | None = None,
     device: str | None = None,
     overrides: dict | str | None = None,
+    label: int | str | None = None,
+    box: list | str | None = None,
 ) -> dict:
     """Explain one image: write the map as NIfTI on the input's grid with its affine, a PNG overlay and a JSON.
 
@@ -46,9 +48,14 @@ def cam(
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         overrides: bundle config keys to override, as for ``monai.bundle run`` (e.g. ``'{"network_name":
             "small_cnn"}'`` for a bundle trained with ``--network_name small_cnn``).
+        label: segmentation bundles: the label to explain, by name (the bundle's ``channel_def``) or output channel
+            index; the target is the sum of its logits over its predicted mask (Seg-Grad-CAM), explained through the
+            bundle's inferer (a ``SlidingWindowInferer`` explains window by window). Default for a segmentation
+            bundle: channel 1.
+        box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
 
     Returns:
-        Summary dict (prediction, probabilities, energy, written files).
+        Summary dict (prediction, probabilities, energy, written files; for a segmentation: label, predicted voxels).
     """
     from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
     from monai_gamverify.visualize.registry import cam_method
@@ -59,6 +66,14 @@ def cam(
         pipe = ImagePipeline.from_bundle(
             bundle_root, overrides=extra, checkpoint=checkpoint, target_layers=layer, method=method, device=device
         )
+        if label is not None or pipe.bundle.task == "segmentation":
+            from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
+
+            region = json.loads(box) if isinstance(box, str) else box
+            seg = explain_segmentation(pipe, image, out, 1 if label is None else label, box=region)
+            print(f"{image_stem(image)}: {method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
+                  f"predicted) at {pipe.target_layers} -> {seg['map']}")  # fmt: skip
+            return seg
     elif network is not None:
         if not layer:
             raise ValueError("no target layer: pass --layer (names as in model.named_modules())")

@@ -180,3 +180,32 @@ def test_bundle_activation_reads_sigmoid_postprocessing(tmp_path, one_thread):
     ]
     (root / "configs" / "inference.json").write_text(json.dumps(cfg))
     assert bundle_activation(load_bundle(root, device="cpu", require_weights=False)) == "sigmoid"
+
+
+def test_cli_cam_segmentation_bundle_writes_map_on_input_grid(tmp_path, one_thread):
+    """`gamverify cam --bundle_root SEG --label spleen`: the engine reads the image, explains the label through the
+    bundle's SlidingWindowInferer and writes the map on the input's grid with its affine; the same map as calling
+    bundle_segmentation_cam on the preprocessed image (the preprocessing here only reorients and windows)."""
+    import nibabel as nib
+    import numpy as np
+
+    from monai_gamverify import cli
+
+    root = write_seg_bundle(tmp_path / "seg", fmt="json", seed=4)
+    affine = np.diag([-0.8, 0.8, 1.2, 1.0])  # LPS-like: Orientationd(RAS) flips the first axis
+    vol = np.random.default_rng(0).normal(50, 40, (24, 22, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "ct.nii.gz"))
+    out = cli.cam(str(tmp_path / "ct.nii.gz"), out=str(tmp_path / "out"), bundle_root=str(root), label="spleen")
+    assert out["label"] == "spleen" and out["label_index"] == 1
+    written = nib.load(out["map"])
+    assert written.shape == vol.shape
+    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    bm = load_bundle(root, device="cpu")
+    img = bm.preprocessing()({"image": str(tmp_path / "ct.nii.gz")})["image"]
+    maps, _ = bundle_segmentation_cam(bm, img[None], "spleen")
+    want = maps[0, 0].numpy()[::-1]  # undo the RAS flip of the first axis
+    np.testing.assert_allclose(written.get_fdata(), want, atol=1e-5)
+    one_slice = np.zeros((24, 22, 1), np.float32)
+    nib.save(nib.Nifti1Image(one_slice, affine), str(tmp_path / "slice.nii.gz"))
+    with pytest.raises(Exception, match="one slice"):
+        cli.cam(str(tmp_path / "slice.nii.gz"), out=str(tmp_path / "out2"), bundle_root=str(root), label=1)

@@ -24,7 +24,7 @@ from monai_gamverify.apps.pipeline.result import (
     plain,
     simple_preprocessing,
 )
-from monai_gamverify.bundle import BundleModel, load_bundle, load_checkpoint, network_from_name
+from monai_gamverify.bundle import BundleModel, geometry_problems, load_bundle, load_checkpoint, network_from_name
 from monai_gamverify.energy.analysis import attribution_energy
 from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
@@ -309,7 +309,12 @@ class ImagePipeline:
             if is_out_of_memory(err):
                 raise
             raise PreprocessingError(name, error_message(err)) from err
-        return raw, self._check(out, name)
+        out = self._check(out, name)
+        if self.bundle is not None:  # one slice into a 3D network, fewer voxels than the total stride, channels
+            problems = geometry_problems(out, self.bundle)
+            if problems:
+                raise PreprocessingError(name, "the image does not suit the network: " + "; ".join(problems))
+        return raw, out
 
     @staticmethod
     def _check(x: Any, name: str) -> Any:
