@@ -477,3 +477,55 @@ def test_shipped_app_serves_bundles_with_conf(tmp_path, monkeypatch):
         with pytest.raises(http) as err:
             app.infer(request)
         assert err.value.status_code == status and text in err.value.detail and isinstance(err.value, mlexc)
+
+
+# ------------------------------------------------------------------------------------------------ with the SDK
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dicom_app_with_sdk(tmp_path):
+    """The shipped DICOM example app in a real Holoscan run: the map carries the series' affine (non-square pixels),
+    the SDK's default model layout is accepted, and an SR-only study stops with a message naming what it holds."""
+    pytest.importorskip("monai.deploy.core")
+    app_mod = _load_example("deploy_dicom_app")
+    files, _ = write_series(tmp_path / "study", spacing=(1.5, 1.0))
+    model = tmp_path / "model" / "models" / "sos_staging"  # the SDK's default layout
+    _tiny_bundle(model)
+    opts, rest = parse_app_options(
+        ["-i", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "model"),
+         "--overrides", json.dumps(TINY), "--device", "cpu"],
+        dicom=True,
+    )  # fmt: skip
+    app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()
+    uid = pydicom.dcmread(str(files[0])).SeriesInstanceUID
+    cam = nib.load(str(tmp_path / "out" / f"{uid}_cam.nii.gz"))
+    expected = dicom_affine([pydicom.dcmread(str(f)) for f in files])  # = ITK's (test_dicom_affine_matches_itk)
+    np.testing.assert_allclose(cam.affine, expected, atol=1e-4)
+    assert cam.shape == (16, 12, 10)
+    record = json.loads((tmp_path / "out" / f"{uid}_gamverify.json").read_text())
+    assert record["dicom"]["Modality"] == "CT" and record["verdict"] == "unverified"
+
+    sr = tmp_path / "sr_study"
+    sr.mkdir()
+    ds = pydicom.dcmread(str(files[0]))
+    for key in ("PixelData", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        delattr(ds, key)
+    ds.Modality, ds.SeriesDescription = "SR", "Dose report"
+    ds.SeriesInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(str(sr / "sr.dcm"), enforce_file_format=True)
+    opts, rest = parse_app_options(
+        ["-i", str(sr), "-o", str(tmp_path / "out2"), "-m", str(tmp_path / "model"), "--overrides", json.dumps(TINY)],
+        dicom=True,
+    )
+    with pytest.raises(Exception, match="no series matches"):
+        app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()
+
+    # weights are checked before the study is read: a bundle without weights fails in compose
+    (model / "models" / "model.pt").unlink()
+    opts, rest = parse_app_options(["-i", str(tmp_path / "study"), "-o", str(tmp_path / "o3"), "-m", str(model)])
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()
