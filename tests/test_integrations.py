@@ -226,7 +226,8 @@ def test_suitability_infer_request(pipeline, image, tmp_path):
     infer.pipeline.bundle.network.load_state_dict(pipeline.bundle.network.state_dict())
     cam_file, result = infer({"image": str(image), "device": "cpu"})
     direct = pipeline.run(image, tmp_path / "direct")
-    assert Path(cam_file).is_file() and cam_file == result["cam"]
+    assert Path(cam_file).is_file() and cam_file == result["cam"]["path"] and result["cam"]["in_response"]
+    assert result["cam"]["shape"] == list(nib.load(str(image)).shape)
     assert result["label"] == direct["prediction_name"] and result["label_index"] == direct["prediction"]
     assert result["probabilities"] == pytest.approx(direct["probabilities"])
     assert result["suitability"]["verdict"] == "unverified" and result["suitability"]["threshold"] == 0.5
@@ -238,6 +239,33 @@ def test_suitability_infer_request(pipeline, image, tmp_path):
         infer({"image": None})
     with pytest.raises(TypeError, match="dict"):
         infer("case.nii.gz")
+    with pytest.raises(ValueError, match="nope.nii.gz.*not found"):
+        infer({"image": str(tmp_path / "nope.nii.gz")})
+    # the plain route: same preprocessing and network, no map
+    none, plain = infer.predict({"image": str(image)})
+    assert none is None and plain["label"] == result["label"]
+    assert plain["probabilities"] == pytest.approx(result["probabilities"], abs=1e-5)
+
+
+def test_suitability_infer_leaves_one_file_only(pipeline, image, tmp_path, monkeypatch):
+    """Without output_dir (the server's case): one temporary file, which the server deletes; no folder left."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    infer = SuitabilityInfer(SOS, overrides=TINY, require_weights=False, device="cpu")
+    infer.pipeline.bundle.network.load_state_dict(pipeline.bundle.network.state_dict())
+    cam_file, result = infer({"image": str(image)})
+    assert [p.name for p in tmp.iterdir()] == [Path(cam_file).name] and Path(cam_file).is_file()
+    assert result["cam"]["path"] is None  # the server deletes the file once answered: no dead path in the json
+    np.testing.assert_allclose(nib.load(cam_file).affine, nib.load(str(image)).affine, atol=1e-5)
+    Path(cam_file).unlink()
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), str(flat))
+    with pytest.raises(ValueError, match="flat.nii.gz"):
+        infer({"image": str(flat)})
+    assert list(tmp.iterdir()) == []  # a failed request leaves nothing either
 
 
 def _fake_monailabel(monkeypatch) -> None:
@@ -254,7 +282,23 @@ def _fake_monailabel(monkeypatch) -> None:
         def info(self):
             return {"type": self.type, "labels": self.labels, "dimension": self.dimension}
 
+    class MONAILabelError:
+        INVALID_INPUT = "INVALID_INPUT"
+        APP_INIT_ERROR = "APP_INIT_ERROR"
+
+    class MONAILabelException(Exception):
+        def __init__(self, error, msg):
+            super().__init__(msg)
+            self.error, self.msg = error, msg
+
+    class HTTPException(Exception):  # fastapi.HTTPException's signature
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(detail)
+            self.status_code, self.detail = status_code, detail
+
     mods = {
+        "fastapi": types.ModuleType("fastapi"),
+        "monailabel.interfaces.exception": types.ModuleType("monailabel.interfaces.exception"),
         "monailabel": types.ModuleType("monailabel"),
         "monailabel.interfaces": types.ModuleType("monailabel.interfaces"),
         "monailabel.interfaces.tasks": types.ModuleType("monailabel.interfaces.tasks"),
@@ -265,6 +309,9 @@ def _fake_monailabel(monkeypatch) -> None:
     }
     mods["monailabel.interfaces.tasks.infer_v2"].InferType = InferType
     mods["monailabel.tasks.infer.basic_infer"].BasicInferTask = BasicInferTask
+    mods["fastapi"].HTTPException = HTTPException
+    mods["monailabel.interfaces.exception"].MONAILabelError = MONAILabelError
+    mods["monailabel.interfaces.exception"].MONAILabelException = MONAILabelException
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
 
@@ -273,6 +320,7 @@ def test_monailabel_task_is_built_lazily(monkeypatch, image, tmp_path):
     import monai_gamverify.apps.integrations.monailabel as ml
 
     monkeypatch.setattr(ml, "_TASK_CLASS", None)
+    monkeypatch.setattr(ml, "_ERROR_CLASS", None)
     monkeypatch.setitem(sys.modules, "monailabel", None)  # not installed
     with pytest.raises(ImportError, match="SuitabilityInfer"):
         ml.SuitabilityInferTask  # noqa: B018
@@ -290,6 +338,26 @@ def test_monailabel_task_is_built_lazily(monkeypatch, image, tmp_path):
     cam_file, result = task({"image": str(image), "device": "cpu"})
     assert Path(cam_file).is_file() and result["label_names"] == task.labels
     assert result["suitability"]["verdict"] == "unverified"
+    # bad requests: MONAI Label's exception type that the server answers as HTTP 4xx with the message
+    exc = sys.modules["monailabel.interfaces.exception"]
+    http = sys.modules["fastapi"].HTTPException
+    with pytest.raises(exc.MONAILabelException, match="not found") as err:
+        task({"image": str(tmp_path / "nope.nii.gz")})
+    assert (
+        isinstance(err.value, http)
+        and err.value.status_code == 404
+        and err.value.error == exc.MONAILabelError.INVALID_INPUT
+    )
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(http, match="bad.nii.gz") as err:
+        task({"image": str(bad)})
+    assert err.value.status_code == 422 and "bad.nii.gz" in err.value.detail
+    # the predict route shares the network
+    plain = task_cls(str(SOS), conf, predict_only=True, core=task.core)
+    assert plain.core is task.core and plain.info()["gamverify"]["predict_only"]
+    none, res = plain({"image": str(image)})
+    assert none is None and res["label"] == result["label"]
 
 
 # ----------------------------------------------------------------------------------------------------- MONAI Deploy

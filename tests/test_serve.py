@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -21,8 +27,19 @@ from monai_gamverify.apps.integrations.deploy import (
     runner_kwargs,
 )
 from monai_gamverify.apps.integrations.dicom import dicom_affine, series_affine_from_metadata
+from monai_gamverify.apps.integrations.monailabel import (
+    APP_DIR,
+    check_bundle_for_monailabel,
+    find_bundles,
+    task_options,
+    write_app,
+)
 
-pydicom = pytest.importorskip("pydicom")
+try:  # pydicom (dev extra) writes the DICOM series; the MONAI Label tests below do not need it
+    import pydicom
+except ImportError:
+    pydicom = None
+needs_pydicom = pytest.mark.skipif(pydicom is None, reason="pydicom is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 SOS = REPO / "bundles" / "sos_staging"
@@ -156,6 +173,7 @@ class _SdkImage:
 
 
 # ------------------------------------------------------------------------------------------------ DICOM affine
+@needs_pydicom
 @pytest.mark.parametrize("spacing", [(1.5, 1.0), (0.8, 0.8)])
 def test_dicom_affine_matches_itk(tmp_path, spacing):
     files, _ = write_series(tmp_path / "series", spacing=spacing)
@@ -174,6 +192,7 @@ def test_dicom_affine_matches_itk(tmp_path, spacing):
     assert sdk_ok == (spacing[0] == spacing[1])
 
 
+@needs_pydicom
 def test_dicom_affine_matches_monai_pydicom_reader(tmp_path):
     from monai.transforms import LoadImage
 
@@ -201,6 +220,7 @@ def test_dicom_affine_bad_metadata():
     np.testing.assert_allclose(affine, np.diag([1.0, 2.0, 1.0, 1.0]))
 
 
+@needs_pydicom
 def test_dicom_series_map_lands_on_itk_grid(tmp_path):
     """A DICOM volume through the runner: the CAM NIfTI has ITK's affine and the volume's shape."""
     files, _ = write_series(tmp_path / "series", spacing=(1.5, 1.0))
@@ -297,3 +317,223 @@ def test_app_options(tmp_path):
     assert "MR" in parse_app_options(["--rules", str(rules)], dicom=True)[0].rules
     with pytest.raises(ValueError, match="selections"):
         parse_app_options(["--rules", "{}"], dicom=True)
+
+
+# ------------------------------------------------------------------------------------------------ MONAI Label app
+def _tiny_bundle(root: Path, weights: bool = True) -> Path:
+    """sos_staging's configs with small_cnn weights saved (a bundle trained with --network_name small_cnn)."""
+    from monai_gamverify.bundle import load_bundle
+
+    shutil.copytree(SOS / "configs", root / "configs")
+    if weights:
+        torch.manual_seed(0)
+        net = load_bundle(root, overrides=TINY, require_weights=False, device="cpu").network
+        (root / "models").mkdir()
+        torch.save(net.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def test_check_bundle_loads_weights_with_overrides(tmp_path):
+    root = _tiny_bundle(tmp_path / "sos_staging")
+    report = check_bundle_for_monailabel(root)
+    assert not report["ok"] and report["weights_load"] is False
+    assert any("does not load into network_def" in p and "overrides" in p for p in report["problems"])
+    report = check_bundle_for_monailabel(root, overrides=TINY)
+    assert report["ok"], report["problems"]
+    assert report["weights_load"] is True and report["overrides"] == TINY
+
+
+def test_find_bundles_and_task_options(tmp_path):
+    for name in ("b_one", "a_two"):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        (tmp_path / name / "configs" / "inference.json").write_text("{}")
+    (tmp_path / "not_a_bundle").mkdir()
+    assert list(find_bundles(tmp_path)) == ["a_two", "b_one"]
+    assert list(find_bundles(tmp_path, only="b_one")) == ["b_one"] and len(find_bundles(tmp_path, only="all")) == 2
+    with pytest.raises(FileNotFoundError, match=r"zzz.*a_two"):
+        find_bundles(tmp_path, only="zzz,a_two")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_bundles(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no bundle"):
+        find_bundles(tmp_path / "not_a_bundle")
+
+    names = ["a_two", "b_one"]
+    conf = {"gamverify_overrides": json.dumps(TINY), "gamverify_threshold": "0.7", "gamverify_reference": "r.nii.gz"}
+    assert task_options(conf, "a_two", names) == {"overrides": TINY, "threshold": 0.7, "reference": "r.nii.gz"}
+    per = {"gamverify_overrides": json.dumps({"a_two": TINY}), "gamverify_verifier": json.dumps({"b_one": "v.skops"})}
+    assert task_options(per, "a_two", names) == {"overrides": TINY}
+    assert task_options(per, "b_one", names) == {"verifier": "v.skops"}
+    assert task_options({"gamverify_allow_random_weights": "true"}, "a_two") == {"require_weights": False}
+    with pytest.raises(ValueError, match="gamverify_overrides"):
+        task_options({"gamverify_overrides": "{bad"}, "a_two")
+    with pytest.raises(ValueError, match="gamverify_threshold"):
+        task_options({"gamverify_threshold": "high"}, "a_two")
+
+
+def test_write_app_and_module_entry(tmp_path):
+    out = tmp_path / "apps" / "gamverify"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "monai_gamverify.apps.integrations.monailabel"]
+    done = subprocess.run([*cmd, "app", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "main.py").read_text() == (APP_DIR / "main.py").read_text() and (out / "model").is_dir()
+    again = subprocess.run([*cmd, "app", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert write_app(out, overwrite=True) == out
+
+
+class _Store:
+    def __init__(self, images):
+        self.images = images
+
+    def get_image_uri(self, image_id):
+        return self.images.get(image_id, "")
+
+    def list_images(self):
+        return list(self.images)
+
+
+def _load_app_module(monkeypatch):
+    """The shipped main.py against stand-ins for the MONAI Label modules it imports."""
+    import monai_gamverify.apps.integrations.monailabel as ml
+
+    monkeypatch.setattr(ml, "_TASK_CLASS", None)
+    monkeypatch.setattr(ml, "_ERROR_CLASS", None)
+
+    class MONAILabelError:
+        INVALID_INPUT, APP_INIT_ERROR = "INVALID_INPUT", "APP_INIT_ERROR"
+
+    class MONAILabelException(Exception):
+        def __init__(self, error, msg):
+            super().__init__(msg)
+            self.error, self.msg = error, msg
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(detail)
+            self.status_code, self.detail = status_code, detail
+
+    class InferType:
+        CLASSIFICATION = "classification"
+
+    class BasicInferTask:
+        def __init__(self, path, network, type, labels, dimension, description, config=None, **kwargs):
+            self.type, self.labels, self.description = type, labels, description
+
+        def info(self):
+            return {"type": self.type, "labels": self.labels}
+
+    class MONAILabelApp:  # what the base does that matters here: keep conf, build the infers, answer infer()
+        def __init__(self, app_dir, studies, conf, name="", description="", version="", labels=None):
+            self.app_dir, self.studies, self.conf = app_dir, studies, conf
+            self._infers = self.init_infers()
+            self._store = _Store({})
+
+        def datastore(self):
+            return self._store
+
+        def infer(self, request, datastore=None):
+            request = dict(request)
+            if not os.path.exists(request["image"]):
+                request["image"] = self.datastore().get_image_uri(request["image"])
+            file, params = self._infers[request["model"]](request)
+            return {"file": file, "params": params}
+
+    mods = {n: types.ModuleType(n) for n in (
+        "fastapi", "monailabel", "monailabel.interfaces", "monailabel.interfaces.app",
+        "monailabel.interfaces.exception", "monailabel.interfaces.tasks", "monailabel.interfaces.tasks.infer_v2",
+        "monailabel.tasks", "monailabel.tasks.infer", "monailabel.tasks.infer.basic_infer",
+    )}  # fmt: skip
+    mods["fastapi"].HTTPException = HTTPException
+    mods["monailabel.interfaces.app"].MONAILabelApp = MONAILabelApp
+    mods["monailabel.interfaces.exception"].MONAILabelError = MONAILabelError
+    mods["monailabel.interfaces.exception"].MONAILabelException = MONAILabelException
+    mods["monailabel.interfaces.tasks.infer_v2"].InferType = InferType
+    mods["monailabel.tasks.infer.basic_infer"].BasicInferTask = BasicInferTask
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    spec = importlib.util.spec_from_file_location("gamverify_app_main", APP_DIR / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, HTTPException, MONAILabelException
+
+
+def test_shipped_app_serves_bundles_with_conf(tmp_path, monkeypatch):
+    from monai_gamverify.io import save_nifti
+
+    main, http, mlexc = _load_app_module(monkeypatch)
+    app_dir = tmp_path / "app"
+    _tiny_bundle(app_dir / "model" / "sos_staging")
+    with pytest.raises(mlexc, match="does not fit|does not load|sos_staging"):  # trained with small_cnn: no overrides
+        main.GamverifyApp(str(app_dir), str(tmp_path), {})
+    app = main.GamverifyApp(str(app_dir), str(tmp_path), {"gamverify_overrides": json.dumps(TINY)})
+    assert sorted(app._infers) == ["sos_staging", "sos_staging_predict"]
+    assert app._infers["sos_staging_predict"].core is app._infers["sos_staging"].core
+    vol = np.random.default_rng(0).normal(size=(20, 22, 18)).astype(np.float32)
+    img = save_nifti(vol, tmp_path / "case_1.nii.gz", reference=np.diag([1.5, 1.25, 2.0, 1.0]))
+    app._store.images["case_1"] = str(img)
+    res = app.infer({"model": "sos_staging", "image": "case_1"})
+    assert Path(res["file"]).is_file() and res["params"]["cam"]["path"] is None
+    assert res["params"]["label"] == app.infer({"model": "sos_staging_predict", "image": "case_1"})["params"]["label"]
+    Path(res["file"]).unlink()
+    for request, status, text in (
+        ({"model": "nope", "image": "case_1"}, 404, "unknown model 'nope'"),
+        ({"model": "sos_staging", "image": "case_9"}, 404, "image 'case_9' not found in the datastore"),
+        ({"model": "", "image": "case_1"}, 400, "no model"),
+    ):
+        with pytest.raises(http) as err:
+            app.infer(request)
+        assert err.value.status_code == status and text in err.value.detail and isinstance(err.value, mlexc)
+
+
+# ------------------------------------------------------------------------------------------------ with the SDK
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_pydicom
+def test_dicom_app_with_sdk(tmp_path):
+    """The shipped DICOM example app in a real Holoscan run: the map carries the series' affine (non-square pixels),
+    the SDK's default model layout is accepted, and an SR-only study stops with a message naming what it holds."""
+    pytest.importorskip("monai.deploy.core")
+    app_mod = _load_example("deploy_dicom_app")
+    files, _ = write_series(tmp_path / "study", spacing=(1.5, 1.0))
+    model = tmp_path / "model" / "models" / "sos_staging"  # the SDK's default layout
+    _tiny_bundle(model)
+    opts, rest = parse_app_options(
+        ["-i", str(tmp_path / "study"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "model"),
+         "--overrides", json.dumps(TINY), "--device", "cpu"],
+        dicom=True,
+    )  # fmt: skip
+    app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()
+    uid = pydicom.dcmread(str(files[0])).SeriesInstanceUID
+    cam = nib.load(str(tmp_path / "out" / f"{uid}_cam.nii.gz"))
+    expected = dicom_affine([pydicom.dcmread(str(f)) for f in files])  # = ITK's (test_dicom_affine_matches_itk)
+    np.testing.assert_allclose(cam.affine, expected, atol=1e-4)
+    assert cam.shape == (16, 12, 10)
+    record = json.loads((tmp_path / "out" / f"{uid}_gamverify.json").read_text())
+    assert record["dicom"]["Modality"] == "CT" and record["verdict"] == "unverified"
+
+    sr = tmp_path / "sr_study"
+    sr.mkdir()
+    ds = pydicom.dcmread(str(files[0]))
+    for key in ("PixelData", "Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        delattr(ds, key)
+    ds.Modality, ds.SeriesDescription = "SR", "Dose report"
+    ds.SeriesInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(str(sr / "sr.dcm"), enforce_file_format=True)
+    opts, rest = parse_app_options(
+        ["-i", str(sr), "-o", str(tmp_path / "out2"), "-m", str(tmp_path / "model"), "--overrides", json.dumps(TINY)],
+        dicom=True,
+    )
+    with pytest.raises(Exception, match="no series matches"):
+        app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()
+
+    # weights are checked before the study is read: a bundle without weights fails in compose
+    (model / "models" / "model.pt").unlink()
+    opts, rest = parse_app_options(["-i", str(tmp_path / "study"), "-o", str(tmp_path / "o3"), "-m", str(model)])
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        app_mod.GamverifyDicomApp([sys.executable, "app.py", *rest], gamverify_options=opts).run()

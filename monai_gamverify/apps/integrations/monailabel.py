@@ -702,7 +702,7 @@ def _request_error_class() -> type:
     if _ERROR_CLASS is not None:
         return _ERROR_CLASS
     try:
-        from fastapi import HTTPException
+        from fastapi import HTTPException  # what MONAI Label's server (FastAPI) answers with status and detail
         from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
     except ImportError as err:
         raise ImportError(f"GamverifyRequestError needs MONAI Label (pip install monailabel). ({err})") from err
