@@ -26,7 +26,6 @@ from monai_gamverify.apps.integrations.deploy import (
     resolve_bundle,
     runner_kwargs,
 )
-from monai_gamverify.apps.integrations.dicom import dicom_affine, series_affine_from_metadata
 from monai_gamverify.apps.integrations.monailabel import (
     APP_DIR,
     check_bundle_for_monailabel,
@@ -34,6 +33,7 @@ from monai_gamverify.apps.integrations.monailabel import (
     task_options,
     write_app,
 )
+from monai_gamverify.io.dicom import dicom_affine, series_affine_from_metadata
 
 try:  # pydicom (dev extra) writes the DICOM series; the MONAI Label tests below do not need it
     import pydicom

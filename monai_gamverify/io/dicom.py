@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dicom_affine", "dicom_series", "is_dicom_file", "read_dicom", "read_dicom_headers"]
+__all__ = [
+    "dicom_affine",
+    "dicom_series",
+    "is_dicom_file",
+    "read_dicom",
+    "read_dicom_headers",
+    "series_affine_from_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +233,74 @@ def dicom_affine(datasets: Any) -> np.ndarray:
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
     return _LPS_TO_RAS @ lps
+
+
+def _vec(value: Any, n: int, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"DICOM {what} must be {n} numbers, got {value!r}") from err
+    if arr.shape != (n,) or not np.isfinite(arr).all():
+        raise ValueError(f"DICOM {what} must be {n} finite numbers, got {value!r}")
+    return arr
+
+
+def _build(
+    row_cos: np.ndarray, col_cos: np.ndarray, spacing: np.ndarray, origin: np.ndarray, slice_step: np.ndarray
+) -> np.ndarray:
+    if spacing[0] <= 0 or spacing[1] <= 0:
+        raise ValueError(f"DICOM PixelSpacing must be positive, got {spacing.tolist()}")
+    affine = np.eye(4)
+    affine[:3, 0] = row_cos * spacing[1]  # i (column index) moves along the row direction by the column spacing
+    affine[:3, 1] = col_cos * spacing[0]  # j (row index) moves along the column direction by the row spacing
+    affine[:3, 2] = slice_step
+    affine[:3, 3] = origin
+    return affine
+
+
+def series_affine_from_metadata(meta: Mapping[str, Any], *, ras: bool = True) -> np.ndarray:
+    """Affine of a ``DICOMSeriesToVolumeOperator`` image from its metadata, for the array swapped to (W, H, D).
+
+    Uses ``row_direction_cosine`` / ``col_direction_cosine`` (``ImageOrientationPatient``), ``row_pixel_spacing`` /
+    ``col_pixel_spacing`` (``PixelSpacing[0]`` / ``[1]``, as the SDK's loader stores them), and from the SDK's
+    ``dicom_affine_transform`` only what it gets right: the first slice's ``ImagePositionPatient`` (column 3) and the
+    step between slices, ``(IPP_last - IPP_first) / (n - 1)`` (column 2). Without it (a single slice), the slice
+    step is the slice normal times ``depth_pixel_spacing`` (1 by default, as the SDK and ITK do).
+
+    Args:
+        meta: the SDK ``Image``'s ``metadata()``.
+        ras: return the RAS (NIfTI, MONAI) affine; ``False`` gives the DICOM LPS one.
+
+    Returns:
+        4x4 float64 affine.
+
+    Raises:
+        ValueError: naming the missing or malformed attribute.
+
+    Example:
+        >>> arr = np.swapaxes(image.asnumpy(), 0, 2)  # (D, H, W) -> (W, H, D)
+        >>> affine = series_affine_from_metadata(image.metadata())
+    """
+    missing = [
+        k
+        for k in ("row_direction_cosine", "col_direction_cosine", "row_pixel_spacing", "col_pixel_spacing")
+        if meta.get(k) is None
+    ]
+    if missing:
+        raise ValueError(f"DICOM series metadata lacks {missing}: cannot place the volume in patient space")
+    row_cos = _vec(meta["row_direction_cosine"], 3, "row direction cosine (ImageOrientationPatient[0:3])")
+    col_cos = _vec(meta["col_direction_cosine"], 3, "column direction cosine (ImageOrientationPatient[3:6])")
+    spacing = _vec([meta["row_pixel_spacing"], meta["col_pixel_spacing"]], 2, "PixelSpacing")
+    sdk = meta.get("dicom_affine_transform")
+    if sdk is not None:
+        sdk = np.asarray(sdk, dtype=np.float64)
+        if sdk.shape != (4, 4) or not np.isfinite(sdk).all():
+            raise ValueError(f"DICOM series metadata dicom_affine_transform must be a finite 4x4, got {sdk.shape}")
+        origin, step = sdk[:3, 3], sdk[:3, 2]
+    else:
+        origin = _vec(meta.get("image_position_patient", (0.0, 0.0, 0.0)), 3, "ImagePositionPatient")
+        normal = meta.get("depth_direction_cosine")
+        normal = np.cross(row_cos, col_cos) if normal is None else _vec(normal, 3, "slice normal")
+        step = normal * float(meta.get("depth_pixel_spacing") or 1.0)
+    affine = _build(row_cos, col_cos, spacing, origin, step)
+    return _LPS_TO_RAS @ affine if ras else affine

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline, image_stem
-from monai_gamverify.apps.integrations.dicom import series_affine_from_metadata
+from monai_gamverify.io.dicom import series_affine_from_metadata
 
 __all__ = [
     "GamverifyRunner",
@@ -231,7 +231,7 @@ def image_array_and_affine(value: Any) -> tuple[np.ndarray, np.ndarray | None, s
     - an SDK ``Image`` (anything with ``asnumpy()`` and ``metadata()``): from ``DICOMSeriesToVolumeOperator``
       (metadata ``row_pixel_spacing``, array in D, H, W order) the axes are swapped to W, H, D, as
       ``MonaiBundleInferenceOperator`` does, and the affine is rebuilt from ImageOrientationPatient, PixelSpacing and
-      the slice positions (:func:`~monai_gamverify.apps.integrations.dicom.series_affine_from_metadata`; the SDK's own
+      the slice positions (:func:`~monai_gamverify.io.dicom.series_affine_from_metadata`; the SDK's own
       ``nifti_affine_transform`` swaps the in-plane spacings); otherwise the affine is metadata
       ``affine`` (or ``original_affine``), e.g. from :class:`ImageFileLoaderOperator`;
     - a MONAI ``MetaTensor``: its array and affine;

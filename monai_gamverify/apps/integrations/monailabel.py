@@ -552,24 +552,13 @@ class SuitabilityInfer:
         """
         image = self._image(request)
         start = time.perf_counter()
-        pipe = self.pipeline
-        try:
-            img = pipe.preprocessing({"image": str(image)})["image"]
-        except Exception as err:  # transforms wrap errors in long chains: name the file and the first cause
-            raise ValueError(
-                f"cannot preprocess {image} with the bundle's preprocessing: {err.__cause__ or err}"
-            ) from err
-        if pipe.spatial_dims is not None and img.ndim - 1 != pipe.spatial_dims:
-            raise ValueError(
-                f"the bundle's network takes {pipe.spatial_dims}D inputs but {image} gives {img.ndim - 1}D images "
-                f"({tuple(img.shape)})"
-            )
-        net = pipe.bundle.network
-        x = img.unsqueeze(0).to(pipe.device, dtype=torch.float32)
+        engine = self.pipeline.engine
+        _, img = engine.load(image)  # the engine's reading, preprocessing and geometry checks
+        x = img.unsqueeze(0).to(engine.device)
         with torch.inference_mode():
-            out = net(x.as_tensor() if hasattr(x, "as_tensor") else x)
+            out = engine.network(x.as_tensor() if hasattr(x, "as_tensor") else x)
         logits = out.float()[0]
-        names = pipe._names_for(int(logits.numel()))
+        names = engine.names_for(int(logits.numel()))
         pred = int(logits.argmax())
         result: dict[str, Any] = {"label": names[pred], "label_index": pred}
         if logits.numel() > 1:
