@@ -280,6 +280,21 @@ def test_save_load_round_trip_and_tampering(fitted, tmp_path):
         Screen.load(tmp_path / "nothing")
 
 
+def test_screen_with_a_subset_of_detectors(fitted, tmp_path):
+    _, net, imgs, _ = fitted
+    screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", use=["knn_penultimate"])
+    screen.fit(net, imgs[:40], preprocess=_pre, calibration=imgs[40:], seed=0)
+    assert screen.detectors == ["knn_penultimate"] and screen.n_cal_ == 24
+    row = Screen.load(screen.save(tmp_path / "k")).score_observations([screen.observe_image(net, imgs[0], _pre)])[0]
+    assert [k for k in row if k.startswith("p_") and k != "p_value"] == ["p_knn_penultimate"]
+    # one detector: the combined p-value is that detector's conformal p-value
+    assert row["p_value"] == pytest.approx(row["p_knn_penultimate"])
+    const = screen.score_observations([screen.observe_image(net, _mt(np.zeros((24,) * 3), np.eye(4)), _pre)])[0]
+    assert not const["in_distribution"] and "constant volume" in const["reasons"][0]
+    with pytest.raises(ValueError, match="unknown detector"):
+        Screen(use=["magic"])
+
+
 # ---------------------------------------------------------------------------------------------------- file input
 def _write_dicom_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Path) -> list[Path]:
     """One DICOM file per slice (ITK/GDCM; slice position in each file), vol in (z, y, x) order."""
