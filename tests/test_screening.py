@@ -199,15 +199,31 @@ def test_recorder_matches_hooks_and_extract_features():
 
 
 # --------------------------------------------------------------------------------------------------- the screen
+def _new_screen(**kwargs) -> Screen:
+    return Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", modality="CT", k=3, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def fitted() -> tuple[Screen, SmallCNN, list, np.ndarray]:
+def cohort_obs() -> tuple[SmallCNN, list, np.ndarray, list, np.ndarray]:
+    """64 SOS volumes (24^3) observed once through an untrained SmallCNN (profile, features, logits, Grad-CAM)."""
     torch.manual_seed(0)
     cohort = generate("sos", n=64, size=24, seed=0)
     imgs = [_mt(a, cohort.affine) for a in cohort.images]
     net = SmallCNN(3, 1, 5, width=4).eval()
-    screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", modality="CT", k=3)
-    screen.fit(net, imgs, cohort.labels, preprocess=_pre, calibration_fraction=0.35, seed=0)
-    return screen, net, imgs, cohort.affine
+    observer = _new_screen()
+    return net, imgs, cohort.affine, [observer.observe_image(net, im, _pre) for im in imgs], cohort.labels
+
+
+@pytest.fixture(scope="module")
+def fitted(cohort_obs) -> tuple[Screen, SmallCNN, list, np.ndarray]:
+    net, imgs, affine, obs, labels = cohort_obs
+    screen = _new_screen().fit_observations(obs, labels, calibration_fraction=0.35, seed=0)
+    return screen, net, imgs, affine
+
+
+@pytest.fixture(scope="module")
+def observations(cohort_obs) -> list:
+    return cohort_obs[3]
 
 
 def test_screen_engine_call_equals_observe_image(fitted):
@@ -251,9 +267,9 @@ def test_screen_rejects_far_ood_with_reasons_and_accepts_new_sos(fitted):
     assert any("spacing 4 x 4 x 4 mm is outside the training range" in s for s in spaced[0]["reasons"])
 
 
-def test_save_load_round_trip_and_tampering(fitted, tmp_path):
-    screen, net, imgs, _ = fitted
-    obs = [screen.observe_image(net, im, _pre) for im in imgs[:3]]
+def test_save_load_round_trip_and_tampering(fitted, observations, tmp_path):
+    screen = fitted[0]
+    obs = observations[:3]
     screen.save(tmp_path / "s")
     loaded = Screen.load(tmp_path / "s")
     assert loaded.score_observations(obs) == screen.score_observations(obs)
@@ -280,10 +296,10 @@ def test_save_load_round_trip_and_tampering(fitted, tmp_path):
         Screen.load(tmp_path / "nothing")
 
 
-def test_screen_with_a_subset_of_detectors(fitted, tmp_path):
+def test_screen_with_a_subset_of_detectors(fitted, observations, tmp_path):
     _, net, imgs, _ = fitted
     screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", use=["knn_penultimate"])
-    screen.fit(net, imgs[:40], preprocess=_pre, calibration=imgs[40:], seed=0)
+    screen.fit_observations(observations[:40], calibration=observations[40:], seed=0)
     assert screen.detectors == ["knn_penultimate"] and screen.n_cal_ == 24
     row = Screen.load(screen.save(tmp_path / "k")).score_observations([screen.observe_image(net, imgs[0], _pre)])[0]
     assert [k for k in row if k.startswith("p_") and k != "p_value"] == ["p_knn_penultimate"]
