@@ -38,6 +38,7 @@ from monai_gamverify.screening import (
     read_image,
     run_screen,
 )
+from monai_gamverify.screening.profile import otsu_threshold
 from monai_gamverify.synthetic import generate, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +156,13 @@ def test_profile_against_numpy():
     assert prof.hard_failures == []
     lps = profile_image(_mt(vol, np.diag([-1.5, -2.0, 0.5, 1.0])), WINDOW)
     assert lps.orientation == "LPS"
+
+
+def test_otsu_matches_skimage():
+    filters = pytest.importorskip("skimage.filters", reason="scikit-image is the reference")
+    rng = np.random.default_rng(0)
+    for v in (np.r_[rng.normal(0, 1, 500), rng.normal(6, 2, 300)], rng.uniform(-1000, 3000, 4000)):
+        assert otsu_threshold(v) == pytest.approx(filters.threshold_otsu(v), rel=1e-9, abs=1e-9)
 
 
 def test_intensity_window_of_bundle_preprocessing():
@@ -392,3 +400,16 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     assert "image not found" in table["reasons"][4] and "gone.nii" in table["reasons"][4]
     with pytest.raises(FileNotFoundError, match="gone.nii"):
         run_screen(tmp_path / "screen", [tmp_path / "gone.nii"], tmp_path / "out2", on_error="raise")
+
+
+def test_screen_without_window_or_cam(cohort_obs):
+    """A bundle without an intensity window (Otsu foreground, histogram range from the training images) and
+    without a CAM layer (plain forward): still fits, scores and rejects noise."""
+    net, imgs, affine, _, labels = cohort_obs
+    screen = Screen(window=None, head="head", cam_layer=None, k=3)
+    screen.fit(net, imgs[:44], labels[:44], preprocess=_pre, calibration=imgs[44:])
+    assert screen.detectors == ["profile", "maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
+    assert screen.hist_range_ is not None and screen.hist_ref_.size == 16 and screen.intensity_width_ > 0
+    noise = _mt(np.random.default_rng(1).normal(0, 800, (24, 24, 24)), affine)
+    row = screen.score_observations([screen.observe_image(net, noise, _pre)])[0]
+    assert not row["in_distribution"] and row["p_value"] <= 1 / 21 + 1e-12
