@@ -103,7 +103,8 @@ def smooth_maps(size: int, seed: int) -> np.ndarray:
 
 def sim_worker(spec: dict) -> dict:
     from bench_similarity import reference, reference_pair
-    from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
+
+    from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
 
     dev = torch.device(spec["device"])
     axis = spec["axis"]
@@ -180,9 +181,8 @@ def cam_worker(spec: dict) -> dict:
 
 def project_worker(spec: dict) -> dict:
     """One probe and one budget-sized chunk of masked forwards at ``size``: the parts a Score-CAM call repeats."""
-    from monai_gamverify.hooks import record_activations
-
     import monai_gamverify as gv
+    from monai_gamverify.visualize.hooks import record_activations
 
     dev = torch.device(spec["device"])
     net = build(dev)
@@ -211,9 +211,8 @@ def project_worker(spec: dict) -> dict:
 
 def agree_worker(spec: dict) -> dict:
     """Agreement of top-k Score-CAM with full Score-CAM on resnet18 (random weights, seed 0) for a few inputs."""
-    from monai_gamverify.similarity import similarity_metrics
-
     import monai_gamverify as gv
+    from monai_gamverify.metrics.similarity import similarity_metrics
 
     dev = torch.device(spec["device"])
     net = build(dev)
@@ -279,7 +278,7 @@ def main() -> None:
         print(json.dumps(WORKERS[spec["kind"]](spec)))
         return
 
-    from monai_gamverify.similarity import DEFAULT_METRICS
+    from monai_gamverify.metrics.similarity import DEFAULT_METRICS
 
     started = time.time()
     lines = [

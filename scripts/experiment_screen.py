@@ -15,13 +15,13 @@
 4. Scores, one convention each (higher = more OOD for the table's AUROC): the screen's combined statistic (hard
    failures = +inf), MSP and energy of ``sos_ref``, class-conditional Mahalanobis alone (``sos_ref`` penultimate),
    the K+1 garbage probability alone (``sos_kplus1``). AUROC and FPR at 95 % TPR of in-distribution test vs each
-   source (:func:`monai_gamverify.garbage.ood_metrics`), and the rejection rate at alpha: for the screen its own
+   source (:func:`monai_gamverify.kplus1.ood_metrics`), and the rejection rate at alpha: for the screen its own
    decision; for a single baseline the conformal p-value of its score against the same calibration images.
    A baseline cannot score an input the network cannot take (wrong dimensionality/channels, single slice, NaN):
    those are left out of its row (column ``n_scored``).
 
-Run (about 3-6 min on one CPU thread):
-    ``python scripts/experiment_screen.py --out screen_experiment``
+Run (about 9 min on one thread of a shared 2-core machine; docs/screening.md has the measured table):
+    ``python scripts/experiment_screen.py --out screen_experiment --n_fresh 300``
 """
 
 from __future__ import annotations
@@ -38,15 +38,14 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai_gamverify.datalist import load_datalist
-from monai_gamverify.demo import MODELS, bundles_dir, demo_settings, shipped_weights
-from monai_gamverify.garbage import energy_score, msp_score, ood_metrics
-from monai_gamverify.hooks import preserved_state
-from monai_gamverify.synthetic import generate, make_cohort
 from scipy.ndimage import gaussian_filter
 
+from monai_gamverify.apps.demo import MODELS, bundles_dir, demo_settings, shipped_weights
 from monai_gamverify.bundle import load_bundle
+from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.data.synthetic import generate, make_cohort
 from monai_gamverify.io import write_csv
+from monai_gamverify.metrics.ood import energy_score, msp_score, ood_metrics
 from monai_gamverify.screening import (
     PENULTIMATE,
     FeatureRecorder,
@@ -55,6 +54,7 @@ from monai_gamverify.screening import (
     preprocessing_after_loading,
     read_image,
 )
+from monai_gamverify.visualize.hooks import preserved_state
 
 NEAR = ("chin", "cvm", "quality", "sos_rot30", "sos_1mm")
 FAR = ("noise_white", "noise_smooth", "constant", "sos_blurred", "sos_mri_range", "brain_mri_phantom", "nibabel_real")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--out", default="screen_experiment")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--n", type=int, default=30, help="volumes per synthetic OOD source")
-    ap.add_argument("--n_fresh", type=int, default=60, help="fresh in-distribution SOS test volumes")
+    ap.add_argument("--n_fresh", type=int, default=300, help="fresh in-distribution SOS test volumes")
     ap.add_argument("--n_cal", type=int, default=185, help="unseen SOS volumes added to the calibration set")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from _model_state import assert_same_state, snapshot
 from monai.networks.nets import resnet10
-from monai_gamverify.cam import normalize_maps, upsample_maps
 
 from monai_gamverify import ScoreCAM
+from monai_gamverify.visualize.cam import normalize_maps, upsample_maps
 
 CASES = [(2, (2, 1, 32, 32), "layer2"), (3, (2, 1, 16, 16, 16), "layer1")]
 

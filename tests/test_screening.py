@@ -12,14 +12,12 @@ import pandas as pd
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai_gamverify.cam import GradCAM, ScoreCAM
-from monai_gamverify.garbage import extract_features
-from monai_gamverify.hooks import record_activations
-from monai_gamverify.synthetic import generate, make_cohort
 from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
+from monai_gamverify.data.synthetic import generate, make_cohort
+from monai_gamverify.metrics.ood import extract_features
 from monai_gamverify.networks import SmallCNN
 from monai_gamverify.screening import (
     PENULTIMATE,
@@ -39,6 +37,9 @@ from monai_gamverify.screening import (
     read_image,
     run_screen,
 )
+from monai_gamverify.screening.profile import otsu_threshold
+from monai_gamverify.visualize.cam import GradCAM, ScoreCAM
+from monai_gamverify.visualize.hooks import record_activations
 
 REPO = Path(__file__).resolve().parents[1]
 SOS = REPO / "bundles" / "sos_staging"
@@ -157,6 +158,13 @@ def test_profile_against_numpy():
     assert lps.orientation == "LPS"
 
 
+def test_otsu_matches_skimage():
+    filters = pytest.importorskip("skimage.filters", reason="scikit-image is the reference")
+    rng = np.random.default_rng(0)
+    for v in (np.r_[rng.normal(0, 1, 500), rng.normal(6, 2, 300)], rng.uniform(-1000, 3000, 4000)):
+        assert otsu_threshold(v) == pytest.approx(filters.threshold_otsu(v), rel=1e-9, abs=1e-9)
+
+
 def test_intensity_window_of_bundle_preprocessing():
     from monai_gamverify.bundle import load_bundle
 
@@ -199,15 +207,31 @@ def test_recorder_matches_hooks_and_extract_features():
 
 
 # --------------------------------------------------------------------------------------------------- the screen
+def _new_screen(**kwargs) -> Screen:
+    return Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", modality="CT", k=3, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def fitted() -> tuple[Screen, SmallCNN, list, np.ndarray]:
+def cohort_obs() -> tuple[SmallCNN, list, np.ndarray, list, np.ndarray]:
+    """64 SOS volumes (24^3) observed once through an untrained SmallCNN (profile, features, logits, Grad-CAM)."""
     torch.manual_seed(0)
     cohort = generate("sos", n=64, size=24, seed=0)
     imgs = [_mt(a, cohort.affine) for a in cohort.images]
     net = SmallCNN(3, 1, 5, width=4).eval()
-    screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", modality="CT", k=3)
-    screen.fit(net, imgs, cohort.labels, preprocess=_pre, calibration_fraction=0.35, seed=0)
-    return screen, net, imgs, cohort.affine
+    observer = _new_screen()
+    return net, imgs, cohort.affine, [observer.observe_image(net, im, _pre) for im in imgs], cohort.labels
+
+
+@pytest.fixture(scope="module")
+def fitted(cohort_obs) -> tuple[Screen, SmallCNN, list, np.ndarray]:
+    net, imgs, affine, obs, labels = cohort_obs
+    screen = _new_screen().fit_observations(obs, labels, calibration_fraction=0.35, seed=0)
+    return screen, net, imgs, affine
+
+
+@pytest.fixture(scope="module")
+def observations(cohort_obs) -> list:
+    return cohort_obs[3]
 
 
 def test_screen_engine_call_equals_observe_image(fitted):
@@ -251,9 +275,9 @@ def test_screen_rejects_far_ood_with_reasons_and_accepts_new_sos(fitted):
     assert any("spacing 4 x 4 x 4 mm is outside the training range" in s for s in spaced[0]["reasons"])
 
 
-def test_save_load_round_trip_and_tampering(fitted, tmp_path):
-    screen, net, imgs, _ = fitted
-    obs = [screen.observe_image(net, im, _pre) for im in imgs[:3]]
+def test_save_load_round_trip_and_tampering(fitted, observations, tmp_path):
+    screen = fitted[0]
+    obs = observations[:3]
     screen.save(tmp_path / "s")
     loaded = Screen.load(tmp_path / "s")
     assert loaded.score_observations(obs) == screen.score_observations(obs)
@@ -278,6 +302,21 @@ def test_save_load_round_trip_and_tampering(fitted, tmp_path):
         Screen.load(tmp_path / "u")
     with pytest.raises(ScreenFileError, match="missing"):
         Screen.load(tmp_path / "nothing")
+
+
+def test_screen_with_a_subset_of_detectors(fitted, observations, tmp_path):
+    _, net, imgs, _ = fitted
+    screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", use=["knn_penultimate"])
+    screen.fit_observations(observations[:40], calibration=observations[40:], seed=0)
+    assert screen.detectors == ["knn_penultimate"] and screen.n_cal_ == 24
+    row = Screen.load(screen.save(tmp_path / "k")).score_observations([screen.observe_image(net, imgs[0], _pre)])[0]
+    assert [k for k in row if k.startswith("p_") and k != "p_value"] == ["p_knn_penultimate"]
+    # one detector: the combined p-value is that detector's conformal p-value
+    assert row["p_value"] == pytest.approx(row["p_knn_penultimate"])
+    const = screen.score_observations([screen.observe_image(net, _mt(np.zeros((24,) * 3), np.eye(4)), _pre)])[0]
+    assert not const["in_distribution"] and "constant volume" in const["reasons"][0]
+    with pytest.raises(ValueError, match="unknown detector"):
+        Screen(use=["magic"])
 
 
 # ---------------------------------------------------------------------------------------------------- file input
@@ -361,3 +400,16 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     assert "image not found" in table["reasons"][4] and "gone.nii" in table["reasons"][4]
     with pytest.raises(FileNotFoundError, match="gone.nii"):
         run_screen(tmp_path / "screen", [tmp_path / "gone.nii"], tmp_path / "out2", on_error="raise")
+
+
+def test_screen_without_window_or_cam(cohort_obs):
+    """A bundle without an intensity window (Otsu foreground, histogram range from the training images) and
+    without a CAM layer (plain forward): still fits, scores and rejects noise."""
+    net, imgs, affine, _, labels = cohort_obs
+    screen = Screen(window=None, head="head", cam_layer=None, k=3)
+    screen.fit(net, imgs[:44], labels[:44], preprocess=_pre, calibration=imgs[44:])
+    assert screen.detectors == ["profile", "maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
+    assert screen.hist_range_ is not None and screen.hist_ref_.size == 16 and screen.intensity_width_ > 0
+    noise = _mt(np.random.default_rng(1).normal(0, 800, (24, 24, 24)), affine)
+    row = screen.score_observations([screen.observe_image(net, noise, _pre)])[0]
+    assert not row["in_distribution"] and row["p_value"] <= 1 / 21 + 1e-12

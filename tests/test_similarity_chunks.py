@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai_gamverify.similarity import ALL_METRICS, BYTES_PER_VOXEL, similarity_metrics
 from scipy.stats import entropy, wasserstein_distance
 from skimage.metrics import structural_similarity
+
+from monai_gamverify.metrics.similarity import ALL_METRICS, BYTES_PER_VOXEL, similarity_metrics
 
 
 def _ref_pair(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

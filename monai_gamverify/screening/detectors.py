@@ -1,10 +1,10 @@
 """Feature-density detectors and conformal p-values of the in-distribution screen.
 
 Every detector here returns an **anomaly score: higher = less like the training data** (the opposite sign of the
-scores in :mod:`monai_gamverify.garbage`, whose convention is higher = in-distribution).
+scores in :mod:`monai_gamverify.kplus1`, whose convention is higher = in-distribution).
 
 - :class:`ClassMahalanobis`: min over classes of the squared Mahalanobis distance with a shared covariance
-  (Lee et al., 2018), computed by :class:`monai_gamverify.garbage.MahalanobisDetector`.
+  (Lee et al., 2018), computed by :class:`monai_gamverify.kplus1.MahalanobisDetector`.
 - :class:`RelativeMahalanobis`: that distance minus the distance to one Gaussian fitted to all the data
   (Ren et al., 2021), which removes the part of the distance that every input shares.
 - :class:`KNNDetector`: distance to the k-th nearest training feature after L2 normalisation (cosine geometry;
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_gamverify.garbage import MahalanobisDetector
+from monai_gamverify.metrics.ood import MahalanobisDetector
 
 __all__ = [
     "pool_features",

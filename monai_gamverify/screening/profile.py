@@ -25,6 +25,7 @@ __all__ = [
     "PERCENTILES",
     "profile_feature_names",
     "intensity_window_of",
+    "otsu_threshold",
 ]
 
 #: percentiles of the native intensities stored in a profile
@@ -157,10 +158,28 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _otsu(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold of a set of values (the algorithm of ``skimage.filters.threshold_otsu``: ``nbins``-bin
+    histogram over the value range, the bin centre maximising the between-class variance).
 
-    return float(threshold_otsu(values))
+    Example:
+        >>> otsu_threshold(np.r_[np.zeros(50), np.ones(50)])
+        0.001953125
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        return lo
+    counts, edges = np.histogram(v, bins=nbins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts = counts.astype(np.float64)
+    w1 = np.cumsum(counts)
+    w2 = np.cumsum(counts[::-1])[::-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m1 = np.cumsum(counts * centers) / w1
+        m2 = (np.cumsum((counts * centers)[::-1]) / w2[::-1])[::-1]
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+    return float(centers[int(np.nanargmax(between))])
 
 
 def profile_image(
@@ -259,7 +278,7 @@ def profile_image(
         fg = float(np.mean(values > a_min + FOREGROUND_LEVEL * (a_max - a_min)))
         rng = hist_range or (a_min, a_max)
     else:
-        fg = float(np.mean(values > _otsu(values))) if vmin != vmax else 0.0
+        fg = float(np.mean(values > otsu_threshold(values))) if vmin != vmax else 0.0
         rng = hist_range or (percentiles["p1"], percentiles["p99"])
     lo, hi = float(rng[0]), float(rng[1])
     if not hi > lo:

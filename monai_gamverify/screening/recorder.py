@@ -3,7 +3,7 @@
 :class:`FeatureRecorder` hooks the early layers (their outputs) and the classifier head (its input: the penultimate
 features) and keeps what the **first** forward pass after entering (or :meth:`FeatureRecorder.reset`) produced; the
 later passes of Score-CAM (masked inputs) are ignored. Hooks are removed on exit, whatever happens.
-:mod:`monai_gamverify.hooks` records the last call of a layer's *output*; this recorder needs the first call and a
+``visualize.hooks`` records the last call of a layer's *output*; this recorder needs the first call and a
 module's *input*, hence this small helper.
 
 Example:
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from monai_gamverify.hooks import resolve_layers
+from monai_gamverify.visualize.hooks import resolve_layers
 
 __all__ = ["FeatureRecorder", "PENULTIMATE"]
 

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_gamverify.garbage import find_classifier_head
-from monai_gamverify.hooks import preserved_state
 from monai_gamverify.io import atomic_path, write_csv
+from monai_gamverify.kplus1 import find_classifier_head
+from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.screening.detectors import (
     ClassMahalanobis,
     KNNDetector,
@@ -68,7 +68,7 @@ from monai_gamverify.screening.detectors import (
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
 from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
 from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
-from monai_gamverify.similarity import DEFAULT_METRICS, similarity_metrics
+from monai_gamverify.visualize.hooks import preserved_state
 from monai_gamverify.visualize.registry import make_cam
 
 __all__ = ["Screen", "Observation", "DETECTORS", "ScreenFileError", "fit_screen", "run_screen", "load_screen_bundle"]
@@ -185,6 +185,7 @@ class Screen:
             ``checkpoint``).
         attention_size: CAMs are average-pooled to at most this many voxels per axis before their similarity
             features are computed.
+        use: the detectors to combine (default: every one the model allows); hard failures always apply.
 
     Example:
         >>> screen = Screen(window=(-1000, 2000), early_layers=["stem"], head="head", cam_layer="res4")
@@ -209,6 +210,7 @@ class Screen:
         modality: str | None = None,
         bundle: dict | None = None,
         attention_size: int = 16,
+        use: Sequence[str] | None = None,
     ) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -229,6 +231,10 @@ class Screen:
         self.modality = modality
         self.bundle = dict(bundle or {})
         self.attention_size = int(attention_size)
+        unknown = sorted(set(use or ()) - set(DETECTORS))
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; choose from {list(DETECTORS)}")
+        self.use = None if use is None else [d for d in DETECTORS if d in use]
         self.fitted_ = False
 
     # ------------------------------------------------------------------------------------------------ building
@@ -281,6 +287,11 @@ class Screen:
         }
         settings.update(kwargs)
         return cls(**settings)
+
+    @property
+    def detectors(self) -> list[str]:
+        """Names of the detectors this screen uses (its inputs decide: head, early layers, garbage class, CAM)."""
+        return self._active()
 
     def recorder(self, model: nn.Module) -> FeatureRecorder:
         """A :class:`FeatureRecorder` for this screen's layers: enter it around the engine's forward pass."""
@@ -393,7 +404,7 @@ class Screen:
             out.append("kplus1")
         if self.cam_layer is not None:
             out.append("attention")
-        return out
+        return out if self.use is None else [d for d in out if d in self.use]
 
     def _profile_matrix(self, obs: Sequence[Observation]) -> np.ndarray:
         rows = []
@@ -430,20 +441,19 @@ class Screen:
         ok = np.array([not o.profile.hard_failures for o in obs])
         col = {d: i for i, d in enumerate(DETECTORS)}
         active = self._active()
-        if ok.any():
+        if ok.any() and "profile" in active:
             prof = self._profile_matrix([o for o, g in zip(obs, ok) if g])
             z = np.abs(self.profile_scaler_.transform(prof))
             out[ok, col["profile"]] = np.nanmax(np.where(np.isnan(z), -np.inf, z), axis=1)
         for layer in ("penultimate", "early"):
-            if f"maha_{layer}" not in active:
-                continue
+            names = [d for d in (f"maha_{layer}", f"rmaha_{layer}", f"knn_{layer}") if d in active]
             have = np.array([g and getattr(o, layer) is not None for o, g in zip(obs, ok)])
-            if not have.any():
+            if not names or not have.any():
                 continue
             feats = np.vstack([getattr(o, layer) for o, h in zip(obs, have) if h])
-            out[have, col[f"maha_{layer}"]] = self.detectors_[f"maha_{layer}"].score(feats)
-            out[have, col[f"rmaha_{layer}"]] = self.detectors_[f"rmaha_{layer}"].score(feats)
-            out[have, col[f"knn_{layer}"]] = self.detectors_[f"knn_{layer}"].score(feats, exclude_self=loo)
+            for d in names:
+                det = self.detectors_[d]
+                out[have, col[d]] = det.score(feats, exclude_self=loo) if d.startswith("knn") else det.score(feats)
         if "kplus1" in active:
             for i, o in enumerate(obs):
                 if ok[i] and o.logits is not None and o.logits.size > self.garbage_index:
@@ -577,15 +587,20 @@ class Screen:
         y_fit = y[fit_idx]
         self.detectors_: dict[str, Any] = {}
         for layer in ("penultimate", "early"):
-            if f"maha_{layer}" not in active:
+            wanted = [d for d in (f"maha_{layer}", f"rmaha_{layer}", f"knn_{layer}") if d in active]
+            if not wanted:
                 continue
             missing = [names[keep[i]] for i in fit_idx if getattr(obs[i], layer) is None]
             if missing:
                 raise ValueError(f"no {layer} features recorded for {missing[:3]}: check the layer names")
             feats = np.vstack([getattr(o, layer) for o in fit_obs])
-            self.detectors_[f"maha_{layer}"] = ClassMahalanobis(self.reg).fit(feats, y_fit)
-            self.detectors_[f"rmaha_{layer}"] = RelativeMahalanobis(self.reg).fit(feats, y_fit)
-            self.detectors_[f"knn_{layer}"] = KNNDetector(self.k).fit(feats)
+            makers = {
+                f"maha_{layer}": lambda f: ClassMahalanobis(self.reg).fit(f, y_fit),
+                f"rmaha_{layer}": lambda f: RelativeMahalanobis(self.reg).fit(f, y_fit),
+                f"knn_{layer}": lambda f: KNNDetector(self.k).fit(f),
+            }
+            for d in wanted:
+                self.detectors_[d] = makers[d](feats)
         if "attention" in active:
             cams = torch.stack([o.cam for o in fit_obs])
             self.cam_ref_ = self._attention_grid(cams).mean(0).numpy().astype(np.float32)
@@ -834,6 +849,7 @@ class Screen:
             "modality": self.modality,
             "bundle": self.bundle,
             "attention_size": self.attention_size,
+            "use": self.use,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -1002,7 +1018,7 @@ def fit_screen(
         ...            calibration_dirs=["data/sos_more"])
     """
     from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.datalist import load_datalist
+    from monai_gamverify.data.datalist import load_datalist
 
     ov = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     ds = Path(dataset_dir)
