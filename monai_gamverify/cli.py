@@ -1,11 +1,12 @@
-"""The ``gamverify`` command (python-fire): ``gamverify demo|cam|cohort|synth|verify|energy|version``; ``--help``."""
+"""The ``gamverify`` command (python-fire): ``gamverify demo|cam|cohort|screen fit|screen run|synth|verify|energy|
+version``; ``--help``. The one place that prints and exits; the library logs and raises."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-__all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "version"]
+__all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "screen_fit", "screen_run", "version"]
 
 
 def cam(
@@ -24,6 +25,7 @@ def cam(
     overrides: dict | str | None = None,
     label: int | str | None = None,
     box: list | str | None = None,
+    screen: str | None = None,
 ) -> dict:
     """Explain one image: write the map as NIfTI on the input's grid with its affine, a PNG overlay and a JSON.
 
@@ -53,6 +55,8 @@ def cam(
             bundle's inferer (a ``SlidingWindowInferer`` explains window by window). Default for a segmentation
             bundle: channel 1.
         box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
+        screen: a saved in-distribution screen (``gamverify screen fit``): the summary gets ``in_distribution``,
+            ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` before any model verdict.
 
     Returns:
         Summary dict (prediction, probabilities, energy, written files; for a segmentation: label, predicted voxels).
@@ -64,7 +68,13 @@ def cam(
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
         pipe = ImagePipeline.from_bundle(
-            bundle_root, overrides=extra, checkpoint=checkpoint, target_layers=layer, method=method, device=device
+            bundle_root,
+            overrides=extra,
+            checkpoint=checkpoint,
+            target_layers=layer,
+            method=method,
+            device=device,
+            screen=screen,
         )
         if label is not None or pipe.bundle.task == "segmentation":
             from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
@@ -81,7 +91,7 @@ def cam(
             print("warning: no --checkpoint given; the network keeps its random initial weights")
         pipe = ImagePipeline.from_network(
             network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
-            method=method, device=device,
+            method=method, device=device, screen=screen,
         )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
@@ -93,7 +103,58 @@ def cam(
         + (f" (p={max(probs):.2f})" if probs else "")
         + f"; {method} map of {pipe.target_layers} -> {summary['map']}, overlay -> {summary['overlay']}"
     )
+    if result.in_distribution is False:
+        print(f"  out of distribution (p = {result.p_value:.3g}): " + "; ".join(result.reasons or []))
     return summary
+
+
+def _paths(value: Any) -> list[str]:
+    """A path, a comma-separated string or a list (fire leaves ``[a, b]`` of unquoted paths as one string)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [p.strip().strip("'\"") for p in text.split(",") if p.strip()]
+
+
+def screen_fit(
+    bundle_root: str,
+    dataset_dir: str,
+    out: str = "screen",
+    overrides: dict | str | None = None,
+    alpha: float = 0.05,
+    calibration_dirs: Any = (),
+    **kwargs: Any,
+) -> str:
+    """Fit an in-distribution screen for a bundle's model: detectors on the datalist's training list, conformal
+    calibration on its validation list and ``--calibration_dirs`` (images the model never saw); see
+    ``monai_gamverify.screening.fit_screen`` and docs/screening.md.
+
+    Example:
+        gamverify screen fit --bundle_root bundles/sos_staging --dataset_dir data/sos --out screen --alpha 0.05
+    """
+    from monai_gamverify.screening import fit_screen
+
+    if isinstance(overrides, str):
+        overrides = json.loads(overrides)
+    dirs = _paths(calibration_dirs) if calibration_dirs else []
+    s = fit_screen(bundle_root, dataset_dir, out, overrides, alpha, calibration_dirs=dirs, **kwargs)
+    return f"screen saved to {out}: {s.n_fit_} fit, {s.n_cal_} calibration images; detectors {', '.join(s.detectors)}"
+
+
+def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | None = None, **kwargs: Any) -> str:
+    """Screen images (NIfTI/NRRD/MHA files, DICOM files or DICOM series directories) with a saved screen; writes
+    ``OUT/screen.csv`` (image, in_distribution, p_value, reasons, each detector's score and p-value).
+
+    Example:
+        gamverify screen run --screen screen --images '[a.nii.gz, dicom_dir]' --out screen_out
+    """
+    from monai_gamverify.screening import run_screen
+
+    df = run_screen(screen, _paths(images), out, device=device, **kwargs)
+    n_out = int((~df["in_distribution"].astype(bool)).sum())
+    return f"{len(df)} image(s) screened, {n_out} out of distribution; table: {out}/screen.csv"
 
 
 def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0, out: str = "cohort", **kwargs: Any):
@@ -232,6 +293,7 @@ def main() -> None:
         "synth": synth,
         "verify": verify,
         "energy": energy,
+        "screen": {"fit": screen_fit, "run": screen_run},
         "version": version,
     }
     import sys

@@ -400,6 +400,17 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     assert "image not found" in table["reasons"][4] and "gone.nii" in table["reasons"][4]
     with pytest.raises(FileNotFoundError, match="gone.nii"):
         run_screen(tmp_path / "screen", [tmp_path / "gone.nii"], tmp_path / "out2", on_error="raise")
+    # the same screen wired into the engine (`gamverify cam --screen`): the same p-values from the CAM's own forward
+    # pass, and a constant volume is "out of distribution" before any model verdict
+    from monai_gamverify import cli
+
+    kw = dict(bundle_root=str(SOS), overrides=json.dumps(TINY), checkpoint=str(ckpt), screen=str(tmp_path / "screen"))
+    ok = cli.cam(str(tmp_path / "sos_new.nii.gz"), out=str(tmp_path / "cam"), **kw)
+    assert ok["in_distribution"] is True and ok["verdict"] != "out of distribution"
+    assert ok["p_value"] == pytest.approx(float(table["p_value"][0]), rel=1e-4)
+    const = cli.cam(str(tmp_path / "const.nii.gz"), out=str(tmp_path / "cam"), **kw)
+    assert const["in_distribution"] is False and const["verdict"] == "out of distribution"
+    assert any("constant volume" in r for r in const["reasons"])
 
 
 def test_screen_without_window_or_cam(cohort_obs):

@@ -313,7 +313,11 @@ def run_cohort(
             verifier_sha256=_file_sha256(verifier),
             threshold=float(threshold),
             metrics=engine.metrics,
-            screen=None if screen is None else type(screen).__name__,
+            screen=None
+            if screen is None
+            else str(screen)
+            if isinstance(screen, (str, os.PathLike))
+            else type(screen).__name__,
             invert=bool(invert),
             save_maps=bool(save_maps),
             data=str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else "list",

@@ -30,6 +30,7 @@ from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
 from monai_gamverify.kplus1 import RejectGarbaged
 from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
+from monai_gamverify.screening import Screen
 from monai_gamverify.visualize.cam import normalize_maps
 from monai_gamverify.visualize.hooks import LayerHooks
 from monai_gamverify.visualize.plots import overlay_png
@@ -61,7 +62,8 @@ class ImagePipeline:
         metrics: similarity features (default ``DEFAULT_METRICS`` plus any the verifier uses).
         garbage_index: index of the garbage class; ``None``: the class named ``"garbage"`` if there is one.
         garbage_threshold: also reject when P(garbage) reaches it (``None``: argmax only).
-        screen: optional in-distribution screen: an object with ``score(image, *, tensor, logits, activations,
+        screen: optional in-distribution screen: a saved :class:`~monai_gamverify.screening.Screen` directory, or an
+            object with ``score(image, *, tensor, logits, activations,
             cam) -> {"in_distribution", "p_value", "reasons", ...}`` and either ``recorder(network)`` (a context
             manager whose ``activations`` dict is filled during the forward pass) or ``layers`` (names recorded
             here with ``visualize.hooks.LayerHooks``). The activations come from the CAM's own forward pass.
@@ -118,7 +120,7 @@ class ImagePipeline:
         if garbage_index is None and "garbage" in self.class_names:
             self.garbage_index = self.class_names.index("garbage")
         self.garbage_threshold = garbage_threshold
-        self.screen = screen
+        self.screen = Screen.load(screen) if isinstance(screen, (str, os.PathLike)) else screen
         self.invert = bool(invert)
         self.verifier = verifier
         self.reference = None if reference is None else self._as_map(torch.as_tensor(plain(reference))).float()
