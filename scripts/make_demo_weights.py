@@ -1,4 +1,4 @@
-"""Train the five ``gamverify demo`` models and write the weights the package ships (``monai_gamverify/demo_weights``).
+"""Train the six ``gamverify demo`` models and write the weights the package ships (``apps/demo_weights``).
 
 The models are trained exactly as ``gamverify demo --train True`` would train them: the demo's cohorts (same
 settings and seed, so byte-identical volumes) and each bundle's ``configs/train.json`` through

@@ -10,12 +10,12 @@ tqdm bars):
 1. **cohorts** — synthetic SOS (the task), chin and cervical-vertebrae volumes (other anatomy), head-and-neck
    image-quality volumes with simulated raters (:mod:`monai_gamverify.data.synthetic`), pure-noise volumes, and the
    mixed K+1 datalist (:func:`monai_gamverify.kplus1.mix_garbage`).
-2. **models** — five ``small_cnn`` bundles: the SOS reference ``sos_ref``, a second SOS model ``sos_b`` (other seed,
-   wider), a chin model ``chin`` (unsuitable for SOS), the K+1 SOS model ``sos_kplus1`` and the 2D image-quality
-   regressor ``quality``. By default the weights shipped in ``monai_gamverify/apps/demo_weights`` (written by
-   ``scripts/make_demo_weights.py --seed 0`` through the same bundle configs) are used when they match the cohort
-   settings; otherwise, or with ``train=True``, every model is trained here through its bundle's
-   ``configs/train.json`` (``monai.bundle.ConfigWorkflow`` with overrides).
+2. **models** — six ``small_cnn`` bundles: the SOS reference ``sos_ref``, a second SOS model ``sos_b`` (other seed,
+   wider), a chin model ``chin`` and a CVM model ``cvm`` (both unsuitable for SOS), the K+1 SOS model ``sos_kplus1``
+   and the 2D image-quality regressor ``quality``. By default the weights shipped in
+   ``monai_gamverify/apps/demo_weights`` (written by ``scripts/make_demo_weights.py --seed 0`` through the same bundle
+   configs) are used when they match the cohort settings; otherwise, or with ``train=True``, every model is trained
+   here through its bundle's ``configs/train.json`` (``monai.bundle.ConfigWorkflow`` with overrides).
 3. **explanations** — Grad-CAM of the reference and the chin model on a few SOS test volumes, through the
    single-image engine (:class:`monai_gamverify.apps.pipeline.ImagePipeline`): NIfTI maps, PNG overlays on three
    orthogonal slices, pointing game against the ground-truth mask, text descriptions.
@@ -25,7 +25,9 @@ tqdm bars):
    analysis.
 6. **garbage class** — rejections of the K+1 model on held-out SOS, chin, CVM and noise volumes, against the
    post-hoc baselines (MSP, energy score).
-7. **report** — ``report.html``, ``summary.json``, TensorBoard summary scalars and the summary text
+7. **screen** — an in-distribution screen for the SOS reference model (:mod:`monai_gamverify.screening`), fitted on
+   the SOS training volumes and calibrated on SOS volumes no model saw, run on SOS, chin, CVM and noise volumes.
+8. **report** — ``report.html``, ``summary.json``, TensorBoard summary scalars and the summary text
    (:func:`format_summary`; ``gamverify demo`` prints it).
 
 The output directory must be new, empty, or a previous demo output (marked by :data:`DEMO_MARKER`).

@@ -36,6 +36,16 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
                 good,
             )
         )
+    for row in summary.get("screen", {}).get("rejections", []):
+        ind = row["source"].startswith("sos")
+        good = row["rejection_rate"] <= 0.2 if ind else row["rejection_rate"] >= 0.5
+        out.append(
+            (
+                f"{row['source']} volumes",
+                f"{row['rejected']}/{row['n']} out of distribution by the screen ({100 * row['rejection_rate']:.0f} %)",
+                good,
+            )
+        )
     sig = [r["category"] for r in summary["energy"]["table"] if r.get("significant_holm")]
     out.append(
         (
@@ -137,6 +147,20 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
     )
     sec.add_table(g["table"], "rejection table")
     sec.add_table(g["ood"], "OOD detection: in = SOS test, out = chin + CVM + noise")
+
+    s = results["screen"]
+    sec = rep.section(
+        "In-distribution screen",
+        "Is this image like the data the SOS model was made for? A screen fitted on the SOS training volumes (data "
+        "profile, Mahalanobis / relative Mahalanobis / k-NN on the model's penultimate and early features, "
+        "attention atypicality) and calibrated on SOS volumes no model saw "
+        f"({s['n_cal']} images): each detector gives a conformal p-value, their combination rejects at alpha = 0.05, "
+        "so at most 5 % of in-distribution images are rejected by construction. The verdict of an image that fails "
+        "the screen is 'out of distribution', before any model verdict (monai_gamverify.screening).",
+    )
+    sec.add_table(s["table"], "out-of-distribution rejections per source (screen_rejections.csv)")
+    for pic in s["pictures"]:
+        sec.add_figure(pic["png"], f"rejected ({pic['source']}): {pic['reason']}", width=480)
 
     sec = rep.section("Files", "Everything in the report is also on disk:")
     sec.add_list([f"{k}: {v}" for k, v in summary["files"].items()])

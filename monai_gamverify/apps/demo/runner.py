@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_gamverify.apps.demo.report import format_summary, records, tensorboard_summary, verdicts, write_report
+from monai_gamverify.apps.demo.screening import screen_stage
 from monai_gamverify.apps.demo.settings import MODELS, N_STAGES, WEIGHTS_DIR, demo_settings, torch_device
 from monai_gamverify.apps.demo.stages import (
     energy_stage,
@@ -180,13 +181,18 @@ def _run_demo(
     garbage = garbage_stage(root / "data", loaded, root / "garbage", dev, progress)
     timings["garbage"] = time.perf_counter() - t
 
-    t = _stage(7, "report")
+    t = _stage(7, "in-distribution screen of the SOS model: SOS, chin, CVM and noise volumes")
+    screening = screen_stage(root / "data", ckpts["sos_ref"], root / "screening", settings, seed, dev)
+    timings["screen"] = time.perf_counter() - t
+
+    t = _stage(8, "report")
     m1, m2 = verification["gradcam"]["cv_mean"], verification["featuremap"]["cv_mean"]
     gt = garbage["table"].set_index("source")
     ood_rate = float(gt.loc[[s for s in gt.index if not s.startswith("sos")], "rejected"].sum()) / max(
         int(gt.loc[[s for s in gt.index if not s.startswith("sos")], "n"].sum()), 1
     )
     overall = energy["table"].set_index("category")
+    st = screening["table"].set_index("source")
     key = {
         "verifier ROC AUC (Method 1)": float(m1.get("roc_auc", float("nan"))),
         "verifier accuracy (Method 1)": float(m1.get("accuracy", float("nan"))),
@@ -195,6 +201,10 @@ def _run_demo(
         "K+1 rejection rate, SOS test volumes": float(gt.iloc[0]["rejection_rate"]),
         "K+1 stage accuracy, SOS test": garbage["stage_accuracy"],
         "AE Spearman rho, overall": float(overall["rho"].get("overall", float("nan"))),
+        "screen rejection rate, OOD volumes": float(
+            st.loc[st.index[1:], "rejected"].sum() / st.loc[st.index[1:], "n"].sum()
+        ),
+        "screen false rejection, SOS test volumes": float(st.iloc[0]["rejection_rate"]),
     }
     summary: dict[str, Any] = {
         "out": str(root),
@@ -225,6 +235,7 @@ def _run_demo(
             "ood": records(garbage["ood"]),
             "stage_accuracy": garbage["stage_accuracy"],
         },
+        "screen": {"rejections": records(screening["table"]), "n_calibration": screening["n_cal"], "alpha": 0.05},
         "files": {
             "report": str(root / "report.html"),
             "summary": str(root / "summary.json"),
@@ -235,6 +246,7 @@ def _run_demo(
             "verification Method 2": str(root / "verify" / "featuremap"),
             "attribution energy": str(root / "energy"),
             "garbage class": str(root / "garbage"),
+            "in-distribution screen": str(root / "screening"),
             "TensorBoard": str(root / "tensorboard"),
         },
         "timings_s": timings,
@@ -242,7 +254,8 @@ def _run_demo(
     summary["verdicts"] = [{"subject": s, "verdict": v, "as_expected": g} for s, v, g in verdicts(summary)]
     timings["report"] = 0.0
     timings["total"] = time.perf_counter() - t_start
-    results = {"explanations": explanations, "verification": verification, "energy": energy, "garbage": garbage}
+    results = {"explanations": explanations, "verification": verification, "energy": energy, "garbage": garbage,
+               "screen": screening}  # fmt: skip
     write_report(root, summary, results)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start

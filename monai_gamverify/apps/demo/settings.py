@@ -15,7 +15,7 @@ __all__ = ["DemoSettings", "demo_settings", "MODELS", "WEIGHTS_DIR", "N_STAGES",
 #: where ``scripts/make_demo_weights.py`` writes the shipped weights and their ``manifest.json``
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "demo_weights"
 #: number of stages of a demo run
-N_STAGES = 7
+N_STAGES = 8
 #: the SOS stage names
 SOS_NAMES = ["stage1_open", "stage2", "stage3", "stage4", "stage5_fused"]
 
@@ -33,6 +33,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "data": "chin",
         "overrides": {"network_name": "small_cnn", "num_classes": 2, "class_names": ["camouflage", "surgery"]},
         "seed": 2,
+    },
+    "cvm": {
+        "bundle": "sos_staging",
+        "data": "cvm",
+        "overrides": {"network_name": "small_cnn", "num_classes": 6, "class_names": [f"CS{i}" for i in range(1, 7)]},
+        "seed": 5,
     },
     "sos_kplus1": {
         "bundle": "sos_staging",
@@ -65,13 +71,14 @@ class DemoSettings:
         n_splits: verifier cross-validation folds.
         n_estimators: verifier trees.
         n_boot: bootstrap resamples of the AE analysis.
+        n_screen_calibration: extra SOS volumes (seen by no model) that calibrate the in-distribution screen.
     """
 
     size: int = 32
     quality_size: int = 32
     n: dict[str, int] = field(default_factory=lambda: {"sos": 100, "chin": 60, "cvm": 40, "quality": 120, "noise": 10})
     epochs: dict[str, int] = field(
-        default_factory=lambda: {"sos_ref": 30, "sos_b": 30, "chin": 20, "sos_kplus1": 30, "quality": 20}
+        default_factory=lambda: {"sos_ref": 30, "sos_b": 30, "chin": 20, "cvm": 20, "sos_kplus1": 30, "quality": 20}
     )
     val_interval: int = 2
     garbage_ratio: float = 0.5
@@ -79,6 +86,7 @@ class DemoSettings:
     n_splits: int = 5
     n_estimators: int = 200
     n_boot: int = 1000
+    n_screen_calibration: int = 40
 
 
 def demo_settings(quick: bool = False) -> DemoSettings:
@@ -100,6 +108,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
         n_splits=2,
         n_estimators=20,
         n_boot=50,
+        n_screen_calibration=20,
     )
 
 

@@ -227,7 +227,7 @@ def verify_models(
     from monai_gamverify.verification.bundles import verify_bundles
 
     root = bundles_dir() / "sos_staging"
-    labels = {"sos_b": 1, "sos_kplus1": 1, "chin": 0}
+    labels = {"sos_b": 1, "sos_kplus1": 1, "chin": 0, "cvm": 0}
     candidates = {n: {"bundle": str(root), "checkpoint": str(ckpts[n])} for n in labels}
     results = {}
     for method in ("gradcam", "featuremap"):

@@ -196,7 +196,7 @@ def train_models(
     log_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Train the five demo models through their bundles' ``configs/train.json`` (:data:`MODELS`).
+    """Train the six demo models through their bundles' ``configs/train.json`` (:data:`MODELS`).
 
     Args:
         data_dir: folder written by :func:`prepare_cohorts`.
