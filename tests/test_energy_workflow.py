@@ -209,3 +209,39 @@ def test_handler_without_energy_or_labels(net2d, tmp_path):
         _evaluator(net2d, data, None, bad).run()
     with pytest.raises(ValueError, match="categories"):
         AttributionEnergyHandler("parotid")
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), torch.cuda.OutOfMemoryError),
+        (RuntimeError("bad"), ValueError),
+    ],
+)
+def test_bundle_energy_lets_out_of_memory_through(monkeypatch, tmp_path, error, expected):
+    # an item that fails is named in a ValueError, but running out of memory is not the item's fault: it propagates
+    import monai_gamverify.energy.workflow as wf
+
+    class FakeBundle:
+        metadata: dict = {}
+        class_names = ["a", "b"]
+        target_layer = "stages.2"
+        network = convnext_pico(spatial_dims=2, in_channels=1, out_channels=2)
+
+        def preprocessing(self):
+            return None
+
+        def slice_axis(self, ndim):
+            return 2
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(wf, "load_bundle", lambda *a, **k: FakeBundle())
+    monkeypatch.setattr(wf, "load_datalist", lambda *a, **k: [{"image": "/d/case_0/imaging.nii.gz", "a": 1, "b": 2}])
+    monkeypatch.setattr(wf, "load_image", lambda path: torch.zeros(1, 8, 8, 4))
+    monkeypatch.setattr(wf, "volume_energy_multi", fail)
+    with pytest.raises(expected) as info:
+        wf.bundle_energy("bundle", "datalist.json", tmp_path, progress=False)
+    if expected is ValueError:
+        assert "case_0/imaging.nii.gz" in str(info.value)
