@@ -38,12 +38,12 @@ def net2d():
 
 @pytest.mark.parametrize(
     "spatial_dim, reduction",
-    [(2, "mean"), (0, "none"), (1, "median")]
+    [(0, "none")]
     + [
         pytest.param(d, r, marks=pytest.mark.slow)
         for d in (0, 1, 2)
         for r in ("mean", "median", "none")
-        if (d, r) not in ((2, "mean"), (0, "none"), (1, "median"))
+        if d or r != "none"
     ],
 )
 def test_slice_aggregate_inferer_matches_manual(net2d, spatial_dim, reduction):

@@ -391,7 +391,8 @@ def test_mahalanobis_matches_sklearn_and_detects_outliers():
         MahalanobisDetector().fit(x, y[:-1])
 
 
-@pytest.mark.parametrize("dims", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [2, 3])
 def test_mahalanobis_on_model_features(dims):
     torch.manual_seed(0)
     net = resnet10(spatial_dims=dims, n_input_channels=1, num_classes=3, widen_factor=0.25)

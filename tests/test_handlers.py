@@ -133,7 +133,8 @@ def test_cam_overlay_rgb(dims, shape):
         cam_overlay_rgb(img, torch.rand(1, *[s + 1 for s in shape]))
 
 
-@pytest.mark.parametrize("dims, shape", [pytest.param(*CASES[0], marks=pytest.mark.slow), CASES[1]])
+@pytest.mark.slow
+@pytest.mark.parametrize("dims, shape", CASES)
 def test_cam_image_handler_logs_and_does_not_disturb_training(tmp_path, dims, shape):
     # reference run without the handler
     torch.manual_seed(0)
