@@ -122,6 +122,7 @@ def test_network_switch_by_name():
     assert parser.get_parsed_content("cam_layer") == "layer4"
 
 
+@pytest.mark.slow
 def test_train_outputs(trained):
     state = torch.load(trained / "models" / "model.pt", weights_only=True)
     assert "head.weight" in state and state["head.weight"].shape == (2, 8)
@@ -134,6 +135,7 @@ def test_train_outputs(trained):
     assert {"train_loss", "lr", "val_accuracy", "val_f1"} <= set(tags["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_and_inference(trained, cohorts):
     from monai_gamverify.data.datalist import load_datalist
 
@@ -159,6 +161,7 @@ def test_evaluate_and_inference(trained, cohorts):
         assert np.allclose(cam.affine, src.affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_chin_variant(trained, cohorts, tmp_path):
     root = tmp_path / "chin"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns("*.pt", "eval"))
@@ -168,6 +171,7 @@ def test_chin_variant(trained, cohorts, tmp_path):
     assert not (root / "models" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_load_bundle_and_gradcam(trained, cohorts):
     from monai_gamverify import GradCAM
     from monai_gamverify.bundle import load_bundle
@@ -180,6 +184,7 @@ def test_load_bundle_and_gradcam(trained, cohorts):
     assert maps.shape == (1, 1, 32, 32) and torch.isfinite(maps).all()
 
 
+@pytest.mark.slow
 def test_ckpt_export_torchscript(trained, tmp_path):
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts)]
@@ -202,6 +207,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
         assert torch.allclose(scripted(x), eager.eval()(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_torchrun_gloo_cpu(trained, cohorts, tmp_path):
     root = tmp_path / "mgpu"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns("*.pt", "eval"))
@@ -228,6 +234,7 @@ def _parse_data(dataset_dir: Path, key: str = "train#data", **overrides):
     return parser.get_parsed_content(key)
 
 
+@pytest.mark.slow
 def test_bad_input_cli_missing_dataset_dir(tmp_path):
     root = tmp_path / "b"
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("*.pt", "eval"))

@@ -104,6 +104,7 @@ def test_verify_net_in_out():
     )
 
 
+@pytest.mark.slow
 def test_train_slices_and_tensorboard(trained, cohort):
     from monai.bundle import ConfigParser
 
@@ -124,6 +125,7 @@ def test_train_slices_and_tensorboard(trained, cohort):
     assert {"train_loss", "lr", "val_mae", "val_mae_overall", "val_spearman_parotid"} <= set(tags["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_writes_energy_table_and_plots(trained, cohort):
     _run(trained, "evaluate.json", dataset_dir=str(cohort), n_boot=50)
     out = trained / "eval" / "energy_test"
@@ -155,6 +157,7 @@ def test_evaluate_writes_energy_table_and_plots(trained, cohort):
     assert {"test_ae_rho_overall", "test_ae_median_loo_rho_parotid", "test_mae_larynx"} <= set(acc.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_energy_matches_library(trained, cohort):
     """The AE written by evaluate.json equals volume_energy_multi of the bundle's network on the same volume."""
     from monai_gamverify import GradCAM
@@ -174,11 +177,12 @@ def test_evaluate_energy_matches_library(trained, cohort):
         assert vol.loc[0, f"ae_{c}"] == pytest.approx(ae[c], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
     """`gamverify energy --bundle_root --datalist`: the same AE as evaluate.json, scores from the datalist entries,
     the same table as energy_report on those two CSVs; bad combinations of arguments are refused."""
     from monai_gamverify import cli
-    from monai_gamverify.energy.report import energy_report
+    from monai_gamverify.energy import energy_report
 
     out = trained / "eval" / "energy_test" / "volume_scores.csv"
     if not out.is_file():
@@ -213,6 +217,7 @@ def test_gamverify_energy_from_bundle_and_datalist(trained, cohort, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_inference_scores_and_slice_cams(trained, cohort):
     images = sorted((cohort / "images").glob("*.nii.gz"))[:3]
     _run(trained, "inference.json", input_dir=str(cohort / "images" / "quality_000[0-2].nii.gz"))
@@ -225,6 +230,7 @@ def test_inference_scores_and_slice_cams(trained, cohort):
         assert cam.shape == src.shape and np.allclose(cam.affine, src.affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_gamverify_cam_explains_a_volume_slice_by_slice(trained, cohort, tmp_path):
     """`gamverify cam --bundle_root` on the 2D-slice bundle: slice-wise CAM stacked into a map aligned with the volume,
     outputs = the slice predictions averaged (as the bundle's inferer does), no softmax on regression scores."""
@@ -254,6 +260,7 @@ def test_gamverify_cam_explains_a_volume_slice_by_slice(trained, cohort, tmp_pat
     assert np.allclose(np.asarray(cam.dataobj), ref.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ckpt_export_torchscript(trained, tmp_path):
     from monai.bundle import ckpt_export
     from monai.data import load_net_with_metadata
@@ -304,6 +311,7 @@ def test_bad_input_names_the_file(tmp_path, cohort, case):
         parser.get_parsed_content("train#data")
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_torchrun_gloo_cpu(trained, cohort, tmp_path):
     root = tmp_path / "mgpu"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns("*.pt", "eval"))

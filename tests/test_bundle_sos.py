@@ -127,6 +127,7 @@ def test_network_switch_by_name():
     assert parser.get_parsed_content("feature_layers") == ["layer1", "layer2"]
 
 
+@pytest.mark.slow
 def test_train_outputs(trained):
     assert (trained / "models" / "model.pt").is_file()
     state = torch.load(trained / "models" / "model.pt", weights_only=True)
@@ -140,6 +141,7 @@ def test_train_outputs(trained):
     assert {"train_loss", "lr", "val_accuracy", "val_f1"} <= set(tags["scalars"])
 
 
+@pytest.mark.slow
 def test_evaluate_and_inference(trained, cohort):
     from monai.bundle import run
 
@@ -180,6 +182,7 @@ def test_evaluate_and_inference(trained, cohort):
         assert 0.0 <= cam.get_fdata().min() and cam.get_fdata().max() <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_load_bundle_and_gradcam(trained, cohort):
     from monai_gamverify import GradCAM
     from monai_gamverify.bundle import load_bundle
@@ -192,6 +195,7 @@ def test_load_bundle_and_gradcam(trained, cohort):
     assert maps.shape == (1, 1, 16, 16, 16) and torch.isfinite(maps).all()
 
 
+@pytest.mark.slow
 def test_ckpt_export_torchscript(trained, tmp_path):
     from monai.bundle import ckpt_export
 
@@ -220,6 +224,7 @@ def test_ckpt_export_torchscript(trained, tmp_path):
         assert torch.allclose(scripted(x), eager.eval()(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_torchrun_gloo_cpu(trained, cohort, tmp_path):
     root = tmp_path / "mgpu"
     shutil.copytree(trained, root, ignore=shutil.ignore_patterns("*.pt", "eval"))
@@ -244,6 +249,7 @@ def _bad_run(tmp_path, dataset_dir) -> subprocess.CompletedProcess:
     return _bundle_run(root, "configs/train.json", {**TINY, "dataset_dir": str(dataset_dir), "num_epochs": 1})
 
 
+@pytest.mark.slow
 def test_run_stops_on_missing_dataset_dir(tmp_path):
     res = _bad_run(tmp_path, tmp_path / "nowhere")
     assert res.returncode != 0
@@ -252,6 +258,7 @@ def test_run_stops_on_missing_dataset_dir(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_run_stops_on_corrupted_file(tmp_path, cohort):
     data = tmp_path / "data"
     shutil.copytree(cohort, data)

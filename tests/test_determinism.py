@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from monai_gamverify.data.synthetic import generate, make_cohort
@@ -32,6 +33,7 @@ def _train(root: Path, cohort: Path, seed: int) -> dict[str, torch.Tensor]:
     return torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_same_seed_same_cohort_weights_and_report(tmp_path):
     # cohorts: same seed -> identical voxels, masks and labels; another seed -> different volumes
     a, b, c = (generate("sos", n=4, size=24, seed=s) for s in (5, 5, 6))

@@ -36,8 +36,16 @@ def net2d():
     return net
 
 
-@pytest.mark.parametrize("spatial_dim", [0, 1, 2])
-@pytest.mark.parametrize("reduction", ["mean", "median", "none"])
+@pytest.mark.parametrize(
+    "spatial_dim, reduction",
+    [(0, "none")]
+    + [
+        pytest.param(d, r, marks=pytest.mark.slow)
+        for d in (0, 1, 2)
+        for r in ("mean", "median", "none")
+        if d or r != "none"
+    ],
+)
 def test_slice_aggregate_inferer_matches_manual(net2d, spatial_dim, reduction):
     x = torch.rand(2, 1, 16, 16, 12)
     inferer = SliceAggregateInferer(spatial_dim=spatial_dim, sw_batch_size=5, reduction=reduction)
@@ -158,6 +166,7 @@ def _evaluator(net, data, postprocessing, handler):
     )
 
 
+@pytest.mark.slow
 def test_handler_in_evaluator_writes_table_and_plots(net2d, tmp_path):
     g = torch.Generator().manual_seed(1)
     data = []
@@ -209,3 +218,39 @@ def test_handler_without_energy_or_labels(net2d, tmp_path):
         _evaluator(net2d, data, None, bad).run()
     with pytest.raises(ValueError, match="categories"):
         AttributionEnergyHandler("parotid")
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), torch.cuda.OutOfMemoryError),
+        (RuntimeError("bad"), ValueError),
+    ],
+)
+def test_bundle_energy_lets_out_of_memory_through(monkeypatch, tmp_path, error, expected):
+    # an item that fails is named in a ValueError, but running out of memory is not the item's fault: it propagates
+    import monai_gamverify.energy.workflow as wf
+
+    class FakeBundle:
+        metadata: dict = {}
+        class_names = ["a", "b"]
+        target_layer = "stages.2"
+        network = convnext_pico(spatial_dims=2, in_channels=1, out_channels=2)
+
+        def preprocessing(self):
+            return None
+
+        def slice_axis(self, ndim):
+            return 2
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(wf, "load_bundle", lambda *a, **k: FakeBundle())
+    monkeypatch.setattr(wf, "load_datalist", lambda *a, **k: [{"image": "/d/case_0/imaging.nii.gz", "a": 1, "b": 2}])
+    monkeypatch.setattr(wf, "load_image", lambda path: torch.zeros(1, 8, 8, 4))
+    monkeypatch.setattr(wf, "volume_energy_multi", fail)
+    with pytest.raises(expected) as info:
+        wf.bundle_energy("bundle", "datalist.json", tmp_path, progress=False)
+    if expected is ValueError:
+        assert "case_0/imaging.nii.gz" in str(info.value)

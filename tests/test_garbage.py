@@ -66,9 +66,13 @@ def build(builder, dims):
 
 # every model with the default init, the other inits on two of them (DenseNet is slow on 2 cores)
 WIDEN_CASES = [(*m, "mean") for m in MODELS] + [(*m, init) for m in MODELS[::3] for init in ("zeros", "random")]
+WIDEN_PARAMS = [
+    pytest.param(*c, id=f"{c[0]}-{c[-1]}", marks=[pytest.mark.slow] if c[0].startswith("densenet") else [])
+    for c in WIDEN_CASES
+]
 
 
-@pytest.mark.parametrize("name,builder,dims,head,init", WIDEN_CASES, ids=[f"{c[0]}-{c[-1]}" for c in WIDEN_CASES])
+@pytest.mark.parametrize("name,builder,dims,head,init", WIDEN_PARAMS)
 def test_widen_keeps_old_logits_exactly(name, builder, dims, head, init):
     net, x = build(builder, dims)
     assert find_classifier_head(net)[0] == head
@@ -387,6 +391,7 @@ def test_mahalanobis_matches_sklearn_and_detects_outliers():
         MahalanobisDetector().fit(x, y[:-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [2, 3])
 def test_mahalanobis_on_model_features(dims):
     torch.manual_seed(0)

@@ -133,6 +133,7 @@ def test_cam_overlay_rgb(dims, shape):
         cam_overlay_rgb(img, torch.rand(1, *[s + 1 for s in shape]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims, shape", CASES)
 def test_cam_image_handler_logs_and_does_not_disturb_training(tmp_path, dims, shape):
     # reference run without the handler
@@ -171,7 +172,7 @@ def test_batch_items_collated_and_decollated():
 
 
 # ------------------------------------------------------------------ CAM NIfTI and CSV writers
-@pytest.mark.parametrize("dims, shape", CASES)
+@pytest.mark.parametrize("dims, shape", [CASES[0], pytest.param(*CASES[1], marks=pytest.mark.slow)])
 def test_cam_writer_and_prediction_csv(tmp_path, dims, shape):
     net = _net(dims).eval()
     items = _items(shape, n=3, tag=f"case{dims}d_")

@@ -69,6 +69,7 @@ def flags(net: nn.Module):
     )
 
 
+@pytest.mark.slow
 def test_500_gradcam_calls_do_not_leak():
     torch.manual_seed(0)
     net = Net3D().train()  # a caller in training mode: must come back that way every time

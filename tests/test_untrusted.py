@@ -254,3 +254,20 @@ def test_the_exploit_is_real(tmp_path):
     torch.save({"model": _net().state_dict(), "meta": Exploit(str(marker))}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.is_dir()
+
+
+def test_check_image_lets_out_of_memory_through(tmp_path, monkeypatch):
+    # a reader error becomes a DataError naming the file; running out of memory is not a bad file
+    import monai_gamverify.data.datalist as dl
+
+    image = _nifti(tmp_path, "case_1.nii.gz")
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(dl, "load_image", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        dl.check_image(image)
+    monkeypatch.setattr(dl, "load_image", lambda *a, **k: (_ for _ in ()).throw(OSError("truncated")))
+    with pytest.raises(DataError, match="case_1.nii.gz"):
+        dl.check_image(image)
