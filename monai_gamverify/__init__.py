@@ -20,8 +20,8 @@ _LAZY = {
     "ScoreCAM": "monai_gamverify.visualize.cam",
     "CAMResult": "monai_gamverify.visualize.cam",
     "similarity_metrics": "monai_gamverify.metrics.similarity",
-    "attribution_energy": "monai_gamverify.energy.analysis",
-    "spearman_loo": "monai_gamverify.energy.analysis",
+    "attribution_energy": "monai_gamverify.energy",
+    "spearman_loo": "monai_gamverify.energy",
 }
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from monai_gamverify.energy.analysis import attribution_energy, spearman_loo
+    from monai_gamverify.energy import attribution_energy, spearman_loo
     from monai_gamverify.metrics.similarity import similarity_metrics
     from monai_gamverify.visualize.cam import CAMResult, GradCAM, GradCAMpp, ScoreCAM
 

@@ -209,7 +209,7 @@ def energy(
             overrides = json.loads(overrides)
         result = bundle_energy(bundle_root, datalist, out, split=split, scores=scores, overrides=overrides, **kwargs)
     else:
-        from monai_gamverify.energy.analysis import energy_report
+        from monai_gamverify.energy import energy_report
 
         if energy is None or scores is None:
             raise ValueError("give an AE CSV (or map folder) and a scores CSV, or --bundle_root and --datalist")

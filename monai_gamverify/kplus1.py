@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from torch import nn
 
 from monai_gamverify.data.datalist import DataError, load_datalist
 from monai_gamverify.io.files import write_csv
-from monai_gamverify.metrics import ood as _ood
 from monai_gamverify.metrics.ood import as_scores
 from monai_gamverify.networks.heads import find_classifier_head
 
@@ -49,20 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# moved to monai_gamverify.metrics.ood; still importable from here (with a DeprecationWarning) for old callers
-_MOVED_TO_OOD = ("msp_score", "energy_score", "kplus1_score", "extract_features", "MahalanobisDetector", "ood_metrics")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_OOD:
-        warnings.warn(
-            f"monai_gamverify.kplus1.{name} moved to monai_gamverify.metrics.ood.{name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(_ood, name)
-    raise AttributeError(f"module 'monai_gamverify.kplus1' has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@
 4. Scores, one convention each (higher = more OOD for the table's AUROC): the screen's combined statistic (hard
    failures = +inf), MSP and energy of ``sos_ref``, class-conditional Mahalanobis alone (``sos_ref`` penultimate),
    the K+1 garbage probability alone (``sos_kplus1``). AUROC and FPR at 95 % TPR of in-distribution test vs each
-   source (:func:`monai_gamverify.kplus1.ood_metrics`), and the rejection rate at alpha: for the screen its own
+   source (:func:`monai_gamverify.metrics.ood.ood_metrics`), and the rejection rate at alpha: for the screen its own
    decision; for a single baseline the conformal p-value of its score against the same calibration images.
    A baseline cannot score an input the network cannot take (wrong dimensionality/channels, single slice, NaN):
    those are left out of its row (column ``n_scored``).

@@ -335,7 +335,7 @@ def test_sigkill_then_sigint_then_resume_equals_uninterrupted_run(cohort, baseli
     script.write_text(
         "import sys, time\n"
         "from pathlib import Path\n"
-        "import monai.bundle, monai.transforms, monai_gamverify.cli, monai_gamverify.handlers.writers\n"
+        "import monai.bundle, monai.transforms, monai_gamverify.cli, monai_gamverify.handlers\n"
         "import monai_gamverify.apps.pipeline as p\n"
         "orig = p.ImagePipeline.explain\n"
         "def slow(self, *a, **k):\n"

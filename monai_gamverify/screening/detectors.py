@@ -4,7 +4,7 @@ Every detector here returns an **anomaly score: higher = less like the training 
 scores in :mod:`monai_gamverify.kplus1`, whose convention is higher = in-distribution).
 
 - :class:`ClassMahalanobis`: min over classes of the squared Mahalanobis distance with a shared covariance
-  (Lee et al., 2018), computed by :class:`monai_gamverify.kplus1.MahalanobisDetector`.
+  (Lee et al., 2018), computed by :class:`monai_gamverify.metrics.ood.MahalanobisDetector`.
 - :class:`RelativeMahalanobis`: that distance minus the distance to one Gaussian fitted to all the data
   (Ren et al., 2021), which removes the part of the distance that every input shares.
 - :class:`KNNDetector`: distance to the k-th nearest training feature after L2 normalisation (cosine geometry;

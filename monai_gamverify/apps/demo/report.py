@@ -128,7 +128,7 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
         "Attribution energy",
         f"AE (sum of the raw Grad-CAM over all axial slices) of the 2D quality model on {e['n']} held-out "
         "volumes, against the raters' consensus score, per category: Spearman rho, leave-one-out rho/p, bootstrap "
-        "interval and Holm adjustment (monai_gamverify.energy.analysis).",
+        "interval and Holm adjustment (monai_gamverify.energy).",
     )
     for c in e["categories"]:
         p = Path(e["paths"].get(f"scatter_{c}", ""))

@@ -267,7 +267,7 @@ def energy_stage(
     data: Path, ckpt: Path, out: Path, settings: DemoSettings, seed: int, device: torch.device, progress: bool
 ) -> dict:
     from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.energy.analysis import cohort_energy, energy_report
+    from monai_gamverify.energy import cohort_energy, energy_report
     from monai_gamverify.energy.workflow import regression_metrics
     from monai_gamverify.visualize.cam import GradCAM
 

@@ -25,7 +25,7 @@ from monai_gamverify.apps.pipeline.result import (
     simple_preprocessing,
 )
 from monai_gamverify.bundle import BundleModel, geometry_problems, load_bundle, load_checkpoint, network_from_name
-from monai_gamverify.energy.analysis import attribution_energy
+from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
 from monai_gamverify.kplus1 import RejectGarbaged
