@@ -26,6 +26,8 @@ def cam(
     label: int | str | None = None,
     box: list | str | None = None,
     screen: str | None = None,
+    top_k: int | None = None,
+    max_memory_mb: float | None = None,
 ) -> dict:
     """Explain one image: write the map as NIfTI on the input's grid with its affine, a PNG overlay and a JSON.
 
@@ -57,6 +59,8 @@ def cam(
         box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
         screen: a saved in-distribution screen (``gamverify screen fit``): the summary gets ``in_distribution``,
             ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` before any model verdict.
+        top_k: Score-CAM only: score the ``top_k`` highest-variance channels (an approximation, docs/scale.md).
+        max_memory_mb: Score-CAM only: memory budget of the masked forward passes (chunk size from a measured probe).
 
     Returns:
         Summary dict (prediction, probabilities, energy, written files; for a segmentation: label, predicted voxels).
@@ -65,6 +69,9 @@ def cam(
     from monai_gamverify.visualize.registry import cam_method
 
     method = cam_method(method)
+    options = {k: v for k, v in (("top_k", top_k), ("max_memory_mb", max_memory_mb)) if v is not None}
+    if options and method != "scorecam":
+        raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; --method is {method}")
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
         pipe = ImagePipeline.from_bundle(
@@ -75,6 +82,7 @@ def cam(
             method=method,
             device=device,
             screen=screen,
+            cam_options=options,
         )
         if label is not None or pipe.bundle.task == "segmentation":
             from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
@@ -91,7 +99,7 @@ def cam(
             print("warning: no --checkpoint given; the network keeps its random initial weights")
         pipe = ImagePipeline.from_network(
             network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
-            method=method, device=device, screen=screen,
+            method=method, device=device, screen=screen, cam_options=options,
         )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")

@@ -69,6 +69,7 @@ class ImagePipeline:
             here with ``visualize.hooks.LayerHooks``). The activations come from the CAM's own forward pass.
         invert: put maps back on the input's grid (``False``: keep the preprocessed grid).
         device: where the network runs (default: where its parameters are).
+        cam_options: extra arguments of the CAM class (e.g. Score-CAM's ``top_k``, ``max_memory_mb``).
 
     Example:
         >>> pipe = ImagePipeline(net, "layer4", class_names=["a", "b"])
@@ -94,6 +95,7 @@ class ImagePipeline:
         screen: Any = None,
         invert: bool = True,
         device: str | torch.device | None = None,
+        cam_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(target_layers, str) or not target_layers:
             raise ValueError(f"target_layers must be one layer name (a string), got {target_layers!r}")
@@ -110,7 +112,7 @@ class ImagePipeline:
         self.class_names = [str(n) for n in (class_names or [])]
         self.regression = bool(regression)
         self.slice_axis = slice_axis
-        self.cam = make_cam(network, target_layers, self.method)
+        self.cam = make_cam(network, target_layers, self.method, **dict(cam_options or {}))
         self.slicer = None
         if slice_axis is not None:
             self.slicer = SliceCAMd("image", network, target_layers, method=self.method, slice_axis=int(slice_axis),
