@@ -29,7 +29,7 @@ def _imports(path: Path) -> set[str]:
     """Every monai_gamverify module ``path`` imports, at any depth of the file (a function-level import is a
     dependency too)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("monai_gamverify"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
