@@ -238,3 +238,15 @@ def test_task_from_the_traced_output_not_loose_metadata(tmp_path, one_thread):
     bm = load_bundle(root, device="cpu")
     assert bm.target_layer is None and "spatial_shape" in bm.layer_error
     assert bm.task == "segmentation"
+
+
+def test_config_choice(tmp_path):
+    root = tmp_path / "b"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "inference.yaml").write_text("a: 1\n")
+    assert find_config(root).name == "inference.yaml"
+    (root / "configs" / "inference.json").write_text("{}")
+    assert find_config(root).name == "inference.json"  # JSON first, as MONAI's own examples
+    assert find_config(root, "inference.yaml").name == "inference.yaml"
+    with pytest.raises(FileNotFoundError, match="infer.json is missing"):
+        find_config(root, "infer.json")

@@ -180,3 +180,14 @@ def test_bundle_activation_reads_sigmoid_postprocessing(tmp_path, one_thread):
     ]
     (root / "configs" / "inference.json").write_text(json.dumps(cfg))
     assert bundle_activation(load_bundle(root, device="cpu", require_weights=False)) == "sigmoid"
+
+
+def test_batch_samples_do_not_mix(net, one_thread):
+    x = torch.cat([_volume(16, seed=2), _volume(16, seed=3).flip(2)])
+    inf = SlidingWindowInferer((8, 8, 8), sw_batch_size=3, overlap=0.5, mode="gaussian")
+    both, logits = segmentation_cam(net, x, LAYER, 1, inferer=inf)
+    for i in range(2):
+        one, one_logits = segmentation_cam(net, x[i : i + 1], LAYER, 1, inferer=inf)
+        torch.testing.assert_close(both[i : i + 1], one, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits[i : i + 1], one_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both[0], both[1])
