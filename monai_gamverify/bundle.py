@@ -466,19 +466,22 @@ class BundleModel:
 
     @property
     def task(self) -> str:
-        """``"segmentation"`` when the output keeps the input's spatial shape (metadata ``outputs`` with a
-        ``spatial_shape`` of the input's rank, else the traced output), else ``"classification"``."""
-        fmt = self.metadata.get("network_data_format") or {}
-        out = next(iter((fmt.get("outputs") or {}).values()), {})
-        _, in_shape = declared_input(self.metadata)
-        if out.get("spatial_shape") and in_shape and len(out["spatial_shape"]) == len(in_shape):
-            return "segmentation"
-        if out and not out.get("spatial_shape") and in_shape:
-            return "classification"
+        """``"segmentation"`` when the network's output keeps the input's spatial shape (from the traced forward of
+        the declared input), else ``"classification"``. Without a declared input shape, from metadata: an output of
+        ``type`` ``image`` / ``segmentation``, or an output ``spatial_shape`` equal to the input's (model-zoo
+        metadata also writes e.g. ``[1, 2]`` for class scores, so that alone is not read as spatial)."""
         try:
             return str(self.trace_info()["task"])
         except ValueError:
-            return "classification"
+            pass
+        fmt = self.metadata.get("network_data_format") or {}
+        out = next(iter((fmt.get("outputs") or {}).values()), {})
+        _, in_shape = declared_input(self.metadata)
+        if str(out.get("type", "")).lower() in ("image", "segmentation"):
+            return "segmentation"
+        if in_shape and list(out.get("spatial_shape") or []) == list(in_shape):
+            return "segmentation"
+        return "classification"
 
     def total_stride(self) -> tuple[int, ...]:
         """Input size / smallest feature-map size per spatial axis, from the traced forward."""

@@ -216,3 +216,37 @@ def test_torchscript_modules_take_no_forward_hooks(tmp_path, one_thread):
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(bm.network(x), scripted(x), atol=1e-6)
+
+
+def test_task_from_the_traced_output_not_loose_metadata(tmp_path, one_thread):
+    """Model-zoo metadata writes class scores as spatial_shape [1, K]: the task comes from the traced output."""
+    root = write_cls_bundle(tmp_path / "c", fmt="json")
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["outputs"]["pred"]["spatial_shape"] = [1, 3]
+    meta_path.write_text(json.dumps(meta))
+    assert load_bundle(root, device="cpu").task == "classification"
+    # no declared input shape: the metadata output type decides
+    root = write_seg_bundle(tmp_path / "s", fmt="json")
+    cfg = json.loads((root / "configs" / "inference.json").read_text())
+    del cfg["inferer"]
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = []
+    meta_path.write_text(json.dumps(meta))
+    bm = load_bundle(root, device="cpu")
+    assert bm.target_layer is None and "spatial_shape" in bm.layer_error
+    assert bm.task == "segmentation"
+
+
+def test_config_choice(tmp_path):
+    root = tmp_path / "b"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "inference.yaml").write_text("a: 1\n")
+    assert find_config(root).name == "inference.yaml"
+    (root / "configs" / "inference.json").write_text("{}")
+    assert find_config(root).name == "inference.json"  # JSON first, as MONAI's own examples
+    assert find_config(root, "inference.yaml").name == "inference.yaml"
+    with pytest.raises(FileNotFoundError, match="infer.json is missing"):
+        find_config(root, "infer.json")

@@ -209,3 +209,14 @@ def test_cli_cam_segmentation_bundle_writes_map_on_input_grid(tmp_path, one_thre
     nib.save(nib.Nifti1Image(one_slice, affine), str(tmp_path / "slice.nii.gz"))
     with pytest.raises(Exception, match="one slice"):
         cli.cam(str(tmp_path / "slice.nii.gz"), out=str(tmp_path / "out2"), bundle_root=str(root), label=1)
+
+
+def test_batch_samples_do_not_mix(net, one_thread):
+    x = torch.cat([_volume(16, seed=2), _volume(16, seed=3).flip(2)])
+    inf = SlidingWindowInferer((8, 8, 8), sw_batch_size=3, overlap=0.5, mode="gaussian")
+    both, logits = segmentation_cam(net, x, LAYER, 1, inferer=inf)
+    for i in range(2):
+        one, one_logits = segmentation_cam(net, x[i : i + 1], LAYER, 1, inferer=inf)
+        torch.testing.assert_close(both[i : i + 1], one, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits[i : i + 1], one_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both[0], both[1])
