@@ -84,7 +84,7 @@ def cam(
             screen=screen,
             cam_options=options,
         )
-        if label is not None or pipe.bundle.task == "segmentation":
+        if label is not None or (pipe.bundle.task == "segmentation" and pipe.slice_axis is None):
             from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
 
             region = json.loads(box) if isinstance(box, str) else box
