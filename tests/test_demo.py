@@ -23,6 +23,7 @@ from monai_gamverify.apps.demo import (
     shipped_weights,
     weights_config,
 )
+from monai_gamverify.apps.demo.settings import N_STAGES
 from monai_gamverify.apps.report import PNG_SIGNATURE, external_references
 
 SUMMARY_KEYS = {
@@ -83,8 +84,15 @@ def test_summary_keys_and_files(demo):
 def test_figures_agree_with_the_files(demo):
     out, s = demo
     cv = json.loads((out / "verify" / "gradcam" / "cv.json").read_text())
-    assert s["key_figures"]["verifier ROC AUC (Method 1)"] == pytest.approx(cv["cross_validation"]["mean"]["roc_auc"])
-    assert set(s["verification"]["gradcam"]["per_model"]) == {"sos_b", "sos_kplus1", "chin"}
+    key = s["key_figures"]["verifier model-level ROC AUC, leave-models-out (Method 1)"]
+    assert cv["protocol"] == "leave-models-out"  # two models per label: the candidate is always an unseen model
+    assert key == pytest.approx(cv["model_level"]["roc_auc"], nan_ok=True)
+    assert set(s["verification"]["gradcam"]["per_model"]) == {"sos_b", "sos_kplus1", "chin", "cvm"}
+    # the screen's table recomputed from its per-image file
+    items = pd.read_csv(out / "screening" / "screen_items.csv")
+    for row in s["screen"]["rejections"]:
+        part = items[items["source"] == row["source"]]
+        assert row["n"] == len(part) and row["rejected"] == int((~part["in_distribution"].astype(bool)).sum())
     # rejection table recomputed from the per-volume file
     items = pd.read_csv(out / "garbage" / "garbage_items.csv")
     for row in s["garbage"]["rejections"]:
@@ -111,11 +119,20 @@ def test_report_html_is_self_contained(demo):
     assert "http://" not in text and "https://" not in text and external_references(text) == []
     srcs = re.findall(r'<img src="([^"]+)"', text)
     n = demo_settings(quick=True).n_examples
-    assert len(srcs) == 2 * n + 2 * 3 + 5  # overlays, (ROC, reference map, features) x 2 methods, AE scatters
+    n_rejected_pictures = len(s["screen"]["pictures"])
+    # overlays, (ROC, reference map, features) x 2 methods, AE scatters, pictures of inputs the screen rejected
+    assert len(srcs) == 2 * n + 2 * 3 + 5 + n_rejected_pictures
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_SIGNATURE)
-    for heading in ("Explanations", "Method 1", "Method 2", "Attribution energy", "Garbage class"):
+    for heading in (
+        "Explanations",
+        "Method 1",
+        "Method 2",
+        "Attribution energy",
+        "Garbage class",
+        "In-distribution screen",
+    ):
         assert heading in text
     for v in s["verdicts"]:
         assert v["subject"].split(" (")[0] in text
@@ -131,7 +148,7 @@ def test_shipped_weights(tmp_path):
     for name, path in found.items():  # every file loads into its bundle network with weights_only=True
         bm = _load(name, path, torch.device("cpu"))
         head = bm.network.head
-        expected = {"chin": 2, "sos_kplus1": 6, "quality": 5}.get(name, 5)
+        expected = {"chin": 2, "cvm": 6, "sos_kplus1": 6, "quality": 5}.get(name, 5)
         assert head.out_features == expected, name
     assert shipped_weights(settings, seed=1) is None  # trained for seed 0 only
     assert shipped_weights(demo_settings(quick=True), seed=0) is None
@@ -175,7 +192,7 @@ def test_out_must_be_new_empty_or_a_previous_demo(tmp_path, monkeypatch, capsys)
     stages = []
     with pytest.raises(_Stop):
         run_demo(tmp_path / "new", quick=True, train=True, progress=False, on_stage=lambda *a: stages.append(a))
-    assert stages == [(1, 7, f"synthetic cohorts -> {tmp_path / 'new' / 'data'}")]
+    assert stages == [(1, N_STAGES, f"synthetic cohorts -> {tmp_path / 'new' / 'data'}")]
     assert capsys.readouterr().out == ""
     assert (tmp_path / "new" / DEMO_MARKER).is_file()
     # a previous demo output is cleaned and reused

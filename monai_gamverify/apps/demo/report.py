@@ -15,15 +15,17 @@ __all__ = ["verdicts", "write_report", "tensorboard_summary", "format_summary", 
 # ------------------------------------------------------------------------------------------------- 7 report
 def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
     out = []
-    for name, info in summary["verification"]["gradcam"]["per_model"].items():
-        p = info["mean_p_suitable"]
-        suitable = p >= 0.5
+    v = summary["verification"]["gradcam"]
+    for name, info in v["per_model"].items():
         truth = "trained on SOS" if info["label"] == 1 else "trained on other data"
+        verdict = info.get("verdict", "suitable" if info["mean_p_suitable"] >= 0.5 else "not suitable")
+        interval = f" [{info['ci_low']:.2f}, {info['ci_high']:.2f}]" if "ci_low" in info else ""
         out.append(
             (
                 f"model {name} ({truth})",
-                f"{'suitable' if suitable else 'NOT suitable'} for the SOS data: mean P(suitable) {p:.2f}",
-                suitable == bool(info["label"]),
+                f"{verdict} for the SOS data ({v.get('protocol', 'cross-validated')}): mean P(suitable) "
+                f"{info['mean_p_suitable']:.2f}{interval}",
+                verdict == ("suitable" if info["label"] == 1 else "not suitable"),
             )
         )
     for row in summary["garbage"]["rejections"]:
@@ -112,15 +114,21 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
             f"Verification, {what}",
             f"Every candidate's map of every SOS test volume is compared with the reference model's mean map "
             f"(layer {v['reference_layer']}) by seven similarity features; a Random Forest learns 'trained on similar "
-            f"data' (label 1) vs not (label 0), cross-validated over {summary['settings']['n_splits']} folds grouped "
-            f"by subject.",
+            f"data' (label 1) vs not (label 0). Protocol: {v['protocol']} (each fold's test models were never seen by "
+            "the forest: the real use, a candidate model the verifier never saw); folds grouped by subject are shown "
+            "as a secondary line only, since every model sits in every training fold there. A model's verdict comes "
+            "from the bootstrap interval of its mean out-of-fold P(suitable): suitable when the interval lies above "
+            "0.5, not suitable below, else undecided.",
         )
         sec.add_figure(d / "roc.png", "ROC of the out-of-fold P(suitable)")
         sec.add_figure(d / "reference_map.png", "reference map (mean normalised map of the reference model)")
         sec.add_figure(v["feature_distributions"], "per-label feature distributions")
         per_model = pd.DataFrame([{"model": k, **vals} for k, vals in v["per_model"].items()])
-        sec.add_table(per_model, "mean out-of-fold P(suitable) per candidate")
-        sec.add_table(pd.DataFrame([v["cv_mean"]]), "cross-validation (mean over folds)")
+        sec.add_table(per_model, f"model-level verdicts ({v['protocol']}): mean out-of-fold P(suitable), 95 % interval")
+        sec.add_table(pd.DataFrame([v["cv_mean"]]), f"cross-validation, {v['protocol']} (mean over folds)")
+        sec.add_table(
+            pd.DataFrame([v["cv_secondary"]]), "secondary: folds grouped by subject (models seen in training)"
+        )
         sec.add_table(pd.read_csv(d / "summary.csv"), "per-label feature statistics")
 
     e = results["energy"]

@@ -92,7 +92,7 @@ def run_demo(
 
     Example:
         >>> s = run_demo("demo_out", quick=True)
-        >>> s["key_figures"]["verifier ROC AUC (Method 1)"]
+        >>> s["key_figures"]["verifier model-level ROC AUC, leave-models-out (Method 1)"]
     """
     with warnings.catch_warnings():
         # MONAI announces a future default of Orientationd once per bundle parse; nothing to act on here
@@ -194,9 +194,11 @@ def _run_demo(
     overall = energy["table"].set_index("category")
     st = screening["table"].set_index("source")
     key = {
-        "verifier ROC AUC (Method 1)": float(m1.get("roc_auc", float("nan"))),
-        "verifier accuracy (Method 1)": float(m1.get("accuracy", float("nan"))),
-        "verifier ROC AUC (Method 2)": float(m2.get("roc_auc", float("nan"))),
+        "verifier model-level ROC AUC, leave-models-out (Method 1)": float(m1.get("roc_auc_model", float("nan"))),
+        "verifier model-level ROC AUC, leave-models-out (Method 2)": float(m2.get("roc_auc_model", float("nan"))),
+        "verifier sample ROC AUC, subject-grouped, secondary (Method 1)": float(
+            verification["gradcam"]["cv_secondary"].get("roc_auc_oof", float("nan"))
+        ),
         "K+1 rejection rate, OOD volumes": ood_rate,
         "K+1 rejection rate, SOS test volumes": float(gt.iloc[0]["rejection_rate"]),
         "K+1 stage accuracy, SOS test": garbage["stage_accuracy"],
@@ -235,7 +237,12 @@ def _run_demo(
             "ood": records(garbage["ood"]),
             "stage_accuracy": garbage["stage_accuracy"],
         },
-        "screen": {"rejections": records(screening["table"]), "n_calibration": screening["n_cal"], "alpha": 0.05},
+        "screen": {
+            "rejections": records(screening["table"]),
+            "n_calibration": screening["n_cal"],
+            "alpha": 0.05,
+            "pictures": screening["pictures"],
+        },
         "files": {
             "report": str(root / "report.html"),
             "summary": str(root / "summary.json"),

@@ -3,6 +3,7 @@ and the K+1 garbage class (6)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -251,8 +252,14 @@ def verify_models(
         dist = _feature_distributions_png(
             features, out / method / "feature_distributions.png", f"similarity features by label ({method})"
         )
+        cv = json.loads((out / method / "cv.json").read_text(encoding="utf-8"))
         results[method] = {
+            "protocol": cv["protocol"],
             "cv_mean": dict(report["cv_mean"]),
+            "cv_secondary": {
+                "protocol": cv.get("cross_validation_secondary", {}).get("protocol"),
+                **cv.get("cross_validation_secondary", {}).get("mean", {}),
+            },  # fmt: skip
             "per_model": report["per_model"],
             "reference_layer": report["reference"]["layer"],
             "n_items": report["n_items"],
