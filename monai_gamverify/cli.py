@@ -183,7 +183,7 @@ def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify
     """
     from monai_gamverify.verification.bundles import verify_bundles
 
-    verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)  # prints its own summary
+    print(verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)["summary"])
 
 
 def energy(

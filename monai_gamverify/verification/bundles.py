@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = ["verify_bundles", "format_summary"]
+
+logger = logging.getLogger(__name__)
 
 _CHECKPOINT_KEYS = ("checkpoint", "ckpt_path")
 
@@ -194,7 +197,7 @@ def verify_bundles(
     Loads every bundle with :func:`monai_gamverify.bundle.load_bundle` (``configs/inference.json``, trained weights
     required), builds one ``DataLoader`` over ``dataset_dir``'s datalist split with the reference bundle's inference
     ``preprocessing`` (items keep ``"id"``), and calls :func:`~.verifier.run_verification` with each
-    bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Prints a short summary.
+    bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Logs a short summary (``report["summary"]``; ``gamverify verify`` prints it).
 
     Args:
         reference: reference bundle directory.
@@ -330,7 +333,7 @@ def verify_bundles(
         )
         report.update(reference=ref_info, candidates=info, n_items=len(items))
         report["summary"] = format_summary(report)
-        print(report["summary"])
+        logger.info("%s", report["summary"])
         return report
     report = run_verification(
         reference=(ref.network, ref_layer),
@@ -350,5 +353,5 @@ def verify_bundles(
         n_splits=int(n_splits),
     )
     report["summary"] = format_summary(report)
-    print(report["summary"])
+    logger.info("%s", report["summary"])
     return report
