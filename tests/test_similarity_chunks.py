@@ -5,44 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import entropy, wasserstein_distance
-from skimage.metrics import structural_similarity
+from test_similarity import _reference  # the scikit-image / scipy reference loop, one copy
 
 from monai_gamverify.metrics.similarity import ALL_METRICS, BYTES_PER_VOXEL, similarity_metrics
-
-
-def _ref_pair(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Independent reference for one 2D slice or 3D map (numpy / scipy / scikit-image)."""
-    mx, my = x > np.median(x), y > np.median(y)
-    inter, union, total = np.sum(mx & my), np.sum(mx | my), mx.sum() + my.sum()
-    xf, yf = x.ravel().astype(np.float64), y.ravel().astype(np.float64)
-    emds = []
-    for k in range(x.ndim):
-        other = tuple(j for j in range(x.ndim) if j != k)
-        pos = np.linspace(0.0, 1.0, x.shape[k])
-        emds.append(wasserstein_distance(pos, pos, (x + 1e-8).sum(axis=other), (y + 1e-8).sum(axis=other)))
-    return {
-        "iou": inter / union if union else 1.0,
-        "dice": 2 * inter / total if total else 1.0,
-        "ssim": structural_similarity(x, y, data_range=1.0),
-        "cosine": float(xf @ yf / (np.linalg.norm(xf) * np.linalg.norm(yf))),
-        "pearson": float(np.corrcoef(xf, yf)[0, 1]),
-        "kl": entropy(xf + 1e-8, yf + 1e-8),
-        "wasserstein": wasserstein_distance(xf, yf),
-        "spatial_wasserstein": float(np.mean(emds)),
-    }
-
-
-def _reference(a: np.ndarray, b: np.ndarray, slice_axis: int | None) -> dict[str, np.ndarray]:
-    b = np.broadcast_to(b, a.shape)
-    rows = []
-    for x, y in zip(a[:, 0], b[:, 0]):
-        if slice_axis is None:
-            rows.append(_ref_pair(x, y))
-        else:
-            per = [_ref_pair(np.take(x, i, slice_axis), np.take(y, i, slice_axis)) for i in range(x.shape[slice_axis])]
-            rows.append({k: np.mean([p[k] for p in per]) for k in per[0]})
-    return {k: np.array([r[k] for r in rows]) for k in ALL_METRICS}
 
 
 def _budget_mb(voxels: int) -> float:

@@ -28,26 +28,15 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
                 verdict == ("suitable" if info["label"] == 1 else "not suitable"),
             )
         )
-    for row in summary["garbage"]["rejections"]:
-        ind = row["source"].startswith("sos")
-        good = row["rejection_rate"] <= 0.2 if ind else row["rejection_rate"] >= 0.5
-        out.append(
-            (
-                f"{row['source']} volumes",
-                f"{row['rejected']}/{row['n']} rejected by the K+1 model ({100 * row['rejection_rate']:.0f} %)",
-                good,
-            )
-        )
-    for row in summary.get("screen", {}).get("rejections", []):
-        ind = row["source"].startswith("sos")
-        good = row["rejection_rate"] <= 0.2 if ind else row["rejection_rate"] >= 0.5
-        out.append(
-            (
-                f"{row['source']} volumes",
-                f"{row['rejected']}/{row['n']} out of distribution by the screen ({100 * row['rejection_rate']:.0f} %)",
-                good,
-            )
-        )
+    rejections = [
+        (summary["garbage"]["rejections"], "rejected by the K+1 model"),
+        (summary.get("screen", {}).get("rejections", []), "out of distribution by the screen"),
+    ]
+    for rows, what in rejections:
+        for row in rows:  # in-distribution sources should pass (<= 20 % rejected), the others be rejected (>= 50 %)
+            rate = row["rejection_rate"]
+            good = rate <= 0.2 if row["source"].startswith("sos") else rate >= 0.5
+            out.append((f"{row['source']} volumes", f"{row['rejected']}/{row['n']} {what} ({100 * rate:.0f} %)", good))
     sig = [r["category"] for r in summary["energy"]["table"] if r.get("significant_holm")]
     out.append(
         (
