@@ -197,7 +197,8 @@ def verify_bundles(
     Loads every bundle with :func:`monai_gamverify.bundle.load_bundle` (``configs/inference.json``, trained weights
     required), builds one ``DataLoader`` over ``dataset_dir``'s datalist split with the reference bundle's inference
     ``preprocessing`` (items keep ``"id"``), and calls :func:`~.verifier.run_verification` with each
-    bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Logs a short summary (``report["summary"]``; ``gamverify verify`` prints it).
+    bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Logs a short summary
+    (``report["summary"]``; ``gamverify verify`` prints it).
 
     Args:
         reference: reference bundle directory.
