@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from monai_gamverify.screening.commands import fit_screen, load_screen_bundle, run_screen
+from monai_gamverify.screening.common import DETECTORS, Observation
 from monai_gamverify.screening.detectors import (
     ClassMahalanobis,
     KNNDetector,
@@ -18,18 +20,11 @@ from monai_gamverify.screening.detectors import (
     conformal_pvalues,
     pool_features,
 )
+from monai_gamverify.screening.persistence import ScreenFileError
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
 from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
 from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
-from monai_gamverify.screening.screen import (
-    DETECTORS,
-    Observation,
-    Screen,
-    ScreenFileError,
-    fit_screen,
-    load_screen_bundle,
-    run_screen,
-)
+from monai_gamverify.screening.screen import Screen
 
 __all__ = [
     "DETECTORS",
