@@ -62,7 +62,8 @@ def setup(tmp: Path, network_name: str, n: int, size: int, seed: int) -> dict:
     from monai_gamverify.data.synthetic import make_cohort
     from monai_gamverify.metrics.similarity import DEFAULT_METRICS
     from monai_gamverify.transforms.dictionary import make_cam
-    from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
+    from monai_gamverify.verification.reference import ReferenceMap
+    from monai_gamverify.verification.verifier import SuitabilityVerifier
 
     data = tmp / "sos"
     if not (data / "images").is_dir():
@@ -131,7 +132,7 @@ def breakdown(s: dict, name: str, tmp: Path, repeats: int) -> dict[str, float]:
     from monai_gamverify.io.nifti import save_map
     from monai_gamverify.metrics.similarity import similarity_metrics
     from monai_gamverify.transforms.dictionary import make_cam
-    from monai_gamverify.verification.verifier import ReferenceMap
+    from monai_gamverify.verification.reference import ReferenceMap
     from monai_gamverify.visualize.cam import normalize_maps
 
     net, pre, images = s["bm"].network, s["pre"], s["images"]

@@ -42,7 +42,8 @@ from monai_gamverify.io import write_csv, write_json  # noqa: E402
 from monai_gamverify.verification.grid import CommonGrid  # noqa: E402
 from monai_gamverify.verification.models import model_verdicts  # noqa: E402
 from monai_gamverify.verification.oneclass import run_one_class  # noqa: E402
-from monai_gamverify.verification.verifier import SuitabilityVerifier, run_verification  # noqa: E402
+from monai_gamverify.verification.verifier import SuitabilityVerifier  # noqa: E402
+from monai_gamverify.verification.workflow import run_verification  # noqa: E402
 
 
 def batches(x: torch.Tensor, prefix: str, batch: int) -> list[dict]:

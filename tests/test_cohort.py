@@ -225,7 +225,8 @@ def test_items_ids_and_sharding(cohort, tmp_path):
 
 def test_verdicts_from_reference_map_and_verifier(cohort, tmp_path, one_thread):
     from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
-    from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
+    from monai_gamverify.verification.reference import ReferenceMap
+    from monai_gamverify.verification.verifier import SuitabilityVerifier
 
     items = [str(cohort / "img" / f"v{i:02d}.nii.gz") for i in range(4)]
     net = SmallCNN(**NET_ARGS)

@@ -15,7 +15,7 @@ import torch
 
 from monai_gamverify.data.synthetic import generate, make_cohort
 from monai_gamverify.networks.nets import SmallCNN
-from monai_gamverify.verification.verifier import run_verification
+from monai_gamverify.verification.workflow import run_verification
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"roi_size": [16, 16, 16], "pixdim": [2.5, 2.5, 2.5], "network_name": "small_cnn", "batch_size": 4}

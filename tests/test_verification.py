@@ -15,15 +15,10 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
 from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
-from monai_gamverify.verification.verifier import (
-    ReferenceMap,
-    SuitabilityVerifier,
-    feature_table,
-    reference_map,
-    roc_png,
-    run_verification,
-    summary_table,
-)
+from monai_gamverify.verification.reference import ReferenceMap, reference_map
+from monai_gamverify.verification.tables import feature_table, summary_table
+from monai_gamverify.verification.verifier import SuitabilityVerifier, roc_png
+from monai_gamverify.verification.workflow import run_verification
 from monai_gamverify.visualize.cam import GradCAM
 
 

@@ -10,7 +10,8 @@ from scipy import stats
 from monai_gamverify.metrics.similarity import DEFAULT_METRICS
 from monai_gamverify.verification.models import bootstrap_mean_ci, model_level_auc, model_verdicts, verdict_of
 from monai_gamverify.verification.protocol import make_splits, resolve_groups
-from monai_gamverify.verification.verifier import SuitabilityVerifier, feature_columns
+from monai_gamverify.verification.tables import feature_columns
+from monai_gamverify.verification.verifier import SuitabilityVerifier
 
 
 def leaky_table(n_models: int = 8, n_subjects: int = 30, seed: int = 0) -> pd.DataFrame:

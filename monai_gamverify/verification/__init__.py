@@ -1,4 +1,5 @@
-"""Model suitability from attention: reference map, feature tables and the Random-Forest verifier (:mod:`.verifier`),
+"""Model suitability from attention: reference map (:mod:`.reference`), feature tables (:mod:`.tables`), the
+Random-Forest verifier (:mod:`.verifier`), the report directory of :func:`run_verification` (:mod:`.workflow`),
 the cross-validation protocol (:mod:`.protocol`: leave-models-out whenever there are >= 2 models per label),
 model-level verdicts with bootstrap intervals (:mod:`.models`), the one-class mode with conformal p-values
 (:mod:`.oneclass`), maps of every architecture on one grid (:mod:`.grid`), Method 2 tables (:mod:`.featuremap_table`)
@@ -42,19 +43,25 @@ from monai_gamverify.verification.protocol import (
     protocol_name,
     resolve_groups,
 )
-from monai_gamverify.verification.verifier import (
+from monai_gamverify.verification.reference import (
+    ReferenceMap,
+    reference_map,
+)
+from monai_gamverify.verification.tables import (
     FEATURE_PREFIX,
     KNOWN_NON_FEATURES,
     META_COLUMNS,
-    CrossValidationResult,
-    ReferenceMap,
-    SuitabilityVerifier,
     feature_columns,
     feature_table,
-    reference_map,
-    roc_png,
-    run_verification,
     summary_table,
+)
+from monai_gamverify.verification.verifier import (
+    CrossValidationResult,
+    SuitabilityVerifier,
+    roc_png,
+)
+from monai_gamverify.verification.workflow import (
+    run_verification,
 )
 
 __all__ = [

@@ -3,7 +3,7 @@ report directory out (the ``gamverify verify`` command and ``sos_staging/configs
 
 Every model sees the same inputs: the datalist split is loaded once with the **reference bundle's** inference
 ``preprocessing`` and fed to the reference and to every candidate; the rest is
-:func:`~.verifier.run_verification`.
+:func:`~.workflow.run_verification`.
 
 Example:
     >>> report = verify_bundles(
@@ -196,7 +196,7 @@ def verify_bundles(
 
     Loads every bundle with :func:`monai_gamverify.bundle.load_bundle` (``configs/inference.json``, trained weights
     required), builds one ``DataLoader`` over ``dataset_dir``'s datalist split with the reference bundle's inference
-    ``preprocessing`` (items keep ``"id"``), and calls :func:`~.verifier.run_verification` with each
+    ``preprocessing`` (items keep ``"id"``), and calls :func:`~.workflow.run_verification` with each
     bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Logs a short summary
     (``report["summary"]``; ``gamverify verify`` prints it).
 
@@ -250,10 +250,10 @@ def verify_bundles(
 
     from monai_gamverify.data.datalist import load_datalist
     from monai_gamverify.verification.oneclass import run_one_class
-    from monai_gamverify.verification.verifier import _METHODS, run_verification
+    from monai_gamverify.verification.workflow import METHODS, run_verification
 
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cands = _parse(candidates, "candidates")
     refs_in = _parse(references, "references") or {}
     if one_class and not refs_in:

@@ -9,7 +9,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from monai_gamverify.verification.verifier import feature_table, reference_map
+from monai_gamverify.verification.reference import reference_map
+from monai_gamverify.verification.tables import feature_table
 from monai_gamverify.visualize.featuremaps import FeatureMap
 
 __all__ = ["feature_map_table"]
@@ -42,7 +43,7 @@ def feature_map_table(
         **keys: ``image_key``, ``id_key``, ``subject_key`` overrides passed to :func:`feature_table`.
 
     Returns:
-        The feature table (see :func:`monai_gamverify.verification.verifier.feature_table`).
+        The feature table (see :func:`monai_gamverify.verification.tables.feature_table`).
 
     Example:
         >>> table = feature_map_table((ref_net, "layer1"), {"sos": (net_a, "layer1", 1)}, loader)

@@ -38,18 +38,17 @@ import torch
 
 from monai_gamverify.io import affine_of, write_csv, write_json
 from monai_gamverify.metrics.similarity import similarity_metrics
-from monai_gamverify.verification.verifier import (
+from monai_gamverify.verification.reference import (
     MapFn,
     ReferenceMap,
-    _batch_image,
-    _ids,
-    _map_fn,
-    _plain,
-    _progress,
-    feature_columns,
-    roc_png,
-    summary_table,
+    batch_ids,
+    batch_image,
+    plain_tensor,
+    progress_bar,
 )
+from monai_gamverify.verification.tables import feature_columns, summary_table
+from monai_gamverify.verification.verifier import roc_png
+from monai_gamverify.verification.workflow import map_fn
 
 __all__ = [
     "ONE_CLASS_PROTOCOL",
@@ -196,8 +195,8 @@ def one_class_verify(
     # pass 1: each model's sum of maps
     sums: dict[str, ReferenceMap] = {n: ReferenceMap() for n in fns}
     first = None
-    for batch in _progress(data, progress, "one-class: mean maps"):
-        x = _batch_image(batch, image_key)
+    for batch in progress_bar(data, progress, "one-class: mean maps"):
+        x = batch_image(batch, image_key)
         if first is None:
             first = x
         for n, fn in fns.items():
@@ -216,13 +215,13 @@ def one_class_verify(
     # pass 2: per-sample features of every set member against its leave-one-out mean
     rows: list[dict[str, Any]] = []
     seen = 0
-    for batch in _progress(data, progress, "one-class: features"):
-        x = _batch_image(batch, image_key)
+    for batch in progress_bar(data, progress, "one-class: features"):
+        x = batch_image(batch, image_key)
         n = int(x.shape[0])
-        sample_ids = _ids(batch, id_key, n, list(range(seen, seen + n)))
-        subject_ids = _ids(batch, subject_key, n, sample_ids)
+        sample_ids = batch_ids(batch, id_key, n, list(range(seen, seen + n)))
+        subject_ids = batch_ids(batch, subject_key, n, sample_ids)
         seen += n
-        maps = {name: _plain(fn(x)).detach().float() for name, fn in fns.items()}
+        maps = {name: plain_tensor(fn(x)).detach().float() for name, fn in fns.items()}
         for c, members in sets.items():
             for j in members:
                 ref = loo[(c, j)].to(maps[j].device)
@@ -266,7 +265,7 @@ def one_class_verify(
     ref_map = ReferenceMap()
     ref_map._sum, ref_map.count = total_ref, count * len(references)
     ref_map.affine = affine_of(first) if hasattr(first, "affine") else None
-    ref_map.background = _plain(first)[0, 0].detach().float().cpu()
+    ref_map.background = plain_tensor(first)[0, 0].detach().float().cpu()
     params = {
         "protocol": ONE_CLASS_PROTOCOL,
         "alpha": alpha,
@@ -342,9 +341,9 @@ def run_one_class(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     wrap = map_transform or (lambda fn: fn)
-    refs = {n: wrap(_map_fn(m, layer, method, class_idx)) for n, (m, layer) in references.items()}
+    refs = {n: wrap(map_fn(m, layer, method, class_idx)) for n, (m, layer) in references.items()}
     cands = {
-        n: refs[n] if n in refs else wrap(_map_fn(m, layer, method, class_idx)) for n, (m, layer) in candidates.items()
+        n: refs[n] if n in refs else wrap(map_fn(m, layer, method, class_idx)) for n, (m, layer) in candidates.items()
     }
     res = one_class_verify(
         refs, cands, data, labels=labels, alpha=alpha, k=k, metrics=metrics, slice_axis=slice_axis,

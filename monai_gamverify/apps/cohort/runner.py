@@ -281,7 +281,8 @@ def run_cohort(
         config: dict[str, Any] = {"method": method, "spatial_dims": spatial_dims, "a_min": a_min, "a_max": a_max}
         ref_value = ver = None
         if reference is not None:  # sklearn and pandas are imported only when verifying
-            from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
+            from monai_gamverify.verification.reference import ReferenceMap
+            from monai_gamverify.verification.verifier import SuitabilityVerifier
 
             ref_value = ReferenceMap.load(reference).value
             ver = SuitabilityVerifier.load(verifier) if verifier is not None else None

@@ -193,7 +193,7 @@ def _feature_distributions_png(features: pd.DataFrame, path: Path, title: str) -
     """Box plots of every similarity feature by label (1 = suitable, 0 = not)."""
     from matplotlib.figure import Figure  # a figure object: the user's pyplot backend is left alone
 
-    from monai_gamverify.verification.verifier import feature_columns
+    from monai_gamverify.verification.tables import feature_columns
 
     cols = feature_columns(features)
     ncol = min(4, len(cols))

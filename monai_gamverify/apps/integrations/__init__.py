@@ -91,7 +91,8 @@ class SuitabilityPipeline:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         ref = ver = None
         if reference is not None:  # sklearn and pandas only when verifying
-            from monai_gamverify.verification.verifier import ReferenceMap, SuitabilityVerifier
+            from monai_gamverify.verification.reference import ReferenceMap
+            from monai_gamverify.verification.verifier import SuitabilityVerifier
 
             ref = ReferenceMap.load(reference).value
             ver = SuitabilityVerifier.load(verifier) if verifier is not None else None
