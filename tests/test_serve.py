@@ -364,6 +364,8 @@ def test_find_bundles_and_task_options(tmp_path):
     assert task_options(per, "a_two", names) == {"overrides": TINY}
     assert task_options(per, "b_one", names) == {"verifier": "v.skops"}
     assert task_options({"gamverify_allow_random_weights": "true"}, "a_two") == {"require_weights": False}
+    screens = {"gamverify_screen": json.dumps({"b_one": "screen_b"})}  # a saved screen per bundle
+    assert task_options(screens, "b_one", names) == {"screen": "screen_b"}
     with pytest.raises(ValueError, match="gamverify_overrides"):
         task_options({"gamverify_overrides": "{bad"}, "a_two")
     with pytest.raises(ValueError, match="gamverify_threshold"):

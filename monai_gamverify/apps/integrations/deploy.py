@@ -338,6 +338,9 @@ class GamverifyRunner:
             prediction["outputs"] = res["outputs"]
         verdict = {
             "verdict": res["verdict"],
+            "in_distribution": res.get("in_distribution"),
+            "p_value": res.get("p_value"),
+            "reasons": res.get("reasons"),
             "p_suitable": res["p_suitable"],
             "threshold": self.pipeline.threshold,
             "features": res["features"],

@@ -324,6 +324,8 @@ def task_options(conf: Mapping[str, Any], name: str, names: Sequence[str] = ()) 
     - ``gamverify_overrides``: bundle config overrides, JSON (``{"network_name": "small_cnn"}`` for all, or
       ``{"sos_staging": {"network_name": "small_cnn"}}``);
     - ``gamverify_reference``, ``gamverify_verifier``: reference map and fitted verifier files;
+    - ``gamverify_screen``: a saved in-distribution screen (``gamverify screen fit``): the answer's ``screen`` holds
+      ``in_distribution``, ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` first;
     - ``gamverify_threshold``, ``gamverify_garbage_threshold``: numbers;
     - ``gamverify_allow_random_weights``: ``true`` serves a bundle without ``models/model.pt`` (demo / test only).
 
@@ -352,6 +354,7 @@ def task_options(conf: Mapping[str, Any], name: str, names: Sequence[str] = ()) 
     for key, arg, cast in (
         ("gamverify_reference", "reference", str),
         ("gamverify_verifier", "verifier", str),
+        ("gamverify_screen", "screen", str),
         ("gamverify_threshold", "threshold", float),
         ("gamverify_garbage_threshold", "garbage_threshold", float),
     ):
@@ -476,7 +479,8 @@ class SuitabilityInfer:
             ``output_dir`` it is a single temporary file (no folder is left behind). The json has ``label`` (class
             name), ``label_index``, ``probabilities``, ``cam`` (``in_response``, ``shape``, ``layer``, ``method``,
             and ``path`` only when ``output_dir`` was given: the server's temporary file is gone once answered),
-            ``garbage`` (``None`` without a garbage class), ``suitability`` (``verdict``, ``p_suitable``,
+            ``garbage`` (``None`` without a garbage class), ``screen`` (``in_distribution``, ``p_value``, ``reasons``;
+            ``None`` values without a screen), ``suitability`` (``verdict``, ``p_suitable``,
             ``features``, ``threshold``) and ``latencies`` (seconds).
 
         Raises:
@@ -515,6 +519,11 @@ class SuitabilityInfer:
             "cam_layer": res["cam_layer"],
             "cam_method": res["cam_method"],
             "garbage": res["garbage"],
+            "screen": {
+                "in_distribution": res.get("in_distribution"),
+                "p_value": res.get("p_value"),
+                "reasons": res.get("reasons"),
+            },
             "suitability": {
                 "verdict": res["verdict"],
                 "p_suitable": res["p_suitable"],
