@@ -231,6 +231,7 @@ def test_suitability_infer_request(pipeline, image, tmp_path):
     assert result["label"] == direct["prediction_name"] and result["label_index"] == direct["prediction"]
     assert result["probabilities"] == pytest.approx(direct["probabilities"])
     assert result["suitability"]["verdict"] == "unverified" and result["suitability"]["threshold"] == 0.5
+    assert result["screen"] == {"in_distribution": None, "p_value": None, "reasons": direct["reasons"]}  # no screen
     np.testing.assert_allclose(nib.load(cam_file).get_fdata(), nib.load(direct["cam"]).get_fdata(), atol=1e-6)
     json.dumps(result)  # MONAI Label sends it as JSON
     info = infer.info()
