@@ -8,7 +8,7 @@ re-saved as a plain state dict (``<name>.pt``, loaded with ``torch.load(weights_
 SHA-256 of every file, the validation metric, the training time and the versions.
 
 Usage:
-    python scripts/make_demo_weights.py --seed 0 [--out monai_gamverify/demo_weights] [--work /tmp/gv_weights]
+    python scripts/make_demo_weights.py --seed 0 [--out monai_gamverify/apps/demo_weights] [--work /tmp/gv_weights]
         [--device cpu]
 
 The shipped files were produced with ``--seed 0`` on CPU (see ``docs/demo.md`` for the measured metrics).
