@@ -372,3 +372,14 @@ def test_run_verification_leave_models_out_report(tmp_path):
     assert preds.groupby("model")["fold"].nunique().eq(1).all()  # each model in one test fold
     text = format_summary({**out, "n_splits": 5})
     assert "leave-models-out" in text and "secondary, subject-grouped" in text and "95% CI" in text
+
+
+def test_verification_methods_come_from_the_cam_registry():
+    from monai_gamverify.verification.workflow import METHODS, verification_method
+    from monai_gamverify.visualize.registry import CAM_METHODS
+
+    assert set(METHODS) == set(CAM_METHODS) | {"featuremap"}
+    assert verification_method("gradcam++") == verification_method("GradCAMpp") == "gradcampp"
+    assert verification_method("featuremap") == "featuremap"
+    with pytest.raises(ValueError, match="gradcam\\+\\+ = gradcampp"):
+        verification_method("lime")

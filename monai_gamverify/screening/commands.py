@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from monai_gamverify.bundle import load_bundle
+from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.io import write_csv
 from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
 from monai_gamverify.screening.screen import Screen
@@ -72,8 +74,6 @@ def fit_screen(
         >>> fit_screen("bundles/sos_staging", "data/sos", "screen_sos", {"network_name": "small_cnn"},
         ...            calibration_dirs=["data/sos_more"])
     """
-    from monai_gamverify.bundle import load_bundle
-    from monai_gamverify.data.datalist import load_datalist
 
     ov = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     ds = Path(dataset_dir)
@@ -130,7 +130,6 @@ def load_screen_bundle(screen: Screen, device: str | torch.device | None = None)
     Example:
         >>> bm = load_screen_bundle(Screen.load("screen_sos"))
     """
-    from monai_gamverify.bundle import load_bundle
 
     info = screen.bundle
     if not info.get("root"):

@@ -26,6 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.data import DataLoader, Dataset
+
+from monai_gamverify.bundle import load_bundle
+from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.verification.oneclass import run_one_class
+from monai_gamverify.verification.workflow import run_verification, verification_method
+
 __all__ = ["verify_bundles", "format_summary"]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +71,6 @@ def _split_overrides(overrides: Mapping | None) -> tuple[dict, str | None]:
 
 
 def _load(role: str, root: Any, overrides: Mapping | None, device: str | None) -> Any:
-    from monai_gamverify.bundle import load_bundle
 
     path = Path(str(root)).expanduser()
     if not path.is_dir():
@@ -246,14 +252,8 @@ def verify_bundles(
         ...                labels='{"sos_b": 1, "chin": 0}', overrides={"network_name": "small_cnn"},
         ...                candidate_overrides={"*": {"network_name": "small_cnn"}})
     """
-    from monai.data import DataLoader, Dataset
 
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.verification.oneclass import run_one_class
-    from monai_gamverify.verification.workflow import METHODS, run_verification
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = verification_method(method)
     cands = _parse(candidates, "candidates")
     refs_in = _parse(references, "references") or {}
     if one_class and not refs_in:

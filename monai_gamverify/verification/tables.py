@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from monai_gamverify.io import write_csv
+from monai_gamverify.metrics.similarity import ALL_METRICS, similarity_metrics
 from monai_gamverify.verification.reference import (
     MapFn,
     ReferenceMap,
@@ -80,7 +81,6 @@ def feature_table(
         >>> table = feature_table(ref, {"sos_r18": (GradCAM(r18, "layer4"), 1), "chin": (GradCAM(c, "layer4"), 0)},
         ...                       loader)
     """
-    from monai_gamverify.metrics.similarity import similarity_metrics
 
     ref = reference.value if isinstance(reference, ReferenceMap) else reference
     if not isinstance(ref, torch.Tensor) or ref.ndim not in (4, 5) or ref.shape[:2] != (1, 1):
@@ -160,7 +160,6 @@ def feature_columns(
         if missing:
             raise ValueError(f"feature column(s) {missing} missing from the table; columns: {list(table.columns)}")
         return names
-    from monai_gamverify.metrics.similarity import ALL_METRICS
 
     prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
     names = [c for c in table.columns if isinstance(c, str) and (c in ALL_METRICS or c.startswith(prefixes))]

@@ -25,9 +25,12 @@ from monai_gamverify.verification.models import format_verdicts, model_level_auc
 from monai_gamverify.verification.reference import MapFn, reference_map
 from monai_gamverify.verification.tables import META_COLUMNS, feature_table, summary_table
 from monai_gamverify.verification.verifier import SCORES, SuitabilityVerifier, roc_png
+from monai_gamverify.visualize.featuremaps import FeatureMap
+from monai_gamverify.visualize.registry import CAM_METHODS, cam_method, make_cam
 
 __all__ = [
     "METHODS",
+    "verification_method",
     "map_fn",
     "run_verification",
 ]
@@ -48,19 +51,31 @@ class _CAMOnDevice:
         return self.cam(x, class_idx=self.class_idx, normalize=True)
 
 
-METHODS = ("gradcam", "gradcampp", "scorecam", "featuremap")
+#: Method 1 (every CAM method of the registry) and Method 2 (``featuremap``)
+METHODS = (*CAM_METHODS, "featuremap")
+
+
+def verification_method(method: str) -> str:
+    """Canonical name of a verification method: ``featuremap``, or a CAM method as the registry spells it
+    (``gradcam++`` -> ``gradcampp``); a clear error for anything else.
+
+    Example:
+        >>> verification_method("Grad-CAM++")
+        'gradcampp'
+    """
+    if str(method).lower() == "featuremap":
+        return "featuremap"
+    try:
+        return cam_method(method)
+    except ValueError:
+        raise ValueError(f"method must be one of {METHODS} (gradcam++ = gradcampp), got {method!r}") from None
 
 
 def map_fn(model: torch.nn.Module, layer: str, method: str, class_idx: Any) -> MapFn:
     """The map function of ``method`` (one of :data:`METHODS`) at ``layer`` of ``model``."""
     if method == "featuremap":
-        from monai_gamverify.visualize.featuremaps import FeatureMap
-
         return FeatureMap(model, layer)
-    from monai_gamverify.visualize.cam import GradCAM, GradCAMpp, ScoreCAM
-
-    cls = {"gradcam": GradCAM, "gradcampp": GradCAMpp, "scorecam": ScoreCAM}[method]
-    return _CAMOnDevice(cls(model, target_layers=layer), model, class_idx)
+    return _CAMOnDevice(make_cam(model, layer, method), model, class_idx)
 
 
 def run_verification(
@@ -136,8 +151,7 @@ def run_verification(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = verification_method(method)
     if reference_data is None and iter(data) is data:
         raise TypeError(
             "data is read twice (reference map, then features): pass a DataLoader or a list, not an iterator"

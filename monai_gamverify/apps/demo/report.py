@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from monai_gamverify.apps.report import Report
+
 __all__ = ["verdicts", "write_report", "tensorboard_summary", "format_summary", "records"]
 
 
@@ -50,7 +52,6 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
 
 
 def write_report(out: Path, summary: dict, results: dict) -> Path:
-    from monai_gamverify.apps.report import Report
 
     rep = Report(
         "monai-gamverify demo: is this model suitable for this data?",

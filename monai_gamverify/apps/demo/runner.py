@@ -24,6 +24,7 @@ from monai_gamverify.apps.demo.stages import (
     verify_models,
 )
 from monai_gamverify.apps.demo.weights import load_model, shipped_weights, train_models
+from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.io import write_json
 
 __all__ = ["run_demo", "DEMO_MARKER"]
@@ -163,7 +164,6 @@ def _run_demo(
     loaded = {name: load_model(name, ckpts[name], dev) for name in ("sos_ref", "chin", "sos_kplus1")}
 
     t = _stage(3, "Grad-CAM explanations of SOS test volumes (reference and chin model)")
-    from monai_gamverify.data.datalist import load_datalist
 
     test_items = load_datalist(root / "data" / "sos" / "datalist.json", "test", check="exists", spatial_dims=None)
     explanations = explain_examples(loaded, test_items[: settings.n_examples], root / "cams", dev, progress)

@@ -13,13 +13,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
+from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
 from monai_gamverify.apps.demo.settings import MODELS, SOS_NAMES, DemoSettings, bundles_dir
 from monai_gamverify.apps.demo.weights import load_model
 from monai_gamverify.apps.pipeline import ImagePipeline
+from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.data.synthetic import make_cohort
+from monai_gamverify.energy import cohort_energy, energy_report
+from monai_gamverify.energy.workflow import regression_metrics
 from monai_gamverify.io import save_nifti, write_csv, write_json
+from monai_gamverify.kplus1 import RejectGarbaged, mix_garbage
 from monai_gamverify.metrics.evaluation import pointing_game, relevance_mass
+from monai_gamverify.metrics.ood import energy_score, kplus1_score, msp_score, ood_metrics
+from monai_gamverify.verification.bundles import verify_bundles
+from monai_gamverify.verification.tables import feature_columns
+from monai_gamverify.visualize.cam import GradCAM
 from monai_gamverify.visualize.plots import overlay_png, save_figure
 from monai_gamverify.visualize.text import describe_map
 
@@ -35,7 +47,6 @@ def _cohort_seeds(seed: int) -> dict[str, int]:
 
 def _noise_cohort(out: Path, n: int, size: int, seed: int) -> dict:
     """Smooth random volumes in the CBCT HU range (no anatomy at all), with a ``test`` datalist."""
-    from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng([int(seed), 7])
     spacing = 40.0 / size
@@ -53,8 +64,6 @@ def _noise_cohort(out: Path, n: int, size: int, seed: int) -> dict:
 
 def _garbage_datalist(data: Path, ratio: float, seed: int) -> dict:
     """K+1 datalist: SOS items (labels 0-4) plus chin and CVM items as garbage (label 5), per split."""
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.kplus1 import mix_garbage
 
     out = data / "garbage"
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +110,6 @@ def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: i
     Example:
         >>> prepare_cohorts("demo_out/data", demo_settings(quick=True))["sos"]["splits"]
     """
-    from monai_gamverify.data.synthetic import make_cohort
 
     data = Path(data_dir)
     seeds = _cohort_seeds(seed)
@@ -129,7 +137,6 @@ def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: i
 # ------------------------------------------------------------------------------------------------- 3 explanations
 def _mask_transform(bm: Any) -> Any:
     """The bundle's geometric preprocessing for a label mask (nearest neighbour, no intensity scaling)."""
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
 
     return Compose(
         [
@@ -191,9 +198,6 @@ def explain_examples(
 # ------------------------------------------------------------------------------------------------- 4 verification
 def _feature_distributions_png(features: pd.DataFrame, path: Path, title: str) -> Path:
     """Box plots of every similarity feature by label (1 = suitable, 0 = not)."""
-    from matplotlib.figure import Figure  # a figure object: the user's pyplot backend is left alone
-
-    from monai_gamverify.verification.tables import feature_columns
 
     cols = feature_columns(features)
     ncol = min(4, len(cols))
@@ -225,7 +229,6 @@ def verify_models(
     device: torch.device,
     progress: bool,
 ) -> dict:
-    from monai_gamverify.verification.bundles import verify_bundles
 
     root = bundles_dir() / "sos_staging"
     labels = {"sos_b": 1, "sos_kplus1": 1, "chin": 0, "cvm": 0}
@@ -273,10 +276,6 @@ def verify_models(
 def energy_stage(
     data: Path, ckpt: Path, out: Path, settings: DemoSettings, seed: int, device: torch.device, progress: bool
 ) -> dict:
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.energy import cohort_energy, energy_report
-    from monai_gamverify.energy.workflow import regression_metrics
-    from monai_gamverify.visualize.cam import GradCAM
 
     bm = load_model("quality", ckpt, device)
     categories = list(bm.parser.get_parsed_content("categories"))
@@ -306,9 +305,6 @@ def energy_stage(
 
 # -------------------------------------------------------------------------------------------------- 6 garbage class
 def garbage_stage(data: Path, models: Mapping[str, Any], out: Path, device: torch.device, progress: bool) -> dict:
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.kplus1 import RejectGarbaged
-    from monai_gamverify.metrics.ood import energy_score, kplus1_score, msp_score, ood_metrics
 
     pre = models["sos_ref"].preprocessing()
     sources = {"sos (in-distribution)": "sos", "chin": "chin", "cvm": "cvm", "noise": "noise"}

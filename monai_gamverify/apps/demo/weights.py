@@ -17,6 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_gamverify.apps.demo.settings import MODELS, WEIGHTS_DIR, DemoSettings, bundles_dir, torch_device
+from monai_gamverify.bundle import load_bundle
+from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.kplus1 import class_weights
 
 __all__ = ["weights_config", "shipped_weights", "train_models", "load_model"]
 
@@ -214,8 +217,6 @@ def train_models(
     Example:
         >>> train_models("demo_out/data", "demo_out/models", demo_settings(quick=True))["sos_ref"]["checkpoint"]
     """
-    from monai_gamverify.data.datalist import load_datalist
-    from monai_gamverify.kplus1 import class_weights
 
     data, models = Path(data_dir), Path(models_dir)
     tb = Path(tb_dir) if tb_dir is not None else models / "tensorboard"
@@ -254,7 +255,6 @@ def train_models(
 
 def load_model(name: str, checkpoint: str | os.PathLike, device: torch.device) -> Any:
     """The bundle of demo model ``name`` with its checkpoint (a :class:`~monai_gamverify.bundle.BundleModel`)."""
-    from monai_gamverify.bundle import load_bundle
 
     spec = MODELS[name]
     root = bundles_dir() / spec["bundle"]

@@ -41,6 +41,7 @@ import nibabel as nib
 import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
+from monai_gamverify.bundle import load_checkpoint
 
 __all__ = [
     "check_bundle_for_monailabel",
@@ -240,8 +241,6 @@ def _check_config(cfg: Path, root: Path, report: dict[str, Any], instantiate: bo
         parsed("inferer")
     weights = root / "models" / "model.pt"
     if isinstance(network, torch.nn.Module) and weights.is_file():
-        from monai_gamverify.bundle import load_checkpoint
-
         try:
             load_checkpoint(network, weights)
             report["weights_load"] = True
