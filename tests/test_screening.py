@@ -199,6 +199,9 @@ def test_recorder_matches_hooks_and_extract_features():
     for name in ("stem", "res2"):
         torch.testing.assert_close(rec.activations[name], ref[name])
     torch.testing.assert_close(rec.activations[PENULTIMATE], extract_features(net, x)[0])
+    with FeatureRecorder(net, ["stem"], pool=True) as pooled:  # what the screen keeps: channel means and stds
+        GradCAM(net, "res4").explain(x)
+    np.testing.assert_allclose(pooled.activations["stem"].numpy(), pool_features(ref["stem"], moments=2))
     torch.testing.assert_close(res.logits, net(x))
     assert not net.stem._forward_hooks and not net.head._forward_pre_hooks
     with FeatureRecorder(net, ["stem"], head="head") as rec:  # Score-CAM runs masked inputs after the clean one
@@ -411,6 +414,17 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     const = cli.cam(str(tmp_path / "const.nii.gz"), out=str(tmp_path / "cam"), **kw)
     assert const["in_distribution"] is False and const["verdict"] == "out of distribution"
     assert any("constant volume" in r for r in const["reasons"])
+    # a cohort judges its items in batches (writer thread): the same answers as one image at a time
+    from monai_gamverify.apps.cohort import run_cohort
+
+    items = [str(paths[k]) for k in (0, 1, 5, 3)]
+    kw = {k: v for k, v in kw.items() if k != "bundle_root"}
+    run_cohort(items, tmp_path / "co", bundle_root=SOS, progress=False, feature_batch=3, **kw)
+    cohort = pd.read_csv(tmp_path / "co" / "results.csv").set_index("image")
+    for k, item in zip((0, 1, 5, 3), items):
+        assert bool(cohort.loc[item, "in_distribution"]) == bool(table["in_distribution"][k]), item
+        assert cohort.loc[item, "p_value"] == pytest.approx(float(table["p_value"][k]), rel=1e-4), item
+    assert cohort.loc[items[3], "verdict"] == "out of distribution" and "constant" in cohort.loc[items[3], "reasons"]
 
 
 def test_screen_without_window_or_cam(cohort_obs):

@@ -199,8 +199,9 @@ class Screen:
         return self._active()
 
     def recorder(self, model: nn.Module) -> FeatureRecorder:
-        """A :class:`FeatureRecorder` for this screen's layers: enter it around the engine's forward pass."""
-        return FeatureRecorder(model, self.early_layers, self.head)
+        """A :class:`FeatureRecorder` for this screen's layers (early layers pooled as the screen uses them): enter it
+        around the engine's forward pass."""
+        return FeatureRecorder(model, self.early_layers, self.head, pool=True)
 
     def profile(self, image: Any, tensor: Any = None, name: str | None = None) -> DataProfile:
         """The data profile of a raw channel-first image (hard failures decided here, before any model pass)."""

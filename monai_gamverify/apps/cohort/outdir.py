@@ -150,8 +150,11 @@ def summarize(rows: list[dict], errors: list[dict], n_items: int, config_hash: s
         else None,
         "failed_ids": [e["id"] for e in errors],
     }
-    if rows and "p_suitable" in rows[0]:
+    if rows and "in_distribution" in rows[0]:
+        summary["n_out_of_distribution"] = sum(1 for r in rows if r.get("in_distribution") is False)
+    if rows and "verdict" in rows[0]:
         summary["verdicts"] = dict(sorted(Counter(r["verdict"] for r in rows).items()))
+    if rows and "p_suitable" in rows[0]:
         summary["mean_p_suitable"] = float(np.mean([r["p_suitable"] for r in rows]))
     return summary
 

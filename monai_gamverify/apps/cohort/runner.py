@@ -106,8 +106,11 @@ class _Items:
             raw, x = self.engine.load(item["image"], extra=item)
         except FileNotFoundError as err:
             raise DataError(str(err)) from err
-        res = self.engine.explain(x, raw if self.keep_raw else None, source=item["image"])
-        res.raw_image = None  # not needed any more: keep the waiting batch small
+        # the screen's scoring waits for the batch (one vectorised call in the writer thread); the raw image stays
+        # until then for its data profile
+        res = self.engine.explain(x, raw if self.keep_raw else None, source=item["image"], defer_screen=True)
+        if res.pending_screen is None:
+            res.raw_image = None  # not needed any more: keep the waiting batch small
         row: dict[str, Any] = {"id": item["id"], "image": item["image"]}
         if "label" in item:
             row["label"] = item["label"]
@@ -121,11 +124,39 @@ class _Items:
         row["energy"] = res.energy
         if res.garbage is not None:
             row.update(rejected=res.garbage["rejected"], garbage_prob=res.garbage["garbage_prob"])
-        if res.in_distribution is not None:
+        if res.in_distribution is not None or res.pending_screen is not None:
             row.update(in_distribution=res.in_distribution, p_value=res.p_value, reasons="; ".join(res.reasons))
+            row["verdict"] = res.verdict
         if self.save_maps:
             row["map"] = f"maps/{item['id']}_cam.nii.gz"
         return row, res
+
+    def screen(self, batch: Sequence[tuple[dict, ImageResult]]) -> list[Exception | None]:
+        """The screen's answers of a batch in one call (one call per item when the batch call fails, so that the
+        error lands on the item that caused it)."""
+        errors: list[Exception | None] = [None] * len(batch)
+        todo = [k for k, (_, res) in enumerate(batch) if res.pending_screen is not None]
+        if not todo:
+            return errors
+        try:
+            self.engine.screen_results([batch[k][1] for k in todo])
+        except Exception as err:  # noqa: BLE001 - retried one by one below
+            if is_out_of_memory(err):
+                raise
+            for k in todo:
+                try:
+                    self.engine.screen_results([batch[k][1]])
+                except Exception as one:  # noqa: BLE001 - reported for this item
+                    if is_out_of_memory(one):
+                        raise
+                    errors[k] = one
+        for k in todo:
+            row, res = batch[k]
+            res.raw_image = None
+            if errors[k] is None:
+                row.update(in_distribution=res.in_distribution, p_value=res.p_value, reasons="; ".join(res.reasons))
+                row["verdict"] = res.verdict  # "out of distribution" before any model verdict (set again by one)
+        return errors
 
     def features(self, batch: Sequence[tuple[dict, ImageResult]]) -> list[Exception | None]:
         errors: list[Exception | None] = [None] * len(batch)
@@ -248,7 +279,7 @@ def run_cohort(
         overwrite: start again in an ``out`` written with another configuration (its results are deleted).
         progress: progress bar (rank 0 only).
         background_writes: features, maps and item JSONs of each batch in a writer thread.
-        feature_batch: items whose similarity features are computed in one call.
+        feature_batch: items whose similarity features (and screen answers) are computed in one call.
 
     Returns:
         The summary (``n_items``, ``n_succeeded``, ``n_failed``, ``predictions``, ``energy``, ``failed_ids``,
@@ -346,14 +377,15 @@ def run_cohort(
         pool = ThreadPoolExecutor(1, thread_name_prefix="cohort-writer") if background_writes else None
         queue: deque[Future] = deque()
         waiting: list[tuple[dict, ImageResult]] = []  # computed items whose features and files are not done
-        batch = max(1, int(feature_batch)) if ref_value is not None else 1
+        batch = max(1, int(feature_batch)) if ref_value is not None or screen is not None else 1
 
         def settle(outcomes: list[tuple[str, dict]]) -> None:
             for kind, rec in outcomes:
                 (rows if kind == "ok" else errors).append(rec)
 
         def finish_batch(group: list[tuple[dict, ImageResult]]) -> list[tuple[str, dict]]:
-            failures = runner.features(group)
+            screened = runner.screen(group)
+            failures = [s or f for s, f in zip(screened, runner.features(group))]
             return [runner.finish(row, res, config_hash, f) for (row, res), f in zip(group, failures)]
 
         def flush() -> None:

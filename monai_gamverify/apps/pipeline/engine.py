@@ -335,7 +335,12 @@ class ImagePipeline:
         return LayerHooks(self.network, list(self.screen.layers), keep_copy=True)
 
     def explain(
-        self, x: Any, raw_image: Any = None, class_idx: int | None = None, source: str | None = None
+        self,
+        x: Any,
+        raw_image: Any = None,
+        class_idx: int | None = None,
+        source: str | None = None,
+        defer_screen: bool = False,
     ) -> ImageResult:
         """One forward and backward pass: logits, raw CAM, energy, normalised map, K+1 and the screen.
 
@@ -344,6 +349,9 @@ class ImagePipeline:
             raw_image: the image as loaded (for the screen's data profile).
             class_idx: output column to explain (default: the predicted one).
             source: name of the image in the result (default: the ``MetaTensor``'s file name).
+            defer_screen: keep what the screen needs (pooled features, logits, map) and let :meth:`screen_results`
+                judge many results in one vectorised call later (e.g. in a cohort's writer thread, overlapping the
+                next forward pass); the result has no screen answer until then.
 
         Returns:
             :class:`ImageResult` (``features``/``p_suitable`` filled by :meth:`verify`).
@@ -391,13 +399,36 @@ class ImagePipeline:
             acts = getattr(rec, "activations", None) if rec is not None else None
             if acts is None and rec is not None:
                 acts = dict(rec.outputs)
-            s = dict(self.screen.score(raw_image, tensor=x, logits=logits, activations=acts, cam=result.cam))
-            result.screen = s
-            result.in_distribution = bool(s["in_distribution"])
-            result.p_value = None if s.get("p_value") is None else float(s["p_value"])
-            result.reasons = [str(r) for r in s.get("reasons", [])]
+            pending = {"tensor": x, "logits": logits, "activations": acts, "cam": result.cam}
+            if defer_screen and hasattr(self.screen, "score_observations"):
+                result.pending_screen = pending
+                return result
+            self._set_screen(result, self.screen.score(raw_image, **pending))
         result.verdict = decide_verdict(result.in_distribution, result.rejected, None, self.threshold)
         return result
+
+    def screen_results(self, results: Sequence[ImageResult]) -> None:
+        """The screen's answers for results made with ``explain(..., defer_screen=True)``, in one vectorised call
+        (the same numbers as one call each); each result's verdict is updated.
+
+        Args:
+            results: results whose ``raw_image`` is still there (the data profile needs it); others are skipped.
+        """
+        todo = [r for r in results if r.pending_screen is not None]
+        if not todo:
+            return
+        obs = [self.screen.observe(r.raw_image, **r.pending_screen) for r in todo]
+        for r, s in zip(todo, self.screen.score_observations(obs)):
+            r.pending_screen = None
+            self._set_screen(r, s)
+
+    def _set_screen(self, result: ImageResult, answer: Mapping[str, Any]) -> None:
+        s = dict(answer)
+        result.screen = s
+        result.in_distribution = bool(s["in_distribution"])
+        result.p_value = None if s.get("p_value") is None else float(s["p_value"])
+        result.reasons = [str(r) for r in s.get("reasons", [])]
+        result.verdict = decide_verdict(result.in_distribution, result.rejected, result.p_suitable, self.threshold)
 
     # ------------------------------------------------------------------ 3 features and verdicts
     def features(self, maps: Sequence[torch.Tensor]) -> list[dict[str, float] | Exception]:

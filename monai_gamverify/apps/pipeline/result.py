@@ -136,6 +136,8 @@ class ImageResult:
         p_suitable: the verifier's P(suitable).
         verdict: see :data:`VERDICTS`.
         files: written files (``map``, ``overlay``, ``summary``).
+        pending_screen: what the screen needs, kept by ``explain(..., defer_screen=True)`` until
+            :meth:`ImagePipeline.screen_results`.
     """
 
     image: str
@@ -157,6 +159,7 @@ class ImageResult:
     p_suitable: float | None = None
     verdict: str = "unverified"
     files: dict[str, str] = field(default_factory=dict)
+    pending_screen: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def prediction_name(self) -> str:
