@@ -47,6 +47,7 @@ from monai_gamverify.data.synthetic import generate, make_cohort
 from monai_gamverify.io import write_csv
 from monai_gamverify.metrics.ood import energy_score, msp_score, ood_metrics
 from monai_gamverify.screening import (
+    DETECTORS,
     PENULTIMATE,
     FeatureRecorder,
     conformal_pvalues,
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     for i in screens["kplus1"].calibration_index_:
         lg, _ = _baseline_logits(models["kplus1"].network, pre(read_image(cal_paths[i])), roi)
         cal["kplus1"].append(float(torch.softmax(torch.as_tensor(lg), 0)[screens["kplus1"].garbage_index]))
-    cal["mahalanobis"] = list(screens["ref"].cal_scores_[:, 1])
+    cal["mahalanobis"] = list(screens["ref"].cal_scores_[:, DETECTORS.index("maha_penultimate")])
     rows = []
     sources = _sources(args.size, args.n, args.n_fresh, data, test)
     for source, items in sources.items():

@@ -30,6 +30,7 @@ from monai_gamverify.screening import (
     ScreenFileError,
     bonferroni,
     conformal_pvalues,
+    fisher_conformal,
     fit_screen,
     intensity_window_of,
     pool_features,
@@ -37,7 +38,7 @@ from monai_gamverify.screening import (
     read_image,
     run_screen,
 )
-from monai_gamverify.screening.profile import otsu_threshold
+from monai_gamverify.screening.profile import layout_moments, otsu_threshold
 from monai_gamverify.visualize.cam import GradCAM, ScoreCAM
 from monai_gamverify.visualize.hooks import record_activations
 
@@ -124,7 +125,7 @@ def test_conformal_false_rejection_rate_at_most_alpha(n_cal):
     (within sampling error), for single scores and for Bonferroni over three dependent detectors."""
     rng = np.random.default_rng(n_cal)
     alpha, draws, n_test = 0.05, 400, 100
-    single, combined = [], []
+    single, combined, fisher = [], [], []
     for _ in range(draws):
         z = rng.standard_t(3, size=(n_cal + n_test, 3))
         z[:, 1] = 0.7 * z[:, 0] + 0.3 * z[:, 1]  # dependent detectors
@@ -132,11 +133,58 @@ def test_conformal_false_rejection_rate_at_most_alpha(n_cal):
         p = np.stack([conformal_pvalues(cal[:, j], test[:, j]) for j in range(3)], 1)
         single.append(np.mean(p[:, 0] <= alpha))
         combined.append(np.mean(bonferroni(p, axis=1) <= alpha))
+        fisher.append(np.mean(fisher_conformal(cal, test[: n_test // 4], cal, test[: n_test // 4])[0] <= alpha))
     exact = np.floor(alpha * (n_cal + 1)) / (n_cal + 1)  # the single-score rate is exactly this in expectation
     se = np.std(single) / np.sqrt(draws)
     assert abs(np.mean(single) - exact) < 4 * se + 1e-3
     assert np.mean(single) <= alpha + 4 * se
     assert np.mean(combined) <= alpha + 4 * np.std(combined) / np.sqrt(draws)
+    # the symmetric Fisher combination is exactly valid too: its rate is close to the single score's, not far below
+    fse = np.std(fisher) / np.sqrt(draws)
+    assert np.mean(fisher) <= alpha + 4 * fse and np.mean(fisher) > 0.5 * exact
+
+
+def test_fisher_conformal_brute_force_and_power():
+    rng = np.random.default_rng(1)
+    cal, test = rng.normal(size=(25, 3)), rng.normal(size=(6, 3))
+    test[0, 2] = np.nan  # a detector without input: p = 1 for that image, the calibration ranks without it
+    test[1] = [4.0, 5.0, 6.0]  # far out on every detector
+    want_p, want_t = [], []
+    for x in test:
+        pool = np.vstack([cal, x])  # the n + 1 images alike: each one's p-values among the other n
+        stats = []
+        for i in range(len(pool)):
+            others = np.delete(pool, i, axis=0)
+            ps = [(1 + np.sum(others[:, j] >= pool[i, j])) / 26 if not np.isnan(pool[i, j]) else 1.0 for j in range(3)]
+            stats.append(-2 * np.sum(np.log(ps)))
+        want_t.append(stats[-1])
+        want_p.append((1 + np.sum(np.asarray(stats[:-1]) >= stats[-1])) / 26)
+    p, t = fisher_conformal(cal, test)
+    np.testing.assert_allclose(t, want_t)
+    np.testing.assert_allclose(p, want_p)
+    # with a fixed z scale, the excess over the largest other counts: brute force again over the n + 1 images
+    zc, zt = 2 * cal + 1, 2 * test + 1
+    want_p, want_t = [], []
+    for x, zx in zip(test, zt):
+        pool, zpool = np.vstack([cal, x]), np.vstack([zc, zx])
+        stats = []
+        for i in range(len(pool)):
+            others, zo = np.delete(pool, i, axis=0), np.delete(zpool, i, axis=0)
+            stat = 0.0
+            for j in range(3):
+                if np.isnan(pool[i, j]):
+                    continue
+                stat -= 2 * np.log((1 + np.sum(others[:, j] >= pool[i, j])) / 26)
+                stat += 2 * max(0.0, zpool[i, j] - np.nanmax(zo[:, j]))
+            stats.append(stat)
+        want_t.append(stats[-1])
+        want_p.append((1 + np.sum(np.asarray(stats[:-1]) >= stats[-1] - 1e-12)) / 26)
+    p, t = fisher_conformal(cal, test, zc, zt)
+    np.testing.assert_allclose(t, want_t)
+    np.testing.assert_allclose(p, want_p)
+    assert p[1] == pytest.approx(1 / 26)  # the smallest p-value n = 25 calibration images allow
+    with pytest.raises(ValueError, match="same m"):
+        fisher_conformal(cal, test[:, :2])
 
 
 # ------------------------------------------------------------------------------------------------------- profile
@@ -156,6 +204,23 @@ def test_profile_against_numpy():
     assert prof.hard_failures == []
     lps = profile_image(_mt(vol, np.diag([-1.5, -2.0, 0.5, 1.0])), WINDOW)
     assert lps.orientation == "LPS"
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 13), (1, 7, 10, 12)])
+def test_layout_moments_against_scipy_and_numpy(shape):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    t = rng.random(shape) + 0.5 * (np.arange(shape[-1]) / shape[-1])
+    got = layout_moments(torch.as_tensor(t, dtype=torch.float32))
+    mass = (t - t.min()).sum(0)
+    nd = mass.ndim
+    grid = np.stack(np.meshgrid(*[np.linspace(-0.5, 0.5, n) for n in mass.shape], indexing="ij")).reshape(nd, -1)
+    centre_vox = np.asarray(ndimage.center_of_mass(mass))  # in voxels: map to [-0.5, 0.5]
+    np.testing.assert_allclose(got[:nd], centre_vox / (np.asarray(mass.shape) - 1) - 0.5, rtol=1e-5, atol=1e-7)
+    cov = np.cov(grid, aweights=mass.reshape(-1), bias=True)
+    np.testing.assert_allclose(got[nd:], cov[np.triu_indices(nd)], rtol=1e-4, atol=1e-8)
+    assert np.isnan(layout_moments(torch.ones(shape))).all()
 
 
 def test_otsu_matches_skimage():
@@ -433,7 +498,7 @@ def test_screen_without_window_or_cam(cohort_obs):
     net, imgs, affine, _, labels = cohort_obs
     screen = Screen(window=None, head="head", cam_layer=None, k=3)
     screen.fit(net, imgs[:44], labels[:44], preprocess=_pre, calibration=imgs[44:])
-    assert screen.detectors == ["profile", "maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
+    assert screen.detectors == ["profile", "layout", "maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
     assert screen.hist_range_ is not None and screen.hist_ref_.size == 16 and screen.intensity_width_ > 0
     noise = _mt(np.random.default_rng(1).normal(0, 800, (24, 24, 24)), affine)
     row = screen.score_observations([screen.observe_image(net, noise, _pre)])[0]

@@ -18,6 +18,7 @@ from monai_gamverify.screening.detectors import (
     RobustScaler,
     bonferroni,
     conformal_pvalues,
+    fisher_conformal,
     pool_features,
 )
 from monai_gamverify.screening.persistence import ScreenFileError
@@ -42,6 +43,7 @@ __all__ = [
     "attach_tensor",
     "bonferroni",
     "conformal_pvalues",
+    "fisher_conformal",
     "fit_screen",
     "intensity_window_of",
     "load_screen_bundle",

@@ -96,6 +96,12 @@ def fit_observations(
         }
         for d in wanted:
             screen.detectors_[d] = makers[d](feats)
+    if "layout" in active:
+        missing = [names[keep[i]] for i in fit_idx if obs[i].profile.layout is None]
+        if missing:
+            raise ValueError(f"no layout for {missing[:3]}: observe the images with their preprocessed tensor")
+        feats = np.vstack([o.profile.layout for o in fit_obs])
+        screen.detectors_["layout"] = ClassMahalanobis(screen.reg).fit(feats, np.zeros(len(feats), np.int64))
     if "attention" in active:
         cams = torch.stack([o.cam for o in fit_obs])
         screen.cam_ref_ = attention_grid(screen, cams).mean(0).numpy().astype(np.float32)

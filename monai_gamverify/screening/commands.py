@@ -30,14 +30,14 @@ def fit_screen(
     overrides: dict | str | None = None,
     alpha: float = 0.05,
     *,
-    config: str = "inference.json",
+    config: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     datalist: str | os.PathLike | None = None,
     fit_splits: Sequence[str] = ("training",),
     calibration_splits: Sequence[str] = ("validation",),
     calibration_dirs: Sequence[str | os.PathLike] = (),
     calibration_fraction: float = 0.35,
-    combine: str = "maxz",
+    combine: str = "fisher",
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> Screen:
@@ -56,14 +56,15 @@ def fit_screen(
         out: directory for ``screen.json`` / ``screen.npz``.
         overrides: bundle config overrides (dict or JSON string), e.g. ``{"network_name": "small_cnn"}``.
         alpha: rejection level.
-        config: the bundle config defining ``network_def`` and ``preprocessing``.
+        config: the bundle config defining ``network_def`` and ``preprocessing`` (default: ``inference.json``,
+            ``.yaml`` or ``.yml``, the first that exists).
         checkpoint: weights (default: the bundle's ``models/model.pt``).
         datalist: the datalist JSON (default ``dataset_dir/datalist.json``).
         fit_splits: datalist lists the detectors are fitted on.
         calibration_splits: datalist lists used for calibration (held out from training).
         calibration_dirs: more datasets (each with a ``datalist.json``) used for calibration, all their lists.
         calibration_fraction: held-out share of the fit images when no calibration data is given.
-        combine: ``maxz`` or ``bonferroni``.
+        combine: ``fisher`` (default), ``maxz`` or ``bonferroni`` (see :class:`Screen`).
         seed: split seed.
         device: torch device.
 
@@ -136,7 +137,7 @@ def load_screen_bundle(screen: Screen, device: str | torch.device | None = None)
         raise ValueError("the screen does not record its bundle; pass bundle= to run_screen")
     return load_bundle(
         info["root"],
-        config=info.get("config", "inference.json"),
+        config=info.get("config"),
         checkpoint=info.get("checkpoint"),
         device=device,
         overrides=info.get("overrides") or {},

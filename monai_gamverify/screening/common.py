@@ -14,6 +14,7 @@ __all__ = ["DETECTORS", "Observation", "js_distance", "intensity_width"]
 
 DETECTORS = (
     "profile",
+    "layout",
     "maha_penultimate",
     "rmaha_penultimate",
     "knn_penultimate",

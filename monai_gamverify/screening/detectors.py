@@ -34,6 +34,7 @@ __all__ = [
     "RobustScaler",
     "conformal_pvalues",
     "bonferroni",
+    "fisher_conformal",
 ]
 
 
@@ -279,3 +280,73 @@ def bonferroni(pvalues: Any, axis: int = -1) -> np.ndarray:
         mn = np.nanmin(np.where(np.isnan(p), np.inf, p), axis=axis)
     out = np.minimum(1.0, m * mn)
     return np.where(m > 0, out, np.nan)
+
+
+def fisher_conformal(
+    calibration: Any, scores: Any, z_calibration: Any = None, z_scores: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Combined conformal p-values of several detectors: Fisher's statistic ``T = -2 sum_j log p_j`` of the
+    per-detector conformal p-values, ranked against the same statistic of the calibration images.
+
+    Fully symmetric (hence exactly valid): for each test image the n calibration images and the test image are
+    treated alike -- every one of the n + 1 gets its per-detector p-values among the other n, then its ``T``, and the
+    test image's p-value is the rank of its ``T`` among all n + 1. For an in-distribution image exchangeable with the
+    calibration images, ``P(p <= alpha) <= alpha`` whatever the detectors' dependence. Unlike a maximum of z-scores,
+    a detector that is noisy in distribution does not swamp one that separates well.
+
+    A rank p-value cannot go below ``1 / (n + 1)``, so one detector far beyond every calibration image would count no
+    more than one just beyond them. With ``z_calibration``/``z_scores`` (per-detector scores on a fixed scale, e.g.
+    robust z-scores from the fit images, increasing with the anomaly scores) an image beyond all the others on
+    detector j adds ``2 (z_j - max z_j of the others)`` to its ``T``; applied to all n + 1 images alike, the test
+    stays exactly valid.
+
+    A detector whose calibration column is not finite is left out; a NaN test score counts as "no evidence" (its
+    p-value 1 for that image), which only makes the test conservative.
+
+    Args:
+        calibration: (n, m) anomaly scores (higher = more atypical) of held-out in-distribution images.
+        scores: (N, m) anomaly scores of the images to test.
+        z_calibration: optional (n, m) the calibration scores on the fixed scale.
+        z_scores: optional (N, m) the test scores on the same scale.
+
+    Returns:
+        ``(p, T)``: (N,) combined p-values and the test images' statistics.
+
+    Example:
+        >>> p, t = fisher_conformal(np.random.default_rng(0).normal(size=(99, 3)), np.full((1, 3), 5.0))
+        >>> float(p[0])
+        0.01
+    """
+    cal = np.asarray(calibration, dtype=np.float64)
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if cal.ndim != 2 or s.shape[1] != cal.shape[1]:
+        raise ValueError(f"calibration (n, m) and scores (N, m) must have the same m, got {cal.shape} and {s.shape}")
+    cols = np.flatnonzero(np.isfinite(cal).all(axis=0)) if cal.size else np.zeros(0, int)
+    n = cal.shape[0]
+    if n == 0 or cols.size == 0:
+        raise ValueError("fisher_conformal needs at least one calibration image and one finite detector column")
+    c, t = cal[:, cols], s[:, cols]
+    missing = np.isnan(t)
+    # calibration image i, detector j: 1 + #{k != i: c_kj >= c_ij}, then the test image may add one
+    base = (c[None, :, :] >= c[:, None, :]).sum(axis=1)  # [i, j] = #{k: c_kj >= c_ij}, itself included: the "1 +"
+    test_ge = (c[None, :, :] >= t[:, None, :]).sum(axis=1)  # (N, m): #{cal >= test}
+    p_test = np.where(missing, 1.0, (1.0 + test_ge) / (n + 1.0))
+    adds = (t[:, None, :] >= c[None, :, :]) & ~missing[:, None, :]  # (N, n, m): the test image ranks above cal i
+    p_cal = (base[None] + adds) / (n + 1.0)
+    t_test = -2.0 * np.log(p_test).sum(axis=1)
+    t_cal = -2.0 * np.log(p_cal).sum(axis=2)  # (N, n)
+    if z_calibration is not None and z_scores is not None:
+        zc = np.asarray(z_calibration, dtype=np.float64)[:, cols]
+        zt = np.atleast_2d(np.asarray(z_scores, dtype=np.float64))[:, cols]
+        zt = np.where(missing | np.isnan(zt), -np.inf, zt)
+        if n > 1:  # the largest z of the other calibration images: the top one's runner-up, else the top one
+            order = np.sort(zc, axis=0)
+            top, second = order[-1], order[-2]
+            others = np.where(zc >= top[None], second[None], top[None])  # (n, m)
+        else:
+            others = np.full_like(zc, -np.inf)
+        t_test = t_test + 2.0 * np.clip(zt - zc.max(axis=0), 0.0, None).sum(axis=1)
+        rival = np.maximum(others[None], zt[:, None, :])  # (N, n, m): the others of cal i include the test image
+        t_cal = t_cal + 2.0 * np.clip(zc[None] - rival, 0.0, None).sum(axis=2)
+    p = (1.0 + (t_cal >= t_test[:, None] - 1e-12).sum(axis=1)) / (n + 1.0)
+    return p, t_test

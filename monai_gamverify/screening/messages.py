@@ -14,6 +14,8 @@ __all__ = ["profile_messages", "detector_messages"]
 
 _DESCRIPTION = {
     "profile": "the image's geometry/intensity profile is atypical",
+    "layout": "the content lies or is oriented unlike the training images (intensity centroid and principal axes: "
+    "e.g. rotated, shifted or cropped anatomy)",
     "maha_penultimate": "the model's penultimate features are far from every class (Mahalanobis)",
     "rmaha_penultimate": "the model's penultimate features are atypical (relative Mahalanobis)",
     "knn_penultimate": "the model's penultimate features have no close training neighbour (k-NN)",

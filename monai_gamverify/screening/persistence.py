@@ -16,7 +16,7 @@ from monai_gamverify.screening.detectors import ClassMahalanobis, KNNDetector, R
 
 __all__ = ["FORMAT_VERSION", "ScreenFileError", "screen_arrays", "screen_config", "save_screen", "load_screen"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the layout detector
 _JSON = "screen.json"
 _NPZ = "screen.npz"
 
@@ -136,7 +136,10 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
     if recorded != _sha256_json(content):
         raise ScreenFileError(f"screen file {jpath} was modified after saving (SHA-256 of its content differs)")
     if content.get("format_version") != FORMAT_VERSION:
-        raise ScreenFileError(f"{jpath} has format version {content.get('format_version')}; expected {FORMAT_VERSION}")
+        raise ScreenFileError(
+            f"{jpath} has format version {content.get('format_version')}; this version reads {FORMAT_VERSION}: fit "
+            "the screen again (`gamverify screen fit ...`)"
+        )
     try:
         with np.load(npath, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -162,7 +165,7 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
         obj.cam_ref_ = arrays["cam_ref"]
     obj.detectors_ = {}
     for name in content["detectors"]:
-        if name.startswith("maha") or name == "attention":
+        if name.startswith("maha") or name in ("attention", "layout"):
             obj.detectors_[name] = ClassMahalanobis.from_state(arrays, f"{name}__", obj.reg)
         elif name.startswith("rmaha"):
             obj.detectors_[name] = RelativeMahalanobis.from_state(arrays, f"{name}__", obj.reg)

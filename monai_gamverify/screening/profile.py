@@ -26,6 +26,7 @@ __all__ = [
     "profile_feature_names",
     "intensity_window_of",
     "otsu_threshold",
+    "layout_moments",
 ]
 
 #: percentiles of the native intensities stored in a profile
@@ -61,6 +62,8 @@ class DataProfile:
         hist_range: histogram range in native units.
         windowed_mean: mean of the preprocessed tensor the model sees (``None`` when not given).
         windowed_std: its standard deviation.
+        layout: where the content lies in the tensor the model sees (:func:`layout_moments`: centroid and second
+            central moments), ``None`` when not given.
         hard_failures: reasons that reject the image whatever the model (readable sentences).
     """
 
@@ -86,6 +89,7 @@ class DataProfile:
     hist_range: tuple[float, float] | None = None
     windowed_mean: float | None = None
     windowed_std: float | None = None
+    layout: list[float] | None = None
     hard_failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,8 +317,46 @@ def profile_image(
     return prof
 
 
+def layout_moments(tensor: Any) -> np.ndarray:
+    """Where the content of a (C, *spatial) tensor lies: the centroid and the second central moments (upper
+    triangle, row by row) of its intensity mass ``t - min(t)`` summed over channels, in coordinates running from -0.5
+    to 0.5 along each axis. A rotated or shifted anatomy moves them while its intensities stay the same.
+
+    Computed from the 1D and 2D projections of the mass, so no coordinate grid of the whole volume is built.
+
+    Example:
+        >>> layout_moments(torch.ones(1, 4, 4, 4))[:3]  # centred
+        array([0., 0., 0.])
+    """
+    t = torch.as_tensor(tensor).detach()
+    t = t.as_tensor() if hasattr(t, "as_tensor") else t
+    t = t.float()
+    mass = (t - t.min()).sum(0)
+    nd = mass.ndim
+    total = mass.sum(dtype=torch.float64)
+    if not total > 0:
+        return np.full(nd + nd * (nd + 1) // 2, np.nan)
+    axes = [torch.linspace(-0.5, 0.5, int(n), dtype=torch.float64) for n in mass.shape]
+
+    def projection(keep: tuple[int, ...]) -> torch.Tensor:
+        drop = [a for a in range(nd) if a not in keep]
+        return mass.sum(dim=drop, dtype=torch.float64) if drop else mass.double()
+
+    centre = [float((projection((i,)) * axes[i]).sum() / total) for i in range(nd)]
+    second = []
+    for i in range(nd):
+        di = axes[i] - centre[i]
+        for j in range(i, nd):
+            if i == j:
+                second.append(float((projection((i,)) * di**2).sum() / total))
+            else:
+                dj = axes[j] - centre[j]
+                second.append(float((projection((i, j)) * di[:, None] * dj[None, :]).sum() / total))
+    return np.asarray(centre + second, dtype=np.float64)
+
+
 def attach_tensor(profile: DataProfile, tensor: Any) -> DataProfile:
-    """Record the preprocessed tensor's mean/std in ``profile`` (a constant tensor becomes a hard failure).
+    """Record the preprocessed tensor's mean/std and layout in ``profile`` (a constant tensor becomes a hard failure).
 
     Example:
         >>> attach_tensor(profile_image(img, (-1000, 2000)), preprocess(img)).windowed_std
@@ -329,4 +371,6 @@ def attach_tensor(profile: DataProfile, tensor: Any) -> DataProfile:
         profile.hard_failures.append(
             f"the preprocessing turns the image into a constant (every voxel {profile.windowed_mean:g})"
         )
+    if not profile.hard_failures:
+        profile.layout = [float(v) for v in layout_moments(tensor)]
     return profile

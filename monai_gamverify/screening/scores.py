@@ -63,6 +63,11 @@ def raw_scores(screen: Any, obs: Sequence[Observation], loo: bool = False) -> np
         prof = profile_matrix(screen, [o for o, g in zip(obs, ok) if g])
         z = np.abs(screen.profile_scaler_.transform(prof))
         out[ok, col["profile"]] = np.nanmax(np.where(np.isnan(z), -np.inf, z), axis=1)
+    if "layout" in active:
+        have = np.array([g and o.profile.layout is not None for o, g in zip(obs, ok)])
+        if have.any():
+            feats = np.vstack([o.profile.layout for o, h in zip(obs, have) if h])
+            out[have, col["layout"]] = screen.detectors_["layout"].score(feats)
     for layer in ("penultimate", "early"):
         names = [d for d in (f"maha_{layer}", f"rmaha_{layer}", f"knn_{layer}") if d in active]
         have = np.array([g and getattr(o, layer) is not None for o, g in zip(obs, ok)])
@@ -89,7 +94,7 @@ def monotone(raw: np.ndarray) -> np.ndarray:
     (p-values, being ranks, do not change)."""
     t = raw.copy()
     col = {d: i for i, d in enumerate(DETECTORS)}
-    for d in ("maha_penultimate", "maha_early", "attention"):
+    for d in ("layout", "maha_penultimate", "maha_early", "attention"):
         t[:, col[d]] = np.sqrt(np.clip(t[:, col[d]], 0.0, None))
     t[:, col["profile"]] = np.log1p(np.clip(t[:, col["profile"]], 0.0, None))
     t[:, col["kplus1"]] = _logit(t[:, col["kplus1"]])

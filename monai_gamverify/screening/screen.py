@@ -5,6 +5,8 @@ Layers, each a detector with an **anomaly score** (higher = less like the traini
 ==================  ======================================================================================
 ``profile``         data profile (geometry, native intensities, window fractions, foreground, histogram):
                     the largest robust z-score of its features against the training images
+``layout``          Mahalanobis distance of the content's centroid and second moments in the tensor the model sees
+                    (rotated, shifted or cropped anatomy keeps its intensities but moves these)
 ``maha_penultimate`` class-conditional Mahalanobis on the classifier head's input
 ``rmaha_penultimate`` relative Mahalanobis on the same features
 ``knn_penultimate`` k-th neighbour distance of the L2-normalised features (cosine)
@@ -16,13 +18,20 @@ Layers, each a detector with an **anomaly score** (higher = less like the traini
 ==================  ======================================================================================
 
 **Conformal calibration.** The training images are split (seeded) into a *fit* part, on which the detectors are
-fitted, and a held-out *calibration* part. Each detector's p-value is ``(1 + #{s_cal >= s}) / (n_cal + 1)``.
-The combined p-value (``combine="maxz"``, the default) ranks one statistic, ``T = max_j z_j``, the largest
-robust z-score of the detector scores (medians and MADs from the fit part, after a fixed monotone transform per
-detector), against the same statistic on the calibration images; ``combine="bonferroni"`` uses
-``min(1, m min_j p_j)``. Either way a new in-distribution image is rejected with probability <= alpha
-(exchangeability with the calibration images), whatever the detectors' dependence. ``maxz`` needs only
-``n_cal >= 1/alpha - 1`` calibration images to be able to reject; Bonferroni needs ``n_cal >= m/alpha - 1``.
+fitted, and a held-out *calibration* part. Each detector's p-value is ``(1 + #{s_cal >= s}) / (n_cal + 1)``. The
+combined p-value (``combine="fisher"``, the default) ranks Fisher's statistic ``T = -2 sum_j log p_j`` of the per-
+detector p-values against the same statistic of the calibration images, every one of them ranked among the others
+and the new image (:func:`~monai_gamverify.screening.detectors.fisher_conformal`: fully symmetric, so exactly
+valid); an image beyond every other on a detector adds twice its robust z-score's excess over the largest other (a
+rank alone would cap a detector's evidence at ``1 / (n_cal + 1)``: a 4 mm scan among 1.25 mm ones would count no
+more than one just outside the range). ``combine="maxz"`` ranks ``T = max_j z_j``, the largest robust z-score of the
+detector scores (medians and MADs from the fit part, after a fixed monotone transform per detector), the same way;
+``combine="bonferroni"`` uses ``min(1, m min_j p_j)``. Each way a new in-distribution image is rejected with
+probability <= alpha (exchangeability with the calibration images), whatever the detectors' dependence. Fisher pools
+evidence: a detector that is noisy in distribution does not swamp one that separates well, as it does in a maximum
+(30-degree rotated SOS: AUROC 0.97 with Fisher vs 0.88 with ``maxz``, ``docs/screening.md``). ``fisher`` and
+``maxz`` need only ``n_cal >= 1/alpha - 1`` calibration images to be able to reject; Bonferroni needs ``n_cal >=
+m/alpha - 1``.
 Hard failures of the profile (NaN, constant, wrong dimensionality or channels, a single slice, a window that turns
 the image into a constant) reject regardless, with ``p_value = 0``.
 
@@ -50,7 +59,7 @@ from torch import nn
 from monai_gamverify.kplus1 import find_classifier_head
 from monai_gamverify.screening.calibration import fit_observations
 from monai_gamverify.screening.common import DETECTORS, Observation
-from monai_gamverify.screening.detectors import bonferroni, conformal_pvalues, pool_features
+from monai_gamverify.screening.detectors import bonferroni, conformal_pvalues, fisher_conformal, pool_features
 from monai_gamverify.screening.messages import detector_messages, profile_messages
 from monai_gamverify.screening.persistence import load_screen, save_screen
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
@@ -60,7 +69,10 @@ from monai_gamverify.screening.scores import monotone, raw_scores, statistic
 from monai_gamverify.visualize.hooks import preserved_state
 from monai_gamverify.visualize.registry import make_cam
 
-__all__ = ["Screen"]
+__all__ = ["Screen", "COMBINE"]
+
+#: ways to combine the detectors into one p-value (the first is the default)
+COMBINE = ("fisher", "maxz", "bonferroni")
 
 
 def _as_np(x: Any) -> np.ndarray:
@@ -81,7 +93,7 @@ class Screen:
         cam_method: ``gradcam``, ``gradcampp`` or ``scorecam``.
         garbage_index: output column of the garbage class of a K+1 model (``None``: no K+1 detector).
         k: neighbour rank of the k-NN detectors.
-        combine: ``"maxz"`` or ``"bonferroni"``.
+        combine: ``"fisher"`` (default), ``"maxz"`` or ``"bonferroni"`` (see the module docstring).
         spatial_dims: spatial axes the model expects.
         channels: channels the model expects.
         reg: covariance ridge of the Mahalanobis detectors (relative to the mean variance).
@@ -108,7 +120,7 @@ class Screen:
         cam_method: str = "gradcam",
         garbage_index: int | None = None,
         k: int = 5,
-        combine: str = "maxz",
+        combine: str = "fisher",
         spatial_dims: int = 3,
         channels: int | None = 1,
         reg: float = 1e-3,
@@ -119,8 +131,8 @@ class Screen:
     ) -> None:
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if combine not in ("maxz", "bonferroni"):
-            raise ValueError(f"combine must be 'maxz' or 'bonferroni', got {combine!r}")
+        if combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
         self.alpha = float(alpha)
         self.window = None if window is None else (float(window[0]), float(window[1]))
         self.early_layers = list(early_layers)
@@ -148,7 +160,7 @@ class Screen:
         cls,
         bundle: Any,
         *,
-        config: str = "inference.json",
+        config: str | None = None,
         overrides: dict | None = None,
         checkpoint: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -301,7 +313,7 @@ class Screen:
 
     # ---------------------------------------------------------------------------------------------- detectors
     def _active(self) -> list[str]:
-        out = ["profile"]
+        out = ["profile", "layout"]
         if self.head is not None:
             out += ["maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
         if self.early_layers:
@@ -397,7 +409,10 @@ class Screen:
             if np.isfinite(cal).all() and cal.size:
                 pvals[:, j] = conformal_pvalues(cal, raw[:, j])
         stat = statistic(self, raw)
-        if self.combine == "maxz":
+        if self.combine == "fisher":
+            z_cal = self.score_scaler_.transform(monotone(self.cal_scores_))
+            combined, stat = fisher_conformal(self.cal_scores_, raw, z_cal, self.score_scaler_.transform(monotone(raw)))
+        elif self.combine == "maxz":
             finite = np.isfinite(self.cal_stat_)
             combined = conformal_pvalues(self.cal_stat_[finite], stat)
         else:

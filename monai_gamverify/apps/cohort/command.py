@@ -59,6 +59,8 @@ def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
     ap.add_argument("--reference", help="reference map NIfTI (or its directory) for the similarity features")
     ap.add_argument("--verifier", help="fitted SuitabilityVerifier (.skops)")
     ap.add_argument("--screen", help="saved in-distribution screen (gamverify screen fit): rows get p_value, reasons")
+    ap.add_argument("--labels", nargs="+", help="segmentation bundles: labels to explain (names or channels; "
+                    "default: every label but the background)")  # fmt: skip
     ap.add_argument("--threshold", type=float, default=0.5, help="P(suitable) threshold of the verdict")
     ap.add_argument("--no_invert", action="store_true", help="write maps on the preprocessed grid")
     ap.add_argument("--no_maps", action="store_true", help="do not write the NIfTI maps")
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None, prog: str = "gamverify cohort") -> int:
             reference=args.reference,
             verifier=args.verifier,
             screen=args.screen,
+            labels=args.labels,
             threshold=args.threshold,
             split=args.split,
             invert=not args.no_invert,

@@ -114,9 +114,10 @@ def valid_result(path: Path, item_id: str, config_hash: str, out: Path) -> dict 
         return None
     if rec.get("status") != "ok" or not isinstance(rec.get("result"), dict):
         return None
-    map_rel = rec["result"].get("map")
-    if map_rel and not valid_map(out / map_rel, rec.get("map_shape")):
-        return None
+    shapes = rec.get("map_shapes") or {"map": rec.get("map_shape")}  # a segmentation row has one map per label
+    for key, rel in rec["result"].items():
+        if (key == "map" or key.startswith("map_")) and rel and not valid_map(out / rel, shapes.get(key)):
+            return None
     return rec["result"]
 
 
@@ -132,13 +133,13 @@ def results_table(rows: Sequence[dict]) -> Any:
 
 def summarize(rows: list[dict], errors: list[dict], n_items: int, config_hash: str) -> dict:
     """The run's summary (counts, predictions, energy statistics, verdicts)."""
-    energies = np.array([r["energy"] for r in rows], dtype=np.float64)
+    energies = np.array([r["energy"] for r in rows if "energy" in r], dtype=np.float64)
     summary: dict[str, Any] = {
         "n_items": n_items,
         "n_succeeded": len(rows),
         "n_failed": len(errors),
         "config_hash": config_hash,
-        "predictions": dict(sorted(Counter(r["prediction_name"] for r in rows).items())),
+        "predictions": dict(sorted(Counter(r["prediction_name"] for r in rows if "prediction_name" in r).items())),
         "energy": {
             "mean": float(energies.mean()),
             "std": float(energies.std()),
@@ -146,10 +147,20 @@ def summarize(rows: list[dict], errors: list[dict], n_items: int, config_hash: s
             "median": float(np.median(energies)),
             "max": float(energies.max()),
         }
-        if len(rows)
+        if len(energies)
         else None,
         "failed_ids": [e["id"] for e in errors],
     }
+    labels = [k[len("voxels_") :] for k in (rows[0] if rows else {}) if k.startswith("voxels_")]
+    if labels:  # a segmentation bundle: per label, predicted voxels and attribution energy
+        summary["labels"] = {
+            name: {
+                "mean_voxels": float(np.mean([r[f"voxels_{name}"] for r in rows])),
+                "n_empty": sum(1 for r in rows if r[f"voxels_{name}"] == 0),
+                "mean_energy": float(np.mean([r[f"energy_{name}"] for r in rows])),
+            }
+            for name in labels
+        }
     if rows and "in_distribution" in rows[0]:
         summary["n_out_of_distribution"] = sum(1 for r in rows if r.get("in_distribution") is False)
     if rows and "verdict" in rows[0]:

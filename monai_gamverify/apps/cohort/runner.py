@@ -13,11 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import monai
@@ -38,9 +41,12 @@ from monai_gamverify.apps.cohort.outdir import (
 )
 from monai_gamverify.apps.pipeline import ImagePipeline, ImageResult, decide_verdict, error_message, is_out_of_memory
 from monai_gamverify.data.datalist import DataError
+from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.io import save_map, write_json
+from monai_gamverify.visualize.cam import normalize_maps
+from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index, predicted_mask
 
-__all__ = ["run_cohort", "CohortInterrupted", "CohortOutOfMemory"]
+__all__ = ["run_cohort", "segmentation_labels", "CohortInterrupted", "CohortOutOfMemory"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +98,62 @@ def _reference_file(reference: str | os.PathLike) -> Path:
     return p / "reference_map.nii.gz" if p.is_dir() else p
 
 
+@dataclass
+class _SegmentationResult:
+    """The maps of one item of a segmentation bundle: one normalised map per label, on the preprocessed grid."""
+
+    input: Any
+    cams: dict[str, torch.Tensor]
+    pending_screen: None = None
+
+    @property
+    def cam(self) -> torch.Tensor:  # the similarity features (with a reference) use the one requested label
+        return next(iter(self.cams.values()))
+
+
+def _file_part(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "label"
+
+
+def segmentation_labels(engine: ImagePipeline, labels: Sequence[int | str] | None) -> list[tuple[int, str]]:
+    """``(output channel, name)`` of the labels a segmentation cohort explains: ``labels`` by name or index, default
+    every output channel but the first (background) of the bundle's ``channel_def`` (channel 1 when it has none)."""
+    names = list(engine.bundle.class_names) if engine.bundle is not None else []
+    if labels is None or len(labels) == 0:
+        labels = list(range(1, len(names))) or [1]
+    out: list[tuple[int, str]] = []
+    for lab in labels:
+        idx = label_index(lab, names)
+        out.append((idx, _file_part(names[idx] if idx < len(names) else str(idx))))
+    if len({n for _, n in out}) != len(out):
+        raise ValueError(f"labels {list(labels)} name some output channel twice")
+    return out
+
+
 class _Items:
     """One item through the engine (:meth:`compute`), features of a batch in one call (:meth:`features`), then the
     map on the input grid and the item JSON (:meth:`finish`)."""
 
-    def __init__(self, engine: ImagePipeline, out: Path, save_maps: bool, keep_raw: bool) -> None:
+    def __init__(
+        self,
+        engine: ImagePipeline,
+        out: Path,
+        save_maps: bool,
+        keep_raw: bool,
+        seg_labels: list[tuple[int, str]] | None = None,
+    ) -> None:
         self.engine, self.out, self.save_maps, self.keep_raw = engine, out, save_maps, keep_raw
+        self.seg_labels = seg_labels
 
-    def compute(self, item: dict) -> tuple[dict, ImageResult]:
+    def compute(self, item: dict) -> tuple[dict, ImageResult | _SegmentationResult]:
         if "_error" in item:
             raise DataError(item["_error"])
         try:
             raw, x = self.engine.load(item["image"], extra=item)
         except FileNotFoundError as err:
             raise DataError(str(err)) from err
+        if self.seg_labels is not None:
+            return self._segmentation(item, x)
         # the screen's scoring waits for the batch (one vectorised call in the writer thread); the raw image stays
         # until then for its data profile
         res = self.engine.explain(x, raw if self.keep_raw else None, source=item["image"], defer_screen=True)
@@ -130,6 +178,26 @@ class _Items:
         if self.save_maps:
             row["map"] = f"maps/{item['id']}_cam.nii.gz"
         return row, res
+
+    def _segmentation(self, item: dict, x: Any) -> tuple[dict, _SegmentationResult]:
+        """Seg-Grad-CAM of every requested label through the bundle's inferer (one forward and backward each)."""
+        engine, bm = self.engine, self.engine.bundle
+        row: dict[str, Any] = {"id": item["id"], "image": item["image"]}
+        if "label" in item:
+            row["label"] = item["label"]
+        xb = x.unsqueeze(0).to(engine.device)
+        cams: dict[str, torch.Tensor] = {}
+        for idx, name in self.seg_labels or []:
+            with torch.inference_mode(False), torch.enable_grad():
+                raw_map, logits = bundle_segmentation_cam(
+                    bm, xb, idx, layer=engine.target_layers, method=engine.method, normalize=False
+                )
+            row[f"voxels_{name}"] = int(predicted_mask(logits, idx, bundle_activation(bm)).sum())
+            row[f"energy_{name}"] = float(attribution_energy(raw_map)[0])
+            cams[name] = normalize_maps(raw_map.float())[0].detach().cpu()
+            if self.save_maps:
+                row[f"map_{name}"] = f"maps/{item['id']}_{name}_cam.nii.gz"
+        return row, _SegmentationResult(x.detach().cpu() if hasattr(x, "detach") else x, cams)
 
     def screen(self, batch: Sequence[tuple[dict, ImageResult]]) -> list[Exception | None]:
         """The screen's answers of a batch in one call (one call per item when the batch call fails, so that the
@@ -174,14 +242,18 @@ class _Items:
         resampling and compression (zlib releases the GIL) overlap the next item's forward pass."""
         item_json = self.out / "items" / f"{row['id']}.json"
         error_json = self.out / "errors" / f"{row['id']}.json"
-        shape = None
+        shapes: dict[str, list[int]] = {}
         try:
             if error is not None:
                 raise error
             if self.save_maps:
-                cam, ref = self.engine.on_input_grid(res)
-                shape = [int(s) for s in cam.shape[1:]]
-                save_map(cam, self.out / row["map"], reference=ref)
+                parts = {"map": res} if isinstance(res, ImageResult) else {
+                    f"map_{name}": SimpleNamespace(cam=cam, input=res.input) for name, cam in res.cams.items()
+                }  # fmt: skip
+                for key, part in parts.items():
+                    cam, ref = self.engine.on_input_grid(part)
+                    shapes[key] = [int(s) for s in cam.shape[1:]]
+                    save_map(cam, self.out / row[key], reference=ref)
         except Exception as err:  # noqa: BLE001 - e.g. a map unlike the reference, a preprocessing not invertible
             if is_out_of_memory(err):
                 raise
@@ -189,7 +261,8 @@ class _Items:
             write_json({**rec, "config_hash": config_hash}, error_json)
             return "error", rec
         # the item JSON last: its presence marks the item (and its map) done
-        record = {"id": row["id"], "status": "ok", "config_hash": config_hash, "result": row, "map_shape": shape}
+        record = {"id": row["id"], "status": "ok", "config_hash": config_hash, "result": row,
+                  "map_shape": shapes.get("map"), "map_shapes": shapes}  # fmt: skip
         write_json(record, item_json)
         error_json.unlink(missing_ok=True)
         return "ok", row
@@ -229,6 +302,7 @@ def run_cohort(
     threshold: float = 0.5,
     metrics: Sequence[str] | None = None,
     screen: Any = None,
+    labels: Sequence[int | str] | None = None,
     split: str = "test",
     invert: bool = True,
     save_maps: bool = True,
@@ -272,6 +346,11 @@ def run_cohort(
         metrics: similarity features (default ``DEFAULT_METRICS`` plus any the verifier uses).
         screen: optional in-distribution screen object (see the engine); rows get ``in_distribution``,
             ``p_value``, ``reasons``.
+        labels: segmentation bundles: the labels explained (names from the bundle's ``channel_def`` or output
+            channels; default every channel but the background). Each label gets Seg-Grad-CAM through the bundle's
+            inferer (the sum of its logits over its predicted mask), a map ``maps/<id>_<label>_cam.nii.gz`` and the
+            columns ``voxels_<label>`` (predicted voxels), ``energy_<label>``, ``map_<label>``. With a reference,
+            exactly one label.
         split: datalist list to run on.
         invert: maps on the input's original grid (``False``: on the preprocessed grid).
         save_maps: write the NIfTI maps.
@@ -336,7 +415,23 @@ def run_cohort(
             engine = ImagePipeline.from_network(network, layer, network_args=args, checkpoint=checkpoint, a_min=a_min,
                                                 a_max=a_max, spatial_dims=spatial_dims, **common)  # fmt: skip
             config.update(network=network if isinstance(network, str) else type(network).__name__, network_args=args)
+        seg_labels = None
+        if engine.bundle is not None and engine.bundle.task == "segmentation" and engine.slice_axis is None:
+            seg_labels = segmentation_labels(engine, labels)
+            if screen is not None:
+                raise ValueError(
+                    "the in-distribution screen is not available in a cohort of a segmentation bundle yet; run the "
+                    "cohort without --screen"
+                )
+            if ref_value is not None and len(seg_labels) != 1:
+                raise ValueError(
+                    f"a reference map belongs to one label: pass exactly one label (got {[n for _, n in seg_labels]})"
+                )
+            logger.info("segmentation bundle: explaining label(s) %s", ", ".join(n for _, n in seg_labels))
+        elif labels:
+            raise ValueError("labels= is for segmentation bundles; this model is a classifier")
         config.update(
+            segmentation_labels=None if seg_labels is None else [list(t) for t in seg_labels],
             layer=engine.target_layers,
             class_names=list(class_names or []) if bundle_root is None else engine.class_names,
             weights_sha256=_weights_sha256(engine.network),
@@ -367,7 +462,7 @@ def run_cohort(
         }
         prepare_out(out, run_info, overwrite, rank, world)
 
-        runner = _Items(engine, out, save_maps, keep_raw=screen is not None)
+        runner = _Items(engine, out, save_maps, keep_raw=screen is not None, seg_labels=seg_labels)
         mine = [items[i] for i in shard(len(items), rank, world)]
         rows: list[dict] = []
         errors: list[dict] = []

@@ -70,7 +70,7 @@ class SuitabilityPipeline:
         self,
         bundle_root: str | os.PathLike,
         *,
-        config: str = "inference.json",
+        config: str | None = None,
         overrides: Mapping[str, Any] | None = None,
         checkpoint: str | os.PathLike | None = None,
         require_weights: bool = True,

@@ -143,7 +143,7 @@ class ImagePipeline:
         cls,
         bundle: BundleModel | str | os.PathLike,
         *,
-        config: str = "inference.json",
+        config: str | None = None,
         overrides: Mapping[str, Any] | None = None,
         checkpoint: str | os.PathLike | None = None,
         require_weights: bool = True,
@@ -157,7 +157,7 @@ class ImagePipeline:
 
         Args:
             bundle: bundle directory or a loaded :class:`~monai_gamverify.bundle.BundleModel`.
-            config: inference config under ``configs/``.
+            config: inference config under ``configs/`` (default: the first of ``inference.json``, ``.yaml``, ``.yml``).
             overrides: config keys to override (e.g. ``{"network_name": "small_cnn"}``).
             checkpoint: weights file.
             require_weights: refuse a bundle without weights.
