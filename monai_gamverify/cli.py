@@ -177,9 +177,14 @@ def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify
     Random-Forest verifier, cross-validated report (CSV/JSON/PNG/TensorBoard) in ``out``; see
     ``monai_gamverify.verification.bundles.verify_bundles``.
 
+    Segmentation bundles are verified on the Seg-Grad-CAM of ``--label`` (name or channel; default: the first
+    foreground channel).
+
     Example:
         gamverify verify --reference bundles/sos_a --candidates '{"sos_b": "bundles/sos_b", "chin": "bundles/chin"}'
             --labels '{"sos_b": 1, "chin": 0}' --dataset_dir data/sos --out verify_out
+        gamverify verify --reference spleen_a --candidates '{"b": "spleen_b", "liver": "liver_seg"}'
+            --labels '{"b": 1, "liver": 0}' --dataset_dir data/ct --label spleen
     """
     from monai_gamverify.verification.bundles import verify_bundles
 

@@ -8,6 +8,7 @@ and the bundle-level workflow (:mod:`.bundles`)."""
 from __future__ import annotations
 
 from monai_gamverify.verification.bundles import (
+    check_same_task,
     format_summary,
     verify_bundles,
 )
@@ -61,12 +62,14 @@ from monai_gamverify.verification.verifier import (
     roc_png,
 )
 from monai_gamverify.verification.workflow import (
+    SegmentationTarget,
     run_verification,
 )
 
 __all__ = [
     "verify_bundles",
     "format_summary",
+    "check_same_task",
     "feature_map_table",
     "CommonGrid",
     "rank_normalize",
@@ -101,4 +104,5 @@ __all__ = [
     "summary_table",
     "roc_png",
     "run_verification",
+    "SegmentationTarget",
 ]

@@ -5,6 +5,10 @@ Every model sees the same inputs: the datalist split is loaded once with the **r
 ``preprocessing`` and fed to the reference and to every candidate; the rest is
 :func:`~.workflow.run_verification`.
 
+Segmentation bundles (model-zoo form, e.g. ``spleen_ct_segmentation``) are verified on the Seg-Grad-CAM of one label
+(:class:`~.workflow.SegmentationTarget`, through each bundle's own inferer); the similarity features, verifier and
+verdicts are the same. One run holds bundles of one task: segmentation or classification.
+
 Example:
     >>> report = verify_bundles(
     ...     "bundles/sos_staging",
@@ -31,9 +35,14 @@ from monai.data import DataLoader, Dataset
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.verification.oneclass import run_one_class
-from monai_gamverify.verification.workflow import run_verification, verification_method
+from monai_gamverify.verification.workflow import (
+    SegmentationTarget,
+    run_verification,
+    target_info,
+    verification_method,
+)
 
-__all__ = ["verify_bundles", "format_summary"]
+__all__ = ["verify_bundles", "format_summary", "check_same_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +134,45 @@ def _candidate_specs(
     return specs
 
 
+def check_same_task(tasks: Mapping[str, str]) -> str:
+    """The one task (``"segmentation"`` or ``"classification"``) of the bundles of a run; a clear error when they mix.
+
+    Args:
+        tasks: ``{role: task}``, e.g. ``{"reference": "segmentation", "candidate 'chin'": "classification"}``.
+
+    Returns:
+        The common task.
+
+    Raises:
+        ValueError: when segmentation and classification bundles are mixed (names which bundle is which).
+
+    Example:
+        >>> check_same_task({"reference": "segmentation", "candidate 'b'": "segmentation"})
+        'segmentation'
+    """
+    kinds = sorted(set(tasks.values()))
+    if len(kinds) > 1:
+        by_task = "; ".join(f"{k}: {', '.join(r for r, t in tasks.items() if t == k)}" for k in kinds)
+        raise ValueError(
+            "segmentation and classification bundles cannot be verified in one run (their maps explain different "
+            f"targets): {by_task}"
+        )
+    if not kinds:
+        raise ValueError("no bundles")
+    return kinds[0]
+
+
+def _targets_line(report: Mapping[str, Any]) -> str | None:
+    """One line naming the explained label(s) of a segmentation run, or None."""
+    labels = report.get("seg_labels")
+    if not labels:
+        return None
+    distinct = sorted(set(labels.values()))
+    if len(distinct) == 1:
+        return f"segmentation bundles: Seg-Grad-CAM of label {distinct[0]}"
+    return "segmentation bundles: Seg-Grad-CAM of labels " + ", ".join(f"{n} {v}" for n, v in labels.items())
+
+
 def format_summary(report: Mapping[str, Any]) -> str:
     """Short text summary of a :func:`verify_bundles` / ``run_verification`` report, each figure with its protocol.
 
@@ -145,6 +193,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"one-class verification ({protocol}); conformal p-value against {report.get('n_references', '?')} "
             f"reference models, alpha {report.get('alpha', 0.1):g}"
         ]
+        if _targets_line(report):
+            lines.append(_targets_line(report))
         lines.append(f"{'model':<24} {'label':>5} {'p-value':>8} {'score':>8}  verdict")
         for name, info in report["per_model"].items():
             lab = "?" if info.get("label") is None else str(info["label"])
@@ -154,6 +204,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
         lines.append(f"report: {report['out_dir']}")
         return "\n".join(lines)
     lines = [f"{'model':<16} {'label':>5} {'mean P(suitable)':>17} {'95% CI':>16}  verdict ({protocol}, out-of-fold)"]
+    if _targets_line(report):
+        lines.insert(0, _targets_line(report))
     for name, info in report["per_model"].items():
         ci = f"[{info['ci_low']:.3f}, {info['ci_high']:.3f}]" if "ci_low" in info else ""
         lines.append(
@@ -173,6 +225,16 @@ def format_summary(report: Mapping[str, Any]) -> str:
         )
     lines.append(f"report: {report['out_dir']}")
     return "\n".join(lines)
+
+
+def _task_fields(task: str, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``task`` and, for segmentation, ``seg_labels`` (model -> "name (channel i)") of a report."""
+    fields: dict[str, Any] = {"task": task}
+    if task == "segmentation":
+        fields["seg_labels"] = {
+            n: f"{m['seg_label']} (channel {m['seg_label_index']})" for n, m in models.items() if "seg_label" in m
+        }
+    return fields
 
 
 def verify_bundles(
@@ -197,6 +259,7 @@ def verify_bundles(
     references: dict[str, str] | str | None = None,
     alpha: float = 0.1,
     k: int = 3,
+    label: int | str | None = None,
 ) -> dict:
     """Verify candidate bundles against a reference bundle on one datalist split and write a report directory.
 
@@ -205,6 +268,10 @@ def verify_bundles(
     ``preprocessing`` (items keep ``"id"``), and calls :func:`~.workflow.run_verification` with each
     bundle's ``target_layer`` (``method="featuremap"``: its ``feature_layers[0]``). Logs a short summary
     (``report["summary"]``; ``gamverify verify`` prints it).
+
+    Segmentation bundles (``BundleModel.task == "segmentation"``) are verified on the Seg-Grad-CAM of ``label``
+    (sum of the label's logits over its predicted mask, through the bundle's own inferer, window by window for a
+    ``SlidingWindowInferer``); ``featuremap`` is unchanged. All bundles of a run must share the task.
 
     Args:
         reference: reference bundle directory.
@@ -237,14 +304,22 @@ def verify_bundles(
             ``candidate_overrides`` may name them.
         alpha: one-class mode: significance level of the verdict ("not suitable" when p <= alpha).
         k: one-class mode: neighbours of the nonconformity score.
+        label: segmentation bundles: the label explained, by ``channel_def`` name (``"spleen"``) or output channel,
+            resolved in each bundle. Default: the first foreground channel, i.e. channel 1 (channel 0 is the
+            background) for a softmax output, channel 0 for a sigmoid (multi-label) one; the choice is logged.
+            Classification bundles take no label (each sample's predicted class is explained).
 
     Returns:
         The ``run_verification`` dict (``out_dir``, ``files``, ``cv_mean``, ``per_model``) plus ``reference``,
-        ``candidates`` (name -> bundle, label, layer), ``n_items``, ``n_splits`` and ``summary`` (printed text).
+        ``candidates`` (name -> bundle, label, layer; for segmentation also ``task``, ``seg_label``,
+        ``seg_label_index``), ``task``, ``seg_labels`` (segmentation: name -> ``"spleen (channel 1)"``),
+        ``n_items``, ``n_splits`` and ``summary`` (printed text).
 
     Raises:
         FileNotFoundError: a missing bundle or missing trained weights (message names the bundle).
-        ValueError: a label for an unknown candidate, a candidate without label, a bad method.
+        ValueError: a label for an unknown candidate, a candidate without label, a bad method, an unknown
+            segmentation ``label`` (names the bundle's labels), segmentation and classification bundles mixed, a
+            ``label`` with classification bundles.
         monai_gamverify.data.datalist.DataError: missing dataset directory/datalist or an empty split.
 
     Example:
@@ -299,14 +374,43 @@ def verify_bundles(
             raise ValueError(f"{role} bundle {bm.root} declares no cam_layer / target_layer")
         return bm.target_layer
 
+    tasks = {"reference": ref.task}
+    if label is not None and tasks["reference"] != "segmentation":
+        raise ValueError(
+            f"label={label!r} selects the explained label of segmentation bundles; the reference bundle {ref.root} is "
+            "a classification bundle (its CAMs explain each sample's predicted class)"
+        )
+
+    def model_of(bm: Any, role: str) -> Any:
+        """The network, or a SegmentationTarget of ``label`` for a segmentation bundle; one task per run."""
+        tasks[role] = bm.task
+        check_same_task(tasks)
+        if tasks[role] != "segmentation":
+            return bm.network
+        try:
+            target = SegmentationTarget(bm, label)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{role} bundle {bm.root}: {err}") from err
+        logger.info(
+            "%s bundle: Seg-Grad-CAM of label %r (channel %d)%s",
+            role,
+            target.name,
+            target.index,
+            " (default: the first foreground channel; pass label= to choose)" if target.default else "",
+        )
+        return target
+
     ref_layer = layer_of(ref, "reference")
+    ref_model = model_of(ref, "reference")
     models: dict[str, tuple] = {}
     info: dict[str, dict] = {}
     for name, spec in specs.items():
-        bm = _load(f"candidate {name!r}", spec["bundle"], spec["overrides"], device)
-        layer = layer_of(bm, f"candidate {name!r}")
-        models[name] = (bm.network, layer, spec["label"])
-        info[name] = {"bundle": str(bm.root), "label": spec["label"], "layer": layer}
+        role = f"candidate {name!r}"
+        bm = _load(role, spec["bundle"], spec["overrides"], device)
+        layer = layer_of(bm, role)
+        model = model_of(bm, role)
+        models[name] = (model, layer, spec["label"])
+        info[name] = {"bundle": str(bm.root), "label": spec["label"], "layer": layer, **target_info(model)}
     if not one_class and len({s["label"] for s in specs.values()}) < 2:
         raise ValueError(f"candidates need both labels 1 (suitable) and 0 (not) for the verifier, got {info}")
 
@@ -315,12 +419,13 @@ def verify_bundles(
         raise ValueError(f"reference bundle {ref.root} defines no inference 'preprocessing'")
     loader = DataLoader(Dataset(items, transform=preprocessing), batch_size=int(batch_size), shuffle=False)
     if one_class:
-        ensemble = {"reference": (ref.network, ref_layer)}
-        ref_info = {"reference": {"bundle": str(ref.root), "layer": ref_layer}}
+        ensemble = {"reference": (ref_model, ref_layer)}
+        ref_info = {"reference": {"bundle": str(ref.root), "layer": ref_layer, **target_info(ref_model)}}
         for name, spec in ref_specs.items():
-            bm = _load(f"reference {name!r}", spec["bundle"], spec["overrides"], device)
-            ensemble[name] = (bm.network, layer_of(bm, f"reference {name!r}"))
-            ref_info[name] = {"bundle": str(bm.root), "layer": ensemble[name][1]}
+            role = f"reference {name!r}"
+            bm = _load(role, spec["bundle"], spec["overrides"], device)
+            ensemble[name] = (model_of(bm, role), layer_of(bm, role))
+            ref_info[name] = {"bundle": str(bm.root), "layer": ensemble[name][1], **target_info(ensemble[name][0])}
         report = run_one_class(
             ensemble,
             {n: m[:2] for n, m in models.items()},
@@ -333,11 +438,12 @@ def verify_bundles(
             progress=progress,
         )
         report.update(reference=ref_info, candidates=info, n_items=len(items))
+        report.update(_task_fields(tasks["reference"], {**ref_info, **info}))
         report["summary"] = format_summary(report)
         logger.info("%s", report["summary"])
         return report
     report = run_verification(
-        reference=(ref.network, ref_layer),
+        reference=(ref_model, ref_layer),
         candidates=models,
         data=loader,
         out_dir=out,
@@ -348,11 +454,12 @@ def verify_bundles(
         progress=progress,
     )
     report.update(
-        reference={"bundle": str(ref.root), "layer": ref_layer},
+        reference={"bundle": str(ref.root), "layer": ref_layer, **target_info(ref_model)},
         candidates=info,
         n_items=len(items),
         n_splits=int(n_splits),
     )
+    report.update(_task_fields(tasks["reference"], {"reference": report["reference"], **info}))
     report["summary"] = format_summary(report)
     logger.info("%s", report["summary"])
     return report

@@ -48,7 +48,7 @@ from monai_gamverify.verification.reference import (
 )
 from monai_gamverify.verification.tables import feature_columns, summary_table
 from monai_gamverify.verification.verifier import roc_png
-from monai_gamverify.verification.workflow import map_fn
+from monai_gamverify.verification.workflow import map_fn, target_info
 
 __all__ = [
     "ONE_CLASS_PROTOCOL",
@@ -316,7 +316,8 @@ def run_one_class(
     the references).
 
     Args:
-        references: ``{name: (model, layer)}`` of the reference ensemble (>= 2).
+        references: ``{name: (model, layer)}`` of the reference ensemble (>= 2); a segmentation bundle's model is
+            a :class:`~monai_gamverify.verification.workflow.SegmentationTarget` (here and in ``candidates``).
         candidates: ``{name: (model, layer)}`` of the models to test.
         data: re-iterable batches.
         out_dir: report directory.
@@ -374,6 +375,10 @@ def run_one_class(
         "params": res.params,
         "n_samples": int(res.features["sample_id"].nunique()),
         "model_level": {"protocol": ONE_CLASS_PROTOCOL, "roc_auc": auc, "score": "conformal p-value"},
+        "models": {
+            **{n: {"role": "reference", "layer": layer, **target_info(m)} for n, (m, layer) in references.items()},
+            **{n: {"role": "candidate", "layer": layer, **target_info(m)} for n, (m, layer) in candidates.items()},
+        },
         "per_model": per_model,
     }
     files["cv"] = write_json(report, out / "cv.json")

@@ -8,6 +8,10 @@ each label has >= 2 models (:mod:`monai_gamverify.verification.protocol`; subjec
 line), with one verdict per model from a bootstrap interval (:mod:`monai_gamverify.verification.models`).
 :func:`run_verification` does all of it and writes a report directory; the one-class mode (no unsuitable models) is
 :mod:`monai_gamverify.verification.oneclass`.
+
+A segmentation bundle takes part through a :class:`SegmentationTarget` (bundle + label) in place of its network: its
+map is the Seg-Grad-CAM of that label through the bundle's own inferer, and everything downstream (similarity
+features, verifier, verdicts, screen) is unchanged.
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from monai_gamverify.verification.tables import META_COLUMNS, feature_table, sum
 from monai_gamverify.verification.verifier import SCORES, SuitabilityVerifier, roc_png
 from monai_gamverify.visualize.featuremaps import FeatureMap
 from monai_gamverify.visualize.registry import CAM_METHODS, cam_method, make_cam
+from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
 
 __all__ = [
     "METHODS",
+    "SegmentationTarget",
+    "default_segmentation_label",
     "verification_method",
     "map_fn",
+    "target_info",
     "run_verification",
 ]
 
@@ -49,6 +57,80 @@ class _CAMOnDevice:
         if param is not None:
             x = x.to(param.device)
         return self.cam(x, class_idx=self.class_idx, normalize=True)
+
+
+def default_segmentation_label(bundle: Any) -> int:
+    """The first foreground output channel of a segmentation bundle: 1 for a softmax output (channel 0 is the
+    background, MONAI's convention), 0 for a sigmoid (multi-label, e.g. BraTS) or single-channel output.
+
+    Example:
+        >>> default_segmentation_label(load_bundle("spleen_ct_segmentation"))
+        1
+    """
+    names = list(getattr(bundle, "class_names", None) or [])
+    if len(names) == 1 or bundle_activation(bundle) == "sigmoid":
+        return 0
+    return 1
+
+
+class SegmentationTarget:
+    """A segmentation bundle and the label whose Seg-Grad-CAM is verified; used in place of a network in the
+    ``(model, layer, ...)`` tuples of :func:`run_verification` and ``run_one_class``.
+
+    Args:
+        bundle: a :class:`monai_gamverify.bundle.BundleModel` (``network``, ``class_names``, ``parser``).
+        label: output channel by name (``channel_def``) or index; ``None``: :func:`default_segmentation_label`.
+
+    Attributes:
+        index: the resolved output channel.
+        name: its ``channel_def`` name (the index as text when the bundle names none).
+        default: whether the label was chosen by default.
+
+    Example:
+        >>> target = SegmentationTarget(load_bundle("spleen_ct_segmentation"), "spleen")
+        >>> run_verification((target, target.bundle.target_layer), candidates, loader, "report/")
+    """
+
+    def __init__(self, bundle: Any, label: int | str | None = None) -> None:
+        self.bundle = bundle
+        names = list(getattr(bundle, "class_names", None) or [])
+        self.default = label is None
+        self.index = default_segmentation_label(bundle) if label is None else label_index(label, names)
+        self.name = names[self.index] if self.index < len(names) else str(self.index)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The bundle's network."""
+        return self.bundle.network
+
+    def info(self) -> dict[str, Any]:
+        """What a report records about the target."""
+        return {"task": "segmentation", "seg_label": self.name, "seg_label_index": self.index}
+
+    def __repr__(self) -> str:
+        return f"SegmentationTarget({getattr(self.bundle, 'root', '?')}, label={self.name!r} [{self.index}])"
+
+
+class _SegCAMOnDevice:
+    """Seg-Grad-CAM of one label through the bundle's inferer, the batch first moved to the network's device."""
+
+    def __init__(self, target: SegmentationTarget, layer: str, method: str) -> None:
+        make_cam(target.network, layer, method)  # a bad layer or method fails here, not at the first batch
+        self.target, self.layer, self.method = target, layer, method
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        param = next(self.target.network.parameters(), None)
+        if param is not None:
+            x = x.to(param.device)
+        maps, _ = bundle_segmentation_cam(
+            self.target.bundle, x, self.target.index, layer=self.layer, method=self.method, normalize=True
+        )
+        return maps
+
+
+def target_info(model: Any) -> dict[str, Any]:
+    """Report fields of a model spec: the label of a :class:`SegmentationTarget`, nothing for a network."""
+    return model.info() if isinstance(model, SegmentationTarget) else {}
 
 
 #: Method 1 (every CAM method of the registry) and Method 2 (``featuremap``)
@@ -71,8 +153,20 @@ def verification_method(method: str) -> str:
         raise ValueError(f"method must be one of {METHODS} (gradcam++ = gradcampp), got {method!r}") from None
 
 
-def map_fn(model: torch.nn.Module, layer: str, method: str, class_idx: Any) -> MapFn:
-    """The map function of ``method`` (one of :data:`METHODS`) at ``layer`` of ``model``."""
+def map_fn(model: torch.nn.Module | SegmentationTarget, layer: str, method: str, class_idx: Any) -> MapFn:
+    """The map function of ``method`` (one of :data:`METHODS`) at ``layer`` of ``model``.
+
+    A :class:`SegmentationTarget` gives the Seg-Grad-CAM of its label (``class_idx`` is not used: the target carries
+    the label) or, for ``featuremap``, the feature maps of its network.
+
+    Example:
+        >>> fn = map_fn(SegmentationTarget(bm, "spleen"), bm.target_layer, "gradcam", None)
+        >>> maps = fn(x)  # (B, 1, *spatial), normalised to [0, 1]
+    """
+    if isinstance(model, SegmentationTarget):
+        if method == "featuremap":
+            return FeatureMap(model.network, layer)
+        return _SegCAMOnDevice(model, layer, verification_method(method))
     if method == "featuremap":
         return FeatureMap(model, layer)
     return _CAMOnDevice(make_cam(model, layer, method), model, class_idx)
@@ -114,7 +208,8 @@ def run_verification(
     ``reference_map.nii.gz/.png/.json``, ``verifier.skops`` and TensorBoard scalars in ``tensorboard/``.
 
     Args:
-        reference: ``(model, layer)`` of the reference model.
+        reference: ``(model, layer)`` of the reference model (a :class:`SegmentationTarget` for a segmentation
+            bundle, here and in ``candidates``).
         candidates: ``{name: (model, layer, label)}``, label 1 = trained on similar data (suitable), 0 = not.
         data: re-iterable batches (``DataLoader`` or list of batch dicts) with ``image_key`` (B, C, *spatial) and
             optional ``id_key`` / ``subject_key``.
@@ -212,9 +307,10 @@ def run_verification(
         "method": method,
         "protocol": protocol,
         "reference_layer": reference[1],
+        **({"reference_target": target_info(reference[0])} if target_info(reference[0]) else {}),
         "n_rows": len(table),
         "n_samples": int(table["sample_id"].nunique()),
-        "models": {n: {"layer": spec[1], "label": spec[2]} for n, spec in candidates.items()},
+        "models": {n: {"layer": spec[1], "label": spec[2], **target_info(spec[0])} for n, spec in candidates.items()},
         "cross_validation": cv.to_dict(),
         "cross_validation_secondary": secondary,
         "model_level": {
