@@ -17,7 +17,7 @@ from torch import nn
 from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.verification.reference import ReferenceMap, reference_map
 from monai_gamverify.verification.tables import feature_table, summary_table
-from monai_gamverify.verification.verifier import SuitabilityVerifier, roc_png
+from monai_gamverify.verification.verifier import SuitabilityVerifier, forest_proba, pack_forest, roc_png
 from monai_gamverify.verification.workflow import run_verification
 from monai_gamverify.visualize.cam import GradCAM
 
@@ -196,6 +196,24 @@ def test_verifier_separates_easy_table_and_is_chance_on_permuted_labels():
     assert 0.3 < auc < 0.7
     weighted = ver.cross_validate(table, n_splits=5, average="weighted", groups=None)
     assert weighted.params["groups"] is None and weighted.mean["f1"] > 0.9
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_depth": 3}, {"class_weight": "balanced", "min_samples_leaf": 3}])
+def test_packed_forest_equals_sklearn_predict_proba(kw):
+    """The few-rows path (every tree walked at once in numpy) gives the forest's own probabilities, ties included."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 5)).round(1)  # rounded: many values sit exactly on split thresholds
+    y = (X[:, 0] + 0.5 * rng.normal(size=120) > 0).astype(int)
+    forest = RandomForestClassifier(40, random_state=0, **kw).fit(X, y)
+    test = np.vstack([rng.normal(size=(30, 5)).round(1), X[:10]])
+    np.testing.assert_allclose(forest_proba(pack_forest(forest), test), forest.predict_proba(test), atol=1e-12)
+    ver = SuitabilityVerifier(n_estimators=40, random_state=0).fit(X, y)
+    one = ver.predict_proba(test[:1])  # the packed path
+    np.testing.assert_allclose(one, ver.model_.predict_proba(test[:1]), atol=1e-12)
+    many = np.vstack([test] * 3)  # more than 64 rows: scikit-learn's path, same numbers
+    np.testing.assert_allclose(ver.predict_proba(many)[:1], one, atol=1e-12)
 
 
 def test_estimator_api_and_importances():

@@ -432,7 +432,8 @@ class Screen:
                 "p_value": p,
                 "reasons": reasons,
                 "notes": checks if ok else [],
-                "statistic": float(stat[i]) if np.isfinite(stat[i]) else float("nan"),
+                # a hard failure is the most atypical an image can be, whatever the detectors could score
+                "statistic": float("inf") if hard else float(stat[i]) if np.isfinite(stat[i]) else float("nan"),
             }
             for j, d in enumerate(DETECTORS):
                 if d in self._active():

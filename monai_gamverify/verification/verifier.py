@@ -30,6 +30,8 @@ __all__ = [
     "SuitabilityVerifier",
     "CrossValidationResult",
     "roc_png",
+    "pack_forest",
+    "forest_proba",
 ]
 
 _FORMAT = "monai-gamverify.SuitabilityVerifier"
@@ -91,6 +93,55 @@ class CrossValidationResult:
             "mean": self.mean,
             "std": self.std,
         }
+
+
+#: up to this many rows, :meth:`SuitabilityVerifier.predict_proba` walks the packed trees in numpy
+_FEW_ROWS = 64
+
+
+def pack_forest(forest: RandomForestClassifier) -> dict[str, np.ndarray]:
+    """The trees of a fitted classification forest as padded (n_trees, max_nodes) arrays for :func:`forest_proba`.
+
+    Example:
+        >>> packed = pack_forest(RandomForestClassifier(5, random_state=0).fit(X, y))
+    """
+    trees = [est.tree_ for est in forest.estimators_]
+    if any(t.n_outputs != 1 for t in trees):
+        raise ValueError("pack_forest handles single-output forests only")
+    width, n_cls = max(t.node_count for t in trees), trees[0].value.shape[2]
+    left = np.full((len(trees), width), -1, dtype=np.int64)
+    right = np.full_like(left, -1)
+    feature = np.zeros_like(left)
+    threshold = np.zeros((len(trees), width), dtype=np.float64)
+    value = np.zeros((len(trees), width, n_cls), dtype=np.float64)
+    for i, t in enumerate(trees):
+        n = t.node_count
+        left[i, :n], right[i, :n] = t.children_left, t.children_right
+        feature[i, :n] = np.maximum(t.feature, 0)  # leaves carry -2: any column will do, they never move
+        threshold[i, :n] = t.threshold
+        v = t.value[:, 0, :].astype(np.float64)
+        value[i, :n] = v / np.maximum(v.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    depth = max(t.max_depth for t in trees)
+    return {"left": left, "right": right, "feature": feature, "threshold": threshold, "value": value,
+            "depth": np.asarray(depth)}  # fmt: skip
+
+
+def forest_proba(packed: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+    """Class probabilities of a packed forest (:func:`pack_forest`): every tree walked at once, ``depth`` steps; the
+    features are compared as float32, as scikit-learn's trees do, so the answer equals ``predict_proba``."""
+    x = np.asarray(X, dtype=np.float32).astype(np.float64)
+    n_trees = packed["left"].shape[0]
+    rows = np.arange(x.shape[0])[None, :]
+    trees = np.arange(n_trees)[:, None]
+    node = np.zeros((n_trees, x.shape[0]), dtype=np.int64)
+    for _ in range(int(packed["depth"]) + 1):
+        left = packed["left"][trees, node]
+        inner = left >= 0
+        if not inner.any():
+            break
+        go_left = x[rows, packed["feature"][trees, node]] <= packed["threshold"][trees, node]
+        node = np.where(inner, np.where(go_left, left, packed["right"][trees, node]), node)
+    return packed["value"][trees, node].mean(axis=0)
 
 
 class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
@@ -198,10 +249,20 @@ class SuitabilityVerifier(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
-        """(n, 2) class probabilities; column 1 is P(suitable)."""
+        """(n, 2) class probabilities; column 1 is P(suitable).
+
+        A few rows (one image per request in a server) go through all trees at once in numpy
+        (:func:`forest_proba`, the same numbers as the forest's own ``predict_proba``, about 100x faster for one row);
+        more rows use scikit-learn's.
+        """
         check_is_fitted(self, "model_")
         arr, _ = self._matrix(X, list(self.feature_names_in_))
-        return self.model_.predict_proba(arr)
+        if arr.shape[0] > _FEW_ROWS:
+            return self.model_.predict_proba(arr)
+        packed = getattr(self, "_packed", None)
+        if packed is None or packed[0] is not self.model_:
+            packed = self._packed = (self.model_, pack_forest(self.model_))
+        return forest_proba(packed[1], arr)
 
     def predict(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         """Predicted labels (1 = suitable, 0 = not)."""

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged
 from torch import nn
@@ -481,13 +482,9 @@ class ImagePipeline:
             raise ValueError("no verifier configured")
         if not features:
             return []
-        import pandas as pd  # pandas only when verifying (not on the import path of the engine)
-
         cols = [str(c) for c in self.verifier.feature_names_in_]
-        return [
-            float(p)
-            for p in self.verifier.predict_proba(pd.DataFrame([{c: f[c] for c in cols} for f in features]))[:, 1]
-        ]
+        rows = np.array([[float(f[c]) for c in cols] for f in features], dtype=np.float64)  # the verifier's order
+        return [float(p) for p in self.verifier.predict_proba(rows)[:, 1]]
 
     def verify(self, results: Sequence[ImageResult]) -> list[Exception | None]:
         """Features, P(suitable) and verdicts of a batch of results (in place); returns the error of each (or None)."""
