@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = [
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 #: relative position inside the window above which a voxel counts as foreground (CT: -700 HU for [-1000, 2000])
 FOREGROUND_LEVEL = 0.1
+#: voxels above which the percentiles and the histogram use a fixed stride of the volume
+MAX_SAMPLE = 1 << 18
 
 
 @dataclass
@@ -147,10 +150,15 @@ def intensity_window_of(preprocessing: Any) -> tuple[float, float] | None:
 
 
 def _orientation(affine: np.ndarray) -> str:
+    return _orientation_of(tuple(np.asarray(affine, dtype=np.float64).reshape(-1).tolist()))
+
+
+@functools.lru_cache(maxsize=256)
+def _orientation_of(flat_affine: tuple[float, ...]) -> str:  # a cohort shares a few affines: ask nibabel once each
     from nibabel.orientations import aff2axcodes
 
     try:
-        return "".join(aff2axcodes(affine))
+        return "".join(aff2axcodes(np.asarray(flat_affine).reshape(4, 4)))
     except Exception:  # a degenerate affine has no orientation: report it instead of failing
         return "unknown"
 
@@ -237,7 +245,8 @@ def profile_image(
     if len(spacing) != len(shape):  # an affine of another rank than the array (e.g. 2D image, 3D affine)
         spacing = tuple(list(spacing[: len(shape)]) + [1.0] * max(0, len(shape) - len(spacing)))
     fov = tuple(float(s * n) for s, n in zip(spacing, shape))
-    flat = arr.reshape(-1).astype(np.float64, copy=False)
+    # float32 images stay float32 (a float64 copy of a large volume costs time and memory); sums in float64 below
+    flat = arr.reshape(-1) if arr.dtype in (np.float32, np.float64) else arr.reshape(-1).astype(np.float64)
     finite_mask = np.isfinite(flat)
     n_nonfinite = int(flat.size - finite_mask.sum())
     values = flat[finite_mask] if n_nonfinite else flat
@@ -263,7 +272,10 @@ def profile_image(
     vmin, vmax = float(values.min()), float(values.max())
     if vmin == vmax:
         failures.append(f"constant volume (every voxel is {vmin:g})")
-    pct = np.percentile(values, PERCENTILES)
+    # order statistics and the histogram of a large volume from a fixed stride of its voxels (deterministic; the
+    # percentiles of 256^3 voxels from 2^18 of them move by well under a percent of the range, at 1/60 of the cost)
+    sample = values[:: max(1, -(-values.size // MAX_SAMPLE))]
+    pct = np.percentile(sample, PERCENTILES)
     percentiles = {f"p{q}": float(v) for q, v in zip(PERCENTILES, pct)}
     frac_below = frac_inside = frac_above = None
     if window is not None:
@@ -282,12 +294,15 @@ def profile_image(
         fg = float(np.mean(values > a_min + FOREGROUND_LEVEL * (a_max - a_min)))
         rng = hist_range or (a_min, a_max)
     else:
-        fg = float(np.mean(values > otsu_threshold(values))) if vmin != vmax else 0.0
+        fg = float(np.mean(values > otsu_threshold(sample))) if vmin != vmax else 0.0
         rng = hist_range or (percentiles["p1"], percentiles["p99"])
     lo, hi = float(rng[0]), float(rng[1])
     if not hi > lo:
         hi = lo + 1.0
-    hist, _ = np.histogram(np.clip(values, lo, hi), bins=hist_bins, range=(lo, hi))
+    # uniform bins by index arithmetic (np.histogram's own method, without its edge bookkeeping); the clipped ends
+    # land in the end bins
+    idx = ((np.clip(sample, lo, hi) - lo) * (hist_bins / (hi - lo))).astype(np.int64)
+    hist = np.bincount(np.minimum(idx, hist_bins - 1), minlength=hist_bins)
     hist = hist / max(hist.sum(), 1)
     prof = DataProfile(
         name=name,
@@ -299,8 +314,8 @@ def profile_image(
         dtype=str(arr.dtype),
         n_nonfinite=n_nonfinite,
         percentiles=percentiles,
-        mean=float(values.mean()),
-        std=float(values.std()),
+        mean=float(values.mean(dtype=np.float64)),
+        std=float(values.std(dtype=np.float64)),
         vmin=vmin,
         vmax=vmax,
         window=None if window is None else (float(window[0]), float(window[1])),
@@ -338,9 +353,22 @@ def layout_moments(tensor: Any) -> np.ndarray:
         return np.full(nd + nd * (nd + 1) // 2, np.nan)
     axes = [torch.linspace(-0.5, 0.5, int(n), dtype=torch.float64) for n in mass.shape]
 
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+
     def projection(keep: tuple[int, ...]) -> torch.Tensor:
-        drop = [a for a in range(nd) if a not in keep]
-        return mass.sum(dim=drop, dtype=torch.float64) if drop else mass.double()
+        # a 1D projection from a 2D one already made (one pass over the volume per axis pair, not per axis)
+        if keep not in cache:
+            drop = [a for a in range(nd) if a not in keep]
+            pair = next((k for k in cache if len(k) == 2 and set(keep) < set(k)), None)
+            if pair is not None:
+                cache[keep] = cache[pair].sum(dim=1 - pair.index(keep[0]))
+            else:
+                cache[keep] = mass.sum(dim=drop, dtype=torch.float64) if drop else mass.double()
+        return cache[keep]
+
+    if nd == 3:
+        for pair in ((0, 1), (0, 2), (1, 2)):
+            projection(pair)
 
     centre = [float((projection((i,)) * axes[i]).sum() / total) for i in range(nd)]
     second = []
