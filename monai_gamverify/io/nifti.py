@@ -66,7 +66,7 @@ def save_nifti(data: Any, path: str | os.PathLike, reference: Any = None, dtype:
     return out
 
 
-def save_map(cam: Any, path: str | os.PathLike, reference: Any = None) -> Path:
+def save_map(cam: Any, path: str | os.PathLike, reference: Any = None, durable: bool = True) -> Path:
     """Write a map as float32 ``.nii.gz`` atomically: the bytes ``io.save_nifti`` writes before compression, gzip
     level 1 (nibabel's default level), built with ``Nifti1Image.to_bytes`` and one ``zlib`` call.
 
@@ -78,6 +78,9 @@ def save_map(cam: Any, path: str | os.PathLike, reference: Any = None) -> Path:
         cam: (*spatial) or (1, *spatial) array or tensor.
         path: output ``.nii.gz`` file.
         reference: the image the map belongs to (``MetaTensor``), its 4x4 affine, or ``None`` (identity).
+        durable: write atomically and ``fsync`` (results that must survive a crash); ``False`` writes the bytes
+            straight into ``path`` (a server's temporary answer file, deleted once sent: the sync costs more than
+            the map).
 
     Returns:
         The written path.
@@ -91,8 +94,12 @@ def save_map(cam: Any, path: str | os.PathLike, reference: Any = None) -> Path:
     raw = nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), affine_of(reference)).to_bytes()
     gz = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip container
     out = Path(path)
+    data = gz.compress(raw) + gz.flush()
+    if not durable:
+        out.write_bytes(data)
+        return out
     with atomic_path(out) as tmp:
-        tmp.write_bytes(gz.compress(raw) + gz.flush())
+        tmp.write_bytes(data)
     return out
 
 

@@ -162,6 +162,11 @@ class SuitabilityPipeline:
         """
         stem = name or image_stem(image)
         res = self.engine.run(image, out_dir, name=f"{stem}_cam", overlay=False, summary=False)
+        return self.result_dict(res, res.files["map"])
+
+    def result_dict(self, res: Any, cam: str | os.PathLike) -> dict[str, Any]:
+        """The JSON-ready answer of :meth:`run` for an engine result ``res`` whose map was written to ``cam``."""
+        image = res.image
         out: dict[str, Any] = {
             "image": str(image),
             "prediction": res.prediction,
@@ -173,7 +178,7 @@ class SuitabilityPipeline:
             out["outputs"] = [float(v) for v in res.logits.tolist()]
         out.update(
             energy=res.energy,
-            cam=res.files["map"],
+            cam=str(cam),
             cam_layer=self.layer,
             cam_method=self.method,
             garbage=res.garbage,

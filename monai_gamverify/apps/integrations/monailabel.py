@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 from monai_gamverify.bundle import load_checkpoint
+from monai_gamverify.io import save_map
 
 __all__ = [
     "check_bundle_for_monailabel",
@@ -489,20 +491,26 @@ class SuitabilityInfer:
         """
         image = self._image(request)
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix="gamverify_infer_")) if self.output_dir is None else None
         try:
-            res = self.pipeline.run(image, tmp or self.output_dir, name=request.get("result_name"))
-            cam_file = res["cam"]
-            if tmp is not None:  # one file outside the folder: the server removes it after answering
-                fd, cam_file = tempfile.mkstemp(prefix="gamverify_", suffix="_cam.nii.gz")
-                os.close(fd)
-                shutil.move(res["cam"], cam_file)
+            if self.output_dir is not None:
+                res = self.pipeline.run(image, self.output_dir, name=request.get("result_name"))
+                cam_file = res["cam"]
+                shape = list(nib.load(cam_file).shape)
+            else:  # one temporary file, written in place (no folder, no sync): the server removes it after answering
+                engine = self.pipeline.engine
+                raw, x = engine.load(image)
+                found = engine.explain(x, raw, source=str(image))
+                # the map goes back on the input grid and is compressed (zlib releases the GIL) while the
+                # similarity features and the forest run here
+                writing = self._writer().submit(_write_answer_map, engine, found)
+                errors = engine.verify([found])
+                cam_file, shape = writing.result()
+                if errors[0] is not None:
+                    os.unlink(cam_file)
+                    raise errors[0]
+                res = self.pipeline.result_dict(found, cam_file)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from err
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-        shape = list(nib.load(cam_file).shape)
         result = {
             "label": res["prediction_name"],
             "label_index": res["prediction"],
@@ -510,7 +518,7 @@ class SuitabilityInfer:
             "outputs": res.get("outputs"),
             "cam": {
                 "in_response": True,
-                "path": cam_file if tmp is None else None,
+                "path": cam_file if self.output_dir is not None else None,
                 "shape": shape,
                 "layer": res["cam_layer"],
                 "method": res["cam_method"],
@@ -532,6 +540,11 @@ class SuitabilityInfer:
             "latencies": {"total": round(time.perf_counter() - start, 3)},
         }
         return cam_file, {k: v for k, v in result.items() if not (k == "outputs" and v is None)}
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gamverify-map")
+        return self._pool
 
     @staticmethod
     def _image(request: Mapping[str, Any]) -> str | os.PathLike:
@@ -592,6 +605,19 @@ class SuitabilityInfer:
 # the MONAI Label subclass, built only when monailabel imports
 # ----------------------------------------------------------------------------------------------------------------------
 _TASK_CLASS: type | None = None
+
+
+def _write_answer_map(engine: Any, found: Any) -> tuple[str, list[int]]:
+    """The map of an engine result on the input grid in a new temporary ``.nii.gz`` (path, spatial shape)."""
+    cam, ref = engine.on_input_grid(found)
+    fd, cam_file = tempfile.mkstemp(prefix="gamverify_", suffix="_cam.nii.gz")
+    os.close(fd)
+    try:
+        save_map(cam, cam_file, reference=ref, durable=False)
+    except BaseException:
+        os.unlink(cam_file)
+        raise
+    return cam_file, [int(v) for v in cam.shape[1:]]
 
 
 def _build_task_class() -> type:
