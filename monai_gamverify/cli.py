@@ -4,6 +4,7 @@ version``; ``--help``. The one place that prints and exits; the library logs and
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "screen_fit", "screen_run", "version"]
@@ -247,8 +248,6 @@ def demo(
     Example:
         gamverify demo --out demo_out
     """
-    import logging
-
     from tqdm.auto import tqdm
 
     from monai_gamverify.apps.demo import run_demo
@@ -295,9 +294,23 @@ def version() -> str:
     return f"monai-gamverify {monai_gamverify.__version__} (monai {monai.__version__}, torch {torch.__version__})"
 
 
+def _quiet_known_noise() -> None:
+    """Silence two MONAI messages that every command would print and that tell a user nothing actionable: the
+    ``Orientationd`` ``labels`` default-change notice (bundles written before MONAI 1.5 do not pass ``labels``) and
+    the nvImageCodec notice of MONAI's DICOM reader on a machine without nvImageCodec (pydicom decodes instead).
+    The library itself leaves MONAI's warnings alone; this is for the command line only."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*Orientationd.*Current default value of argument `labels=")
+    warnings.filterwarnings("ignore", message=r"NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Entry point of the ``gamverify`` console script."""
     import fire
+
+    _quiet_known_noise()
 
     commands = {
         "demo": demo,
