@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start a real MONAI Label server (127.0.0.1) with the gamverify app shipped in the package, send good and bad
-# requests with curl, print one line per check, stop the server and exit non-zero if a check failed.
+# Start a real MONAI Label server (127.0.0.1) with the gamverify app shipped in the package (a classification bundle
+# and a model-zoo-style segmentation bundle), send good and bad requests with curl, print one line per check, stop the
+# server and exit non-zero if a check failed.
 #
 #   ML_VENV=/work/ml-venv bash scripts/check_monailabel.sh         # MONAI Label's own venv (numpy<2)
 #
@@ -45,7 +46,7 @@ echo "== app, bundle, studies"
 python -m monai_gamverify.apps.integrations.monailabel app --out "$WORK/app" | head -1
 mkdir -p "$WORK/app/model/sos_staging"
 cp -r "$REPO/bundles/sos_staging/configs" "$WORK/app/model/sos_staging/"
-python - "$WORK" "$OVR" <<'EOF'
+python - "$WORK" "$OVR" "$REPO" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -80,6 +81,11 @@ nib.save(nib.Nifti1Image(ref, np.eye(4)), str(work / "reference_map.nii.gz"))
 table = pd.DataFrame(rng.uniform(0, 1, (40, len(DEFAULT_METRICS))), columns=list(DEFAULT_METRICS))
 table["label"] = (table["cosine"] > 0.5).astype(int)
 SuitabilityVerifier(n_estimators=15, random_state=0).fit(table).save(work / "verifier.skops")
+# a segmentation bundle in the model zoo's form (MONAI UNet, SlidingWindowInferer, channel_def background/spleen)
+sys.path.insert(0, str(Path(sys.argv[3]) / "tests"))
+from _zoo_bundles import write_seg_bundle  # noqa: E402
+
+write_seg_bundle(work / "app" / "model" / "seg_tiny", fmt="json", seed=4)
 EOF
 echo "check_bundle_for_monailabel without overrides: $(python -m monai_gamverify.apps.integrations.monailabel check \
     "$WORK/app/model/sos_staging" | python -c 'import json,sys; r=json.load(sys.stdin); print("ok" if r["ok"] else "problem: " + r["problems"][0][:160])' || true)"
@@ -89,8 +95,9 @@ echo "check_bundle_for_monailabel with overrides:    $(python -m monai_gamverify
 echo "== start_server"
 T0=$(date +%s)
 TMPDIR="$SERVER_TMP" monailabel start_server --app "$WORK/app" --studies "$WORK/studies" --host 127.0.0.1 \
-    --port "$PORT" --conf gamverify_overrides "$OVR" \
-    --conf gamverify_reference "$WORK/reference_map.nii.gz" --conf gamverify_verifier "$WORK/verifier.skops" \
+    --port "$PORT" --conf gamverify_overrides "{\"sos_staging\":$OVR}" \
+    --conf gamverify_reference "{\"sos_staging\":\"$WORK/reference_map.nii.gz\"}" \
+    --conf gamverify_verifier "{\"sos_staging\":\"$WORK/verifier.skops\"}" \
     > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 240); do
@@ -114,8 +121,9 @@ body() { head -c 220 "$1" | tr '\n' ' '; }
 python - "$WORK/info.json" <<'EOF'
 import json, sys
 info = json.load(open(sys.argv[1]))
-m = info["models"]["sos_staging"]
+m, g = info["models"]["sos_staging"], info["models"]["seg_tiny"]
 print(f"ok   GET /info/: models {sorted(info['models'])}, type {m['type']}, labels {sorted(m['labels'], key=m['labels'].get)}")
+print(f"ok   GET /info/: seg_tiny type {g['type']}, labels {g['labels']}")
 EOF
 
 s=$(req "$WORK/r.json" "$URL/infer/sos_staging?image=case_0&output=json")
@@ -142,18 +150,30 @@ s=$(req "$WORK/e.json" "$URL/infer/sos_staging?image=flat2d&output=json");      
 s=$(req "$WORK/e.json" "$URL/infer/no_such_model?image=case_0&output=json");      check "unknown model" 404 "$s" "$(body "$WORK/e.json")"
 s=$(req "$WORK/r.json" "$URL/infer/sos_staging?image=case_0&output=json");        check "server goes on after bad requests" 200 "$s" ""
 
+s=$(req "$WORK/seg.nii.gz" "$URL/infer/seg_tiny?image=case_0&output=image")
+check "segmentation: label map (body)" 200 "$s" "$(python -c 'import nibabel as nib,numpy as np,sys; i=nib.load(sys.argv[1]); d=np.asarray(i.dataobj); print(i.shape, d.dtype, "labels", sorted(np.unique(d).tolist()), "affine diag", [round(float(v), 2) for v in i.affine.diagonal()[:3]])' "$WORK/seg.nii.gz")"
+s=$(curl -s -o "$WORK/segcam.nii.gz" -w '%{http_code}' -X POST -F 'params={"result":"cam","label":"spleen"}' "$URL/infer/seg_tiny?image=case_1&output=image")
+check "segmentation: Seg-Grad-CAM (result=cam)" 200 "$s" "$(python -c 'import nibabel as nib,sys; i=nib.load(sys.argv[1]); d=i.get_fdata(); print(i.shape, "range [%.2f, %.2f]" % (d.min(), d.max()))' "$WORK/segcam.nii.gz")"
+s=$(req "$WORK/seg.json" "$URL/infer/seg_tiny?image=case_2&output=json")
+check "segmentation: json" 200 "$s" "$(python -c 'import json,sys; r=json.load(open(sys.argv[1])); print("voxels", r["voxels"], "explained", r["cam"]["label"])' "$WORK/seg.json")"
+s=$(curl -s -o "$WORK/e.json" -w '%{http_code}' -X POST -F 'params={"label":"liver"}' "$URL/infer/seg_tiny?image=case_0&output=json")
+check "segmentation: unknown label" 422 "$s" "$(body "$WORK/e.json")"
+
 echo "== timing: $N_TIMED requests each (output=json), median wall time per request"
-for route in sos_staging sos_staging_predict; do
+for route in sos_staging sos_staging_predict seg_tiny seg_tiny_predict; do
     : > "$WORK/t_$route.txt"
     for i in $(seq 1 "$N_TIMED"); do
         curl -s -o /dev/null -w '%{time_total}\n' -X POST "$URL/infer/$route?image=case_$(( i % 3 ))&output=json" >> "$WORK/t_$route.txt"
     done
 done
-python - "$WORK/t_sos_staging.txt" "$WORK/t_sos_staging_predict.txt" <<'EOF'
+python - "$WORK" <<'EOF'
 import statistics, sys
-full, plain = ([float(x) for x in open(f).read().split()] for f in sys.argv[1:])
-mf, mp = statistics.median(full), statistics.median(plain)
-print(f"suitability task {mf:.3f} s, plain predict {mp:.3f} s, ratio {mf / mp:.2f}")
+med = {r: statistics.median(float(x) for x in open(f"{sys.argv[1]}/t_{r}.txt").read().split())
+       for r in ("sos_staging", "sos_staging_predict", "seg_tiny", "seg_tiny_predict")}
+print(f"classification: suitability task {med['sos_staging']:.3f} s, plain predict {med['sos_staging_predict']:.3f} s, "
+      f"ratio {med['sos_staging'] / med['sos_staging_predict']:.2f}")
+print(f"segmentation: label map + Seg-Grad-CAM {med['seg_tiny']:.3f} s, label map only {med['seg_tiny_predict']:.3f} s, "
+      f"ratio {med['seg_tiny'] / med['seg_tiny_predict']:.2f}")
 EOF
 
 sleep 1  # background tasks remove the result files after the answer

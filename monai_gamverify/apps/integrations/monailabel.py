@@ -36,14 +36,17 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 from monai_gamverify.bundle import load_checkpoint
-from monai_gamverify.io import save_map
+from monai_gamverify.io import save_map, save_nifti
+from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
 
 __all__ = [
     "check_bundle_for_monailabel",
@@ -328,6 +331,8 @@ def task_options(conf: Mapping[str, Any], name: str, names: Sequence[str] = ()) 
     - ``gamverify_screen``: a saved in-distribution screen (``gamverify screen fit``): the answer's ``screen`` holds
       ``in_distribution``, ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` first;
     - ``gamverify_threshold``, ``gamverify_garbage_threshold``: numbers;
+    - ``gamverify_label``: segmentation bundles, the label whose Seg-Grad-CAM is computed (name or channel; default
+      the first channel after the background; a request's ``label`` param overrides it);
     - ``gamverify_allow_random_weights``: ``true`` serves a bundle without ``models/model.pt`` (demo / test only).
 
     Args:
@@ -358,6 +363,7 @@ def task_options(conf: Mapping[str, Any], name: str, names: Sequence[str] = ()) 
         ("gamverify_screen", "screen", str),
         ("gamverify_threshold", "threshold", float),
         ("gamverify_garbage_threshold", "garbage_threshold", float),
+        ("gamverify_label", "label", str),
     ):
         value = _conf_json(conf, key)
         if isinstance(value, dict):
@@ -457,6 +463,7 @@ class SuitabilityInfer:
         verifier: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
         description: str | None = None,
+        label: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         self.pipeline = SuitabilityPipeline(bundle_root, reference=reference, verifier=verifier, **kwargs)
@@ -466,6 +473,17 @@ class SuitabilityInfer:
         self.labels = self.pipeline.label_map()
         self.dimension = self.pipeline.spatial_dims or 3
         self.version = meta.get("version")
+        self.task = "segmentation" if self.pipeline.bundle.task == "segmentation" else "classification"
+        names = list(self.pipeline.bundle.class_names)
+        if self.task == "segmentation":
+            sigmoid = bundle_activation(self.pipeline.bundle) == "sigmoid"
+            # default: the first label after the background (softmax), the first channel (sigmoid: no background)
+            self.label = label_index((0 if sigmoid else 1) if label is None else label, names)
+            # MONAI Label's segmentation labels: name -> value in the label file, background (0) implied
+            shift = 1 if sigmoid else 0
+            self.labels = {n: i + shift for i, n in enumerate(names) if i + shift > 0}
+        elif label is not None:
+            raise ValueError("label= is for segmentation bundles; this bundle is a classifier")
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Run one request.
@@ -490,6 +508,8 @@ class SuitabilityInfer:
                 for a 3D network); the message names the problem.
         """
         image = self._image(request)
+        if self.task == "segmentation":
+            return self._segment(request, image, explain=True)
         start = time.perf_counter()
         try:
             if self.output_dir is not None:
@@ -541,6 +561,88 @@ class SuitabilityInfer:
         }
         return cam_file, {k: v for k, v in result.items() if not (k == "outputs" and v is None)}
 
+    def _segment(self, request: Mapping[str, Any], image: str | os.PathLike, explain: bool) -> tuple[str, dict]:
+        """A segmentation bundle's answer: the label map on the input grid (the result file MONAI Label clients
+        display), or with ``explain`` and the request param ``result="cam"`` the Seg-Grad-CAM map instead; the json
+        has the labels' voxel counts, the explained label, and (with a reference/verifier made for that label by
+        ``gamverify verify --label``) the similarity features and the verdict.
+
+        One pass through the bundle's inferer gives both the logits and the CAM (Seg-Grad-CAM: the sum of the
+        label's logits over its predicted mask, window by window through a ``SlidingWindowInferer``)."""
+        start = time.perf_counter()
+        engine, bm = self.pipeline.engine, self.pipeline.bundle
+        names = list(bm.class_names)
+        label = label_index(request.get("label", self.label), names) if explain else None
+        want = str(request.get("result", "label")).lower()
+        if want not in ("label", "cam"):
+            raise ValueError(f"request param result must be 'label' or 'cam', got {request.get('result')!r}")
+        if want == "cam" and not explain:
+            raise ValueError("the label-only route returns no CAM: use the full route")
+        try:
+            _, x = engine.load(image)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from err
+        xb = x.unsqueeze(0).to(engine.device)
+        cam = None
+        if explain:
+            with torch.inference_mode(False), torch.enable_grad():
+                maps, logits = bundle_segmentation_cam(bm, xb, label, layer=engine.target_layers, method=engine.method)
+            cam = maps[0].detach().cpu()
+        else:
+            inferer = bm.inferer() if "inferer" in bm.parser else None
+            with torch.inference_mode():
+                plain_x = xb.as_tensor() if hasattr(xb, "as_tensor") else xb
+                logits = inferer(plain_x, bm.network) if inferer is not None else bm.network(plain_x)
+        logits = (logits.as_tensor() if hasattr(logits, "as_tensor") else logits).detach().float().cpu()[0]
+        sigmoid = bundle_activation(bm) == "sigmoid"
+        probs = logits.sigmoid() if sigmoid else logits.softmax(0)
+        # labels back on the input grid: the probabilities are resampled (smooth boundaries), then decided there
+        probs_in, ref = engine.on_input_grid(SimpleNamespace(cam=probs, input=x))
+        if sigmoid:  # multi-label: one channel per label, 0/1 each; the file holds the first set label per voxel
+            seg = torch.where((probs_in > 0.5).any(0), (probs_in > 0.5).float().argmax(0) + 1, 0)
+        else:
+            seg = probs_in.argmax(0)
+        counts = torch.bincount(seg.reshape(-1), minlength=len(names) + (1 if sigmoid else 0)).tolist()
+        names_out = (["background", *names] if sigmoid else names) or [str(i) for i in range(len(counts))]
+        result: dict[str, Any] = {
+            "task": "segmentation",
+            "labels": {n: i for i, n in enumerate(names_out)},
+            "voxels": {names_out[i] if i < len(names_out) else str(i): int(c) for i, c in enumerate(counts)},
+            "result": want,
+        }
+        fd, out_file = tempfile.mkstemp(prefix="gamverify_", suffix=f"_{want}.nii.gz")
+        os.close(fd)
+        try:
+            if want == "label":
+                save_nifti(seg.to(torch.uint8), out_file, reference=ref, dtype=np.uint8)
+            if cam is not None:
+                cam_in, cam_ref = engine.on_input_grid(SimpleNamespace(cam=cam, input=x))
+                if want == "cam":
+                    save_map(cam_in, out_file, reference=cam_ref, durable=False)
+                result["cam"] = {
+                    "in_response": want == "cam",
+                    "label": names[label] if label < len(names) else str(label),
+                    "label_index": label,
+                    "shape": [int(v) for v in cam_in.shape[1:]],
+                    "layer": engine.target_layers,
+                    "method": engine.method,
+                }
+                verdict: dict[str, Any] = {"verdict": "unverified", "p_suitable": None, "features": None}
+                if engine.reference is not None:
+                    feats = engine.features([cam])[0]
+                    if isinstance(feats, Exception):
+                        raise feats
+                    verdict["features"] = feats
+                    if engine.verifier is not None:
+                        p = engine.suitability([feats])[0]
+                        verdict.update(p_suitable=p, verdict="suitable" if p >= engine.threshold else "not suitable")
+                result["suitability"] = {**verdict, "threshold": engine.threshold}
+        except BaseException:
+            os.unlink(out_file)
+            raise
+        result["latencies"] = {"total": round(time.perf_counter() - start, 3)}
+        return out_file, result
+
     def _writer(self) -> ThreadPoolExecutor:
         if getattr(self, "_pool", None) is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="gamverify-map")
@@ -572,6 +674,8 @@ class SuitabilityInfer:
             >>> _, result = infer.predict({"image": "case.nii.gz"})
         """
         image = self._image(request)
+        if self.task == "segmentation":  # the label map alone: the bundle's inferer, no CAM
+            return self._segment(request, image, explain=False)
         start = time.perf_counter()
         engine = self.pipeline.engine
         _, img = engine.load(image)  # the engine's reading, preprocessing and geometry checks
@@ -592,7 +696,7 @@ class SuitabilityInfer:
     def info(self) -> dict[str, Any]:
         """What MONAI Label shows for the task."""
         return {
-            "type": "classification",
+            "type": self.task,
             "labels": self.labels,
             "dimension": self.dimension,
             "description": self.description,
@@ -661,10 +765,15 @@ def _build_task_class() -> type:
             **kwargs: Any,
         ) -> None:
             conf = dict(conf or {})
-            reference = reference or conf.get("gamverify_reference") or None
-            verifier = verifier or conf.get("gamverify_verifier") or None
-            if "gamverify_threshold" in conf and "threshold" not in kwargs:
-                kwargs["threshold"] = float(conf["gamverify_threshold"])
+
+            def one(key: str) -> Any:  # a value for every bundle; per-bundle objects are task_options' business
+                value = _conf_json(conf, key)
+                return None if isinstance(value, dict) or value == "" else value
+
+            reference = reference or one("gamverify_reference")
+            verifier = verifier or one("gamverify_verifier")
+            if one("gamverify_threshold") is not None and "threshold" not in kwargs:
+                kwargs["threshold"] = float(one("gamverify_threshold"))
             self.predict_only = bool(predict_only)
             # a shared core: the predict route and the full route of one bundle hold one network
             self.core = core or SuitabilityInfer(path, reference=reference, verifier=verifier, **kwargs)
@@ -672,7 +781,7 @@ def _build_task_class() -> type:
             super().__init__(
                 path=str(model) if model.is_file() else None,
                 network=self.core.pipeline.bundle.network,
-                type=InferType.CLASSIFICATION,
+                type=InferType.SEGMENTATION if self.core.task == "segmentation" else InferType.CLASSIFICATION,
                 labels=self.core.labels,
                 dimension=self.core.dimension,
                 description=("label only: " if self.predict_only else "") + self.core.description,
