@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from monai_gamverify.io.dicom import is_dicom_file
 from monai_gamverify.io.nifti import load_image
 
 __all__ = [
@@ -65,6 +66,21 @@ def require_file(path: str | os.PathLike, what: str = "file", hint: str | None =
     return str(path)
 
 
+def _input_problem(key: str, path: str, where: str) -> str | None:
+    """Why ``path`` is no image input, or ``None`` for a file or a directory holding a DICOM file (a series).
+
+    Only existence is checked (the first DICOM file ends the directory scan); reading is :func:`check_image`'s job.
+    """
+    p = Path(path)
+    if p.is_file():
+        return None
+    if p.is_dir():
+        if any(is_dicom_file(f) for f in p.iterdir()):
+            return None
+        return f"{key} directory listed in {where} holds no DICOM file: {path}"
+    return f"{key} file listed in {where} not found: {path} (neither a file nor a DICOM series directory)"
+
+
 def check_image(
     path: str | os.PathLike,
     spatial_dims: int | None = 3,
@@ -75,7 +91,8 @@ def check_image(
     """Read ``path`` completely and check that it is a finite image of the expected dimensionality.
 
     Args:
-        path: image file (NIfTI, NRRD, MHA, ... anything MONAI's ``LoadImage`` reads).
+        path: image file (NIfTI, NRRD, MHA, DICOM, ... anything MONAI's ``LoadImage`` reads) or DICOM series
+            directory.
         spatial_dims: expected number of spatial axes (``None``: no check).
         num_channels: expected number of channels (``None``: no check).
         min_size: every spatial axis must have at least this many voxels (a 2D slice stored as a 3D file with one
@@ -93,8 +110,8 @@ def check_image(
         (1, 32, 32, 32)
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"image file not found: {p}")
+    if not p.is_file() and not p.is_dir():
+        raise DataError(f"image file not found: {p} (neither a file nor a DICOM series directory)")
     try:
         img = load_image(p, channel_first=True, check_finite=check_finite)
     except (MemoryError, torch.cuda.OutOfMemoryError):
@@ -175,7 +192,7 @@ def load_datalist(
     """Entries ``datalist[key]`` of a MONAI (decathlon-style) datalist JSON with absolute paths, checked.
 
     Relative paths in :data:`PATH_KEYS` are resolved against the JSON's directory (as ``gamverify synth`` writes
-    them).
+    them). An image may be a file (NIfTI, single or multi-frame DICOM, ...) or a DICOM series directory.
 
     Args:
         datalist: the JSON file.
@@ -187,7 +204,8 @@ def load_datalist(
         require_label: every entry must have a ``label``.
         num_classes: when given, labels must be integer class indices in ``0..num_classes-1``.
         check: ``"full"`` reads every image completely (corrupted files, shape, NaN), ``"exists"`` only checks that
-            files exist, ``False``/``"none"`` checks nothing but the JSON itself.
+            files exist (a DICOM series directory: that it holds a DICOM file), ``False``/``"none"`` checks nothing
+            but the JSON itself.
         allow_empty: return ``[]`` instead of failing when the list is missing or empty.
 
     Returns:
@@ -230,8 +248,9 @@ def load_datalist(
             _check_label(entry["label"], num_classes, f"{where} ({entry['image']})")
         if check != "none":
             for k in PATH_KEYS:
-                if isinstance(entry.get(k), str) and not Path(entry[k]).is_file():
-                    raise DataError(f"{k} file listed in {where} not found: {entry[k]}")
+                problem = _input_problem(k, entry[k], where) if isinstance(entry.get(k), str) else None
+                if problem:  # a DICOM series directory counts as a file here
+                    raise DataError(problem)
         if check == "full":
             check_image(entry["image"], spatial_dims=spatial_dims, num_channels=num_channels)
         out.append(entry)

@@ -34,6 +34,7 @@ from monai.data import DataLoader, Dataset
 
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.io.names import OutputNamer
 from monai_gamverify.verification.oneclass import run_one_class
 from monai_gamverify.verification.workflow import (
     SegmentationTarget,
@@ -360,8 +361,9 @@ def verify_bundles(
         items = items[: int(max_items)]
     if not items:
         raise ValueError(f"no items to verify on (split {split!r}, max_items={max_items})")
+    namer = OutputNamer()  # unique ids (they group the folds): case_0/CT and case_1/CT (DICOM dirs) are two samples
     for i, item in enumerate(items):
-        item.setdefault("id", Path(item["image"]).name.split(".")[0] or str(i))
+        item.setdefault("id", namer(item["image"]) or str(i))
 
     ref = _load("reference", reference, overrides, device)
 
