@@ -92,6 +92,8 @@ def cam(
             seg = explain_segmentation(pipe, image, out, 1 if label is None else label, box=region)
             print(f"{image_stem(image)}: {method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
                   f"predicted) at {pipe.target_layers} -> {seg['map']}")  # fmt: skip
+            if seg.get("in_distribution") is False:
+                print(f"  out of distribution (p = {seg['p_value']:.3g}): " + "; ".join(seg["reasons"]))
             return seg
     elif network is not None:
         if not layer:
@@ -104,6 +106,7 @@ def cam(
         )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
+    pipe.check_screen("classification")
     result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
     summary = pipe.summary(result)
     probs = result.probabilities

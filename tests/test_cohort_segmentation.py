@@ -13,6 +13,7 @@ import pytest
 from monai_gamverify import cli
 from monai_gamverify.apps.cohort import run_cohort
 from monai_gamverify.apps.cohort.command import main as cohort_main
+from monai_gamverify.screening import Screen
 from tests._zoo_bundles import write_seg_bundle
 
 
@@ -68,5 +69,5 @@ def test_segmentation_cohort_labels_and_errors(seg_cohort, tmp_path, one_thread,
     code = cohort_main([str(tmp_path / "images"), "--bundle_root", str(root), "--out", str(tmp_path / "co2"),
                         "--labels", "liver"])  # fmt: skip
     assert code == 2 and "unknown label 'liver'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not available in a cohort of a segmentation"):
-        run_cohort(tmp_path / "images", tmp_path / "co3", bundle_root=root, screen=object(), progress=False)
+    with pytest.raises(ValueError, match="screen was fitted for a classification model"):  # segmentation: its own
+        run_cohort(tmp_path / "images", tmp_path / "co3", bundle_root=root, screen=Screen(), progress=False)

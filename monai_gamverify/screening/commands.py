@@ -50,6 +50,9 @@ def fit_screen(
     draw). With no calibration split and no calibration dir, a seeded ``calibration_fraction`` of the fit images is
     held out (valid only if the model never saw them). Items labelled with a K+1 model's garbage class are left out.
 
+    A segmentation bundle gets a segmentation screen (:meth:`Screen.from_bundle`): the items' ``label`` entries (label
+    maps) are not read, and the network, when an early-layer detector needs it, runs through the bundle's inferer.
+
     Args:
         bundle_root: the MONAI bundle.
         dataset_dir: the dataset (``datalist.json`` inside unless ``datalist`` is given).
@@ -111,7 +114,9 @@ def fit_screen(
             "model was not trained on them",
             100 * calibration_fraction,
         )
-    labels = [int(e["label"]) for e in fit_items] if all("label" in e for e in fit_items) else None
+    seg = screen.task == "segmentation"
+    # class-conditional detectors: a classification datalist's class indices (a segmentation's labels are files)
+    labels = [int(e["label"]) for e in fit_items] if not seg and all("label" in e for e in fit_items) else None
     screen.fit(
         bm.network,
         [e["image"] for e in fit_items],
@@ -120,6 +125,7 @@ def fit_screen(
         calibration=[e["image"] for e in cal_items] or None,
         calibration_fraction=calibration_fraction,
         seed=seed,
+        inferer=bm.inferer() if seg else None,
     )
     screen.save(out)
     return screen
@@ -181,10 +187,11 @@ def run_screen(
     bm = bundle if bundle is not None else load_screen_bundle(scr, device)
     pre = preprocessing_after_loading(bm)
     cam = make_cam(bm.network, scr.cam_layer, scr.cam_method) if scr.cam_layer is not None else None
+    inferer = bm.inferer() if scr.task == "segmentation" else None
     rows = []
     for path in images:
         try:
-            obs = scr.observe_image(bm.network, read_image(path), pre, cam)
+            obs = scr.observe_image(bm.network, read_image(path), pre, cam, inferer)
         except (FileNotFoundError, ImageReadError) as err:
             if on_error == "raise":
                 raise

@@ -77,6 +77,7 @@ def screen_config(screen: Any) -> dict[str, Any]:
         "bundle": screen.bundle,
         "attention_size": screen.attention_size,
         "use": screen.use,
+        "task": screen.task,  # absent in files of earlier versions: read as "classification"
     }
 
 

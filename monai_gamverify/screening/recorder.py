@@ -2,7 +2,9 @@
 
 :class:`FeatureRecorder` hooks the early layers (their outputs) and the classifier head (its input: the penultimate
 features) and keeps what the **first** forward pass after entering (or :meth:`FeatureRecorder.reset`) produced; the
-later passes of Score-CAM (masked inputs) are ignored. Hooks are removed on exit, whatever happens.
+later passes of Score-CAM (masked inputs) are ignored. With ``reduce="mean"`` (pooled early layers only) it averages
+the pooled activations of every sample of every pass instead: the windows a ``SlidingWindowInferer`` cuts from one
+volume, each with equal weight. Hooks are removed on exit, whatever happens.
 ``visualize.hooks`` records the last call of a layer's *output*; this recorder needs the first call and a
 module's *input*, hence this small helper.
 
@@ -38,16 +40,30 @@ class FeatureRecorder:
         pool: store each early layer's output as its (B, 2C) float64 channel means then standard deviations (what
             the screen uses, :func:`~monai_gamverify.screening.detectors.pool_features` with ``moments=2``) instead
             of a whole copy: a copy of a 16-channel stem output of a 256^3 volume takes 1 GiB.
+        reduce: ``"first"``: the first forward pass; ``"mean"`` (needs ``pool``): the mean of the pooled rows of every
+            pass (a segmentation network run window by window: (1, 2C), the average over the windows). The head's
+            input is always the first pass's.
 
     Attributes:
         activations: dict name -> tensor from the first forward pass since entering or :meth:`reset`.
     """
 
     def __init__(
-        self, model: nn.Module, early_layers: Sequence[str] = (), head: str | None = None, pool: bool = False
+        self,
+        model: nn.Module,
+        early_layers: Sequence[str] = (),
+        head: str | None = None,
+        pool: bool = False,
+        reduce: str = "first",
     ) -> None:
+        if reduce not in ("first", "mean"):
+            raise ValueError(f"reduce must be 'first' or 'mean', got {reduce!r}")
+        if reduce == "mean" and not pool:
+            raise ValueError("reduce='mean' averages pooled activations: pass pool=True")
         self.model = model
         self.pool = bool(pool)
+        self.reduce = reduce
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self.modules = resolve_layers(model, list(early_layers)) if early_layers else {}
         self.head = resolve_layers(model, head)[head] if head else None
         self.activations: dict[str, torch.Tensor] = {}
@@ -55,7 +71,13 @@ class FeatureRecorder:
 
     def _out_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if name not in self.activations and isinstance(output, torch.Tensor):
+            if self.reduce == "mean" and isinstance(output, torch.Tensor):
+                rows = torch.from_numpy(pool_features(output.detach(), moments=2))
+                total, count = self._sums.get(name, (0.0, 0))
+                total, count = rows.sum(0, keepdim=True) + total, count + rows.shape[0]
+                self._sums[name] = (total, count)
+                self.activations[name] = total / count
+            elif name not in self.activations and isinstance(output, torch.Tensor):
                 out = output.detach()
                 self.activations[name] = torch.from_numpy(pool_features(out, moments=2)) if self.pool else out.clone()
 
@@ -79,6 +101,7 @@ class FeatureRecorder:
     def reset(self) -> None:
         """Forget what was recorded (the next forward pass is recorded)."""
         self.activations = {}
+        self._sums = {}
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

@@ -35,6 +35,12 @@ m/alpha - 1``.
 Hard failures of the profile (NaN, constant, wrong dimensionality or channels, a single slice, a window that turns
 the image into a constant) reject regardless, with ``p_value = 0``.
 
+**Segmentation models** (``task="segmentation"``, e.g. a model-zoo UNet with a ``SlidingWindowInferer``) have no
+classifier head, garbage class or class-level CAM: their screen uses ``profile`` and ``layout``, plus the early-layer
+detectors when the bundle declares ``feature_layers``. Only then is the network run (no gradient, through the
+bundle's inferer: :meth:`Screen.record`); the early features are the channel means and stds of each window the
+inferer cuts, averaged over the windows.
+
 Example:
     >>> screen = Screen.from_bundle(bm).fit(bm.network, train_files, labels)
     >>> raw = read_image("new.nii.gz"); x = pre(raw)
@@ -56,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monai_gamverify.bundle import declared_input
 from monai_gamverify.kplus1 import find_classifier_head
 from monai_gamverify.screening.calibration import fit_observations
 from monai_gamverify.screening.common import DETECTORS, Observation
@@ -69,10 +76,14 @@ from monai_gamverify.screening.scores import monotone, raw_scores, statistic
 from monai_gamverify.visualize.hooks import preserved_state
 from monai_gamverify.visualize.registry import make_cam
 
-__all__ = ["Screen", "COMBINE"]
+__all__ = ["Screen", "COMBINE", "TASKS"]
 
 #: ways to combine the detectors into one p-value (the first is the default)
 COMBINE = ("fisher", "maxz", "bonferroni")
+#: the kinds of model a screen is made for
+TASKS = ("classification", "segmentation")
+#: detectors that need nothing but the image and its preprocessed tensor (no model pass)
+_NO_MODEL = ("profile", "layout")
 
 
 def _as_np(x: Any) -> np.ndarray:
@@ -103,6 +114,8 @@ class Screen:
         attention_size: CAMs are average-pooled to at most this many voxels per axis before their similarity
             features are computed.
         use: the detectors to combine (default: every one the model allows); hard failures always apply.
+        task: ``"classification"`` or ``"segmentation"`` (no head, no garbage class, no CAM; early features
+            averaged over the inferer's windows, see :meth:`record`).
 
     Example:
         >>> screen = Screen(window=(-1000, 2000), early_layers=["stem"], head="head", cam_layer="res4")
@@ -128,7 +141,18 @@ class Screen:
         bundle: dict | None = None,
         attention_size: int = 16,
         use: Sequence[str] | None = None,
+        task: str = "classification",
     ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "segmentation":
+            given = {"head": head, "cam_layer": cam_layer, "garbage_index": garbage_index}
+            bad = [k for k, v in given.items() if v is not None]
+            if bad:
+                raise ValueError(
+                    f"a segmentation screen has no classifier head, CAM attention or garbage class: got {bad}; its "
+                    "detectors are the data profile, the layout and the early layers (early_layers=)"
+                )
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         if combine not in COMBINE:
@@ -152,6 +176,7 @@ class Screen:
         if unknown:
             raise ValueError(f"unknown detector(s) {unknown}; choose from {list(DETECTORS)}")
         self.use = None if use is None else [d for d in DETECTORS if d in use]
+        self.task = task
         self.fitted_ = False
 
     # ------------------------------------------------------------------------------------------------ building
@@ -169,32 +194,46 @@ class Screen:
         ``ScaleIntensityRanged``, its feature layers (early), classifier head, CAM layer and method, garbage class
         (a class named ``garbage``), modality and channels from its metadata. ``kwargs`` override any of these.
 
+        A segmentation bundle (``bundle.task == "segmentation"``, not explained slice by slice) gets a segmentation
+        screen: no head, garbage class or attention; ``profile``, ``layout`` and, with ``feature_layers``, the
+        early-layer detectors.
+
         Example:
             >>> screen = Screen.from_bundle(load_bundle("bundles/sos_staging"), alpha=0.05)
         """
         try:
-            head = find_classifier_head(bundle.network)[0]
-        except ValueError:
-            head = None
+            seg = bundle.task == "segmentation" and bundle.slice_axis(3) is None
+        except (ValueError, RuntimeError):  # a network the traced forward cannot run: a classifier's screen, as before
+            seg = False
+        head = garbage = cam_layer = None
+        if not seg:
+            try:
+                head = find_classifier_head(bundle.network)[0]
+            except ValueError:
+                head = None
+            # the config's class names follow overrides (a K+1 bundle adds "garbage"); metadata describes the default
+            class_names = bundle.parser.get_parsed_content("class_names") if "class_names" in bundle.parser else None
+            names = [str(n).lower() for n in (class_names or bundle.class_names)]
+            garbage = names.index("garbage") if "garbage" in names else None
+            cam_layer = bundle.target_layer
         early = list(bundle.feature_layers) or list(getattr(bundle.network, "feature_layers", ()))
-        # the config's class names follow overrides (a K+1 bundle adds "garbage"); metadata describes the default
-        class_names = bundle.parser.get_parsed_content("class_names") if "class_names" in bundle.parser else None
-        names = [str(n).lower() for n in (class_names or bundle.class_names)]
-        garbage = names.index("garbage") if "garbage" in names else None
         image_fmt = bundle.metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
         modality = "CT" if str(image_fmt.get("format", "")).lower() == "hounsfield" else image_fmt.get("modality")
         cam_method = bundle.parser.get_parsed_content("cam_method") if "cam_method" in bundle.parser else "gradcam"
         roi = bundle.parser.get_parsed_content("roi_size") if "roi_size" in bundle.parser else None
+        if roi is None and seg:  # model-zoo segmentation bundles declare the window size of their inferer
+            roi = declared_input(bundle.metadata, bundle.parser)[1]
         settings: dict[str, Any] = {
             "window": intensity_window_of(bundle.preprocessing()),
             "early_layers": early,
             "head": head,
-            "cam_layer": bundle.target_layer,
+            "cam_layer": cam_layer,
             "cam_method": cam_method,
             "garbage_index": garbage,
             "modality": modality,
-            "spatial_dims": len(roi) if roi is not None else 3,
+            "spatial_dims": len(roi) if roi else 3,
             "channels": int(image_fmt.get("num_channels", 1)),
+            "task": "segmentation" if seg else "classification",
             "bundle": {
                 "root": str(Path(bundle.root).resolve()),
                 "config": config,
@@ -210,10 +249,49 @@ class Screen:
         """Names of the detectors this screen uses (its inputs decide: head, early layers, garbage class, CAM)."""
         return self._active()
 
+    @property
+    def needs_network(self) -> bool:
+        """Whether a detector needs the model's pass (``profile`` and ``layout`` need only the image and its
+        preprocessed tensor)."""
+        return any(d not in _NO_MODEL for d in self._active())
+
     def recorder(self, model: nn.Module) -> FeatureRecorder:
         """A :class:`FeatureRecorder` for this screen's layers (early layers pooled as the screen uses them): enter it
-        around the engine's forward pass."""
+        around the engine's forward pass. A segmentation screen averages the pooled activations over every pass
+        (``reduce="mean"``: the windows of a sliding window)."""
+        if self.task == "segmentation":
+            return FeatureRecorder(model, self.early_layers, None, pool=True, reduce="mean")
         return FeatureRecorder(model, self.early_layers, self.head, pool=True)
+
+    def record(
+        self, network: nn.Module, tensor: Any, inferer: Any = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One no-grad pass of a preprocessed (C, *spatial) tensor through ``network`` with :meth:`recorder` entered.
+
+        With an ``inferer`` (a bundle's ``SlidingWindowInferer``) the network runs as the bundle runs it, window by
+        window; a segmentation screen's early features are then the channel means and standard deviations of each
+        window's activations, **averaged over all windows** with equal weight (the first window alone would describe
+        one corner of the volume, often air). Without one (or with any other inferer), one whole-input forward.
+
+        Args:
+            network: the model (eval mode for the pass, its state restored).
+            tensor: (C, *spatial) preprocessed image (a batch axis is added).
+            inferer: the bundle's inferer (``bundle.inferer()``) or ``None``.
+
+        Returns:
+            ``(output, activations)``: the (1, ...) output (stitched by the inferer) and the recorded features.
+
+        Example:
+            >>> logits, acts = screen.record(bm.network, x, bm.inferer())
+            >>> screen.score(raw, tensor=x, activations=acts)
+        """
+        device = next((p.device for p in network.parameters()), torch.device("cpu"))
+        t = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
+        xb = t[None].to(device=device, dtype=torch.float32)
+        with self.recorder(network) as rec, preserved_state(network), torch.no_grad():
+            out = inferer(xb, network) if inferer is not None and callable(inferer) else network(xb)
+        out = out.as_tensor() if hasattr(out, "as_tensor") else out
+        return out, rec.activations
 
     def profile(self, image: Any, tensor: Any = None, name: str | None = None) -> DataProfile:
         """The data profile of a raw channel-first image (hard failures decided here, before any model pass)."""
@@ -280,10 +358,13 @@ class Screen:
         image: Any,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
         cam: Any = None,
+        inferer: Any = None,
     ) -> Observation:
         """Read (a path), profile, preprocess and run ``network`` once (CAM forward/backward with the recorder).
 
-        A hard failure of the profile, or a preprocessing that fails, returns before the model is called.
+        A hard failure of the profile, or a preprocessing that fails, returns before the model is called; so does a
+        screen whose detectors need no model pass (:attr:`needs_network`). A segmentation screen runs the network
+        through ``inferer`` (:meth:`record`); a classification screen ignores it (its CAM sees the whole input).
         """
         img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
         prof = self.profile(img)
@@ -298,6 +379,11 @@ class Screen:
         attach_tensor(prof, x)
         if prof.hard_failures:
             return Observation(prof)
+        if not self.needs_network:
+            return self.observe(tensor=x, profile=prof)
+        if self.task == "segmentation":  # no logits kept: a (K, *spatial) output is nothing the detectors use
+            _, acts = self.record(network, x, inferer)
+            return self.observe(tensor=x, activations=acts, profile=prof)
         device = next((p.device for p in network.parameters()), torch.device("cpu"))
         xb = x[None].to(device=device, dtype=torch.float32)
         maps = None
@@ -335,6 +421,7 @@ class Screen:
         calibration: Sequence[Any] | None = None,
         calibration_fraction: float = 0.35,
         seed: int = 0,
+        inferer: Any = None,
     ) -> Screen:
         """Fit the detectors on in-distribution images and calibrate them on held-out in-distribution images.
 
@@ -353,6 +440,7 @@ class Screen:
                 of ``images``).
             calibration_fraction: share of ``images`` held out when ``calibration`` is ``None``.
             seed: seed of the fit/calibration split.
+            inferer: a segmentation bundle's inferer (``bundle.inferer()``), see :meth:`observe_image`.
 
         Returns:
             self.
@@ -364,8 +452,10 @@ class Screen:
             p1 = float(np.median([p.percentiles["p1"] for p in good]))
             p99 = float(np.median([p.percentiles["p99"] for p in good]))
             self.hist_range_ = (p1, p99 if p99 > p1 else p1 + 1.0)
-        obs = [self.observe_image(network, img, preprocess, cam) for img in images]
-        cal = None if calibration is None else [self.observe_image(network, i, preprocess, cam) for i in calibration]
+        obs = [self.observe_image(network, img, preprocess, cam, inferer) for img in images]
+        cal = None
+        if calibration is not None:
+            cal = [self.observe_image(network, i, preprocess, cam, inferer) for i in calibration]
         everything = list(images) + list(calibration or [])
         names = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {j}" for j, i in enumerate(everything)]
         return self.fit_observations(

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -100,11 +100,20 @@ def _reference_file(reference: str | os.PathLike) -> Path:
 
 @dataclass
 class _SegmentationResult:
-    """The maps of one item of a segmentation bundle: one normalised map per label, on the preprocessed grid."""
+    """The maps of one item of a segmentation bundle: one normalised map per label, on the preprocessed grid, and
+    the screen's answer (the fields :meth:`ImagePipeline.screen_results` reads and sets)."""
 
     input: Any
     cams: dict[str, torch.Tensor]
-    pending_screen: None = None
+    raw_image: Any = None
+    pending_screen: dict[str, Any] | None = None
+    in_distribution: bool | None = None
+    p_value: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    screen: dict[str, Any] | None = None
+    rejected: bool | None = None  # no K+1 garbage class in a segmentation model
+    p_suitable: float | None = None
+    verdict: str = "unverified"
 
     @property
     def cam(self) -> torch.Tensor:  # the similarity features (with a reference) use the one requested label
@@ -153,7 +162,7 @@ class _Items:
         except FileNotFoundError as err:
             raise DataError(str(err)) from err
         if self.seg_labels is not None:
-            return self._segmentation(item, x)
+            return self._segmentation(item, x, raw if self.keep_raw else None)
         # the screen's scoring waits for the batch (one vectorised call in the writer thread); the raw image stays
         # until then for its data profile
         res = self.engine.explain(x, raw if self.keep_raw else None, source=item["image"], defer_screen=True)
@@ -179,8 +188,10 @@ class _Items:
             row["map"] = f"maps/{item['id']}_cam.nii.gz"
         return row, res
 
-    def _segmentation(self, item: dict, x: Any) -> tuple[dict, _SegmentationResult]:
-        """Seg-Grad-CAM of every requested label through the bundle's inferer (one forward and backward each)."""
+    def _segmentation(self, item: dict, x: Any, raw: Any = None) -> tuple[dict, _SegmentationResult]:
+        """Seg-Grad-CAM of every requested label through the bundle's inferer (one forward and backward each); with
+        a screen, what it needs (:meth:`ImagePipeline.segmentation_screen_inputs`), judged later in a batch like a
+        classification item's (:meth:`screen`)."""
         engine, bm = self.engine, self.engine.bundle
         row: dict[str, Any] = {"id": item["id"], "image": item["image"]}
         if "label" in item:
@@ -197,7 +208,11 @@ class _Items:
             cams[name] = normalize_maps(raw_map.float())[0].detach().cpu()
             if self.save_maps:
                 row[f"map_{name}"] = f"maps/{item['id']}_{name}_cam.nii.gz"
-        return row, _SegmentationResult(x.detach().cpu() if hasattr(x, "detach") else x, cams)
+        res = _SegmentationResult(x.detach().cpu() if hasattr(x, "detach") else x, cams)
+        if engine.screen is not None:
+            res.pending_screen, res.raw_image = engine.segmentation_screen_inputs(x), raw
+            row.update(in_distribution=None, p_value=None, reasons="", verdict=res.verdict)  # filled by screen()
+        return row, res
 
     def screen(self, batch: Sequence[tuple[dict, ImageResult]]) -> list[Exception | None]:
         """The screen's answers of a batch in one call (one call per item when the batch call fails, so that the
@@ -344,8 +359,9 @@ def run_cohort(
         verifier: fitted ``SuitabilityVerifier`` (``.skops``); needs ``reference``.
         threshold: P(suitable) at or above which the verdict is ``"suitable"``.
         metrics: similarity features (default ``DEFAULT_METRICS`` plus any the verifier uses).
-        screen: optional in-distribution screen object (see the engine); rows get ``in_distribution``,
-            ``p_value``, ``reasons``.
+        screen: optional in-distribution screen (a saved screen's directory or an object, see the engine); rows get
+            ``in_distribution``, ``p_value``, ``reasons``, ``verdict``. A segmentation bundle needs a segmentation
+            screen (``gamverify screen fit`` on it): profile and layout, plus early layers through the inferer.
         labels: segmentation bundles: the labels explained (names from the bundle's ``channel_def`` or output
             channels; default every channel but the background). Each label gets Seg-Grad-CAM through the bundle's
             inferer (the sum of its logits over its predicted mask), a map ``maps/<id>_<label>_cam.nii.gz`` and the
@@ -418,11 +434,6 @@ def run_cohort(
         seg_labels = None
         if engine.bundle is not None and engine.bundle.task == "segmentation" and engine.slice_axis is None:
             seg_labels = segmentation_labels(engine, labels)
-            if screen is not None:
-                raise ValueError(
-                    "the in-distribution screen is not available in a cohort of a segmentation bundle yet; run the "
-                    "cohort without --screen"
-                )
             if ref_value is not None and len(seg_labels) != 1:
                 raise ValueError(
                     f"a reference map belongs to one label: pass exactly one label (got {[n for _, n in seg_labels]})"
@@ -430,6 +441,7 @@ def run_cohort(
             logger.info("segmentation bundle: explaining label(s) %s", ", ".join(n for _, n in seg_labels))
         elif labels:
             raise ValueError("labels= is for segmentation bundles; this model is a classifier")
+        engine.check_screen("classification" if seg_labels is None else "segmentation")
         config.update(
             segmentation_labels=None if seg_labels is None else [list(t) for t in seg_labels],
             layer=engine.target_layers,

@@ -414,6 +414,9 @@ class ImagePipeline:
 
         Args:
             results: results whose ``raw_image`` is still there (the data profile needs it); others are skipped.
+                Any object with ``pending_screen``, ``raw_image``, ``rejected``, ``p_suitable`` and the screen's
+                answer fields will do (a segmentation cohort's items: ``pending_screen`` from
+                :meth:`segmentation_screen_inputs`).
         """
         todo = [r for r in results if r.pending_screen is not None]
         if not todo:
@@ -422,6 +425,38 @@ class ImagePipeline:
         for r, s in zip(todo, self.screen.score_observations(obs)):
             r.pending_screen = None
             self._set_screen(r, s)
+
+    def check_screen(self, task: str) -> None:
+        """Refuse a screen fitted for another kind of model (``task``: ``"classification"`` or ``"segmentation"``,
+        what this engine is used for); a screen object without a ``task`` is not checked."""
+        fitted = getattr(self.screen, "task", None)
+        if self.screen is not None and fitted is not None and fitted != task:
+            raise ValueError(
+                f"the screen was fitted for a {fitted} model but it is used with a {task} model: fit a screen for "
+                "this bundle (gamverify screen fit)"
+            )
+
+    def segmentation_screen_inputs(self, x: Any) -> dict[str, Any]:
+        """What the screen needs of a segmentation input besides the raw image, for ``screen.score(raw, **inputs)``
+        or a result's ``pending_screen`` (:meth:`screen_results`).
+
+        The preprocessed tensor (the layout detector), and, only when a detector needs the model (early layers:
+        ``Screen.needs_network``), the activations of one no-grad pass through the bundle's inferer
+        (``Screen.record``: a ``SlidingWindowInferer`` runs window by window, the features are averaged over the
+        windows). The Seg-Grad-CAM passes are not recorded: that would tie the features to how many labels are explained
+        and how the CAM walks the windows.
+
+        Args:
+            x: preprocessed (C, *spatial) image (from :meth:`load`).
+
+        Returns:
+            ``{"tensor": x, "activations": dict or None}``.
+        """
+        acts = None
+        if getattr(self.screen, "needs_network", False) and hasattr(self.screen, "record"):
+            inferer = self.bundle.inferer() if self.bundle is not None else None
+            _, acts = self.screen.record(self.network, x, inferer)
+        return {"tensor": x, "activations": acts}
 
     def _set_screen(self, result: ImageResult, answer: Mapping[str, Any]) -> None:
         s = dict(answer)

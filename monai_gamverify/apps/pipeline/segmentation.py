@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from monai_gamverify.apps.pipeline.engine import ImagePipeline
-from monai_gamverify.apps.pipeline.result import image_stem
+from monai_gamverify.apps.pipeline.result import decide_verdict, image_stem
 from monai_gamverify.io import save_map, to_input_grid, write_json
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index, predicted_mask
@@ -44,7 +44,8 @@ def explain_segmentation(
         name: file stem (default ``<image stem>_<method>_<label>``).
 
     Returns:
-        Summary dict: image, label, label index, layer, method, predicted voxels of the label, written files.
+        Summary dict: image, label, label index, layer, method, predicted voxels of the label, written files; with
+        the engine's screen (a segmentation screen) also ``in_distribution``, ``p_value``, ``reasons``, ``verdict``.
 
     Example:
         >>> pipe = ImagePipeline.from_bundle("spleen_ct_segmentation")
@@ -54,6 +55,7 @@ def explain_segmentation(
     bm = pipe.bundle
     if bm is None:
         raise ValueError("segmentation explanations need an engine made from a bundle (ImagePipeline.from_bundle)")
+    pipe.check_screen("segmentation")
     raw, x = pipe.load(image)
     maps, logits = bundle_segmentation_cam(
         bm, x.unsqueeze(0).to(pipe.device), label, layer=pipe.target_layers, box=box, method=pipe.method
@@ -80,5 +82,10 @@ def explain_segmentation(
         "predicted_voxels": int(predicted_mask(logits, idx, bundle_activation(bm)).sum()),
         **files,
     }
+    if pipe.screen is not None:
+        answer = pipe.screen.score(raw, **pipe.segmentation_screen_inputs(x))
+        ok = bool(answer["in_distribution"])
+        summary.update(in_distribution=ok, p_value=answer.get("p_value"), reasons=list(answer.get("reasons", [])))
+        summary["verdict"] = decide_verdict(ok, None, None, pipe.threshold)
     summary["summary"] = str(write_json(summary, out / f"{stem}.json"))
     return summary
