@@ -76,3 +76,24 @@ def test_segmentation_request_errors(seg_case, one_thread):
         infer.predict({"image": str(path), "result": "cam"})
     with pytest.raises(ValueError, match="label= is for segmentation bundles"):
         SuitabilityInfer("bundles/sos_staging", label=1, require_weights=False)
+
+
+class _RejectAll:
+    """A segmentation screen that rejects everything (what the answer does with it is under test, not the screen)."""
+
+    task, needs_network = "segmentation", False
+
+    def score(self, image, *, tensor=None, activations=None, **_):
+        assert image is not None and tensor is not None
+        return {"in_distribution": False, "p_value": 0.004, "reasons": ["spacing is outside the training range"]}
+
+
+def test_segmentation_answer_carries_the_screen(seg_case, one_thread):
+    root, path, _, _ = seg_case
+    infer = SuitabilityInfer(root, screen=_RejectAll())
+    _, answer = infer({"image": str(path)})
+    assert answer["screen"] == {"in_distribution": False, "p_value": 0.004,
+                                "reasons": ["spacing is outside the training range"]}  # fmt: skip
+    assert answer["suitability"]["verdict"] == "out of distribution"
+    _, plain = SuitabilityInfer(root)({"image": str(path)})
+    assert plain["screen"]["in_distribution"] is None and plain["suitability"]["verdict"] == "unverified"

@@ -579,9 +579,14 @@ class SuitabilityInfer:
         if want == "cam" and not explain:
             raise ValueError("the label-only route returns no CAM: use the full route")
         try:
-            _, x = engine.load(image)
+            raw, x = engine.load(image)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from err
+        screen = None
+        if explain and engine.screen is not None:  # is this image like the data the model was made for?
+            engine.check_screen("segmentation")
+            answer = engine.screen.score(raw, **engine.segmentation_screen_inputs(x))
+            screen = {k: answer.get(k) for k in ("in_distribution", "p_value", "reasons")}
         xb = x.unsqueeze(0).to(engine.device)
         cam = None
         if explain:
@@ -628,7 +633,10 @@ class SuitabilityInfer:
                     "method": engine.method,
                 }
                 verdict: dict[str, Any] = {"verdict": "unverified", "p_suitable": None, "features": None}
-                if engine.reference is not None:
+                result["screen"] = screen or {"in_distribution": None, "p_value": None, "reasons": None}
+                if screen is not None and screen["in_distribution"] is False:
+                    verdict["verdict"] = "out of distribution"  # before any model verdict
+                elif engine.reference is not None:
                     feats = engine.features([cam])[0]
                     if isinstance(feats, Exception):
                         raise feats
