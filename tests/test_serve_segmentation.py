@@ -97,3 +97,21 @@ def test_segmentation_answer_carries_the_screen(seg_case, one_thread):
     assert answer["suitability"]["verdict"] == "out of distribution"
     _, plain = SuitabilityInfer(root)({"image": str(path)})
     assert plain["screen"]["in_distribution"] is None and plain["suitability"]["verdict"] == "unverified"
+
+
+def test_deploy_runner_on_a_segmentation_bundle(seg_case, tmp_path, one_thread):
+    """The MONAI Deploy operator's logic (no SDK needed): label map + Seg-Grad-CAM + JSON record, the same label map
+    as the bundle's own chain."""
+    import json
+
+    from monai_gamverify.apps.integrations.deploy import GamverifyRunner
+
+    root, path, affine, shape = seg_case
+    runner = GamverifyRunner(root, tmp_path / "out", device="cpu")
+    prediction, cam, verdict = runner(str(path))
+    want = _monai_label_map(root, path)
+    np.testing.assert_array_equal(np.asarray(nib.load(prediction["label_map"]).dataobj), want)
+    assert prediction["explained_label"] == "spleen" and prediction["labels"] == {"spleen": 1}
+    assert nib.load(cam).shape == shape and verdict["verdict"] == "unverified"
+    record = json.loads((tmp_path / "out" / "ct_gamverify.json").read_text())
+    assert record["prediction"]["voxels"]["spleen"] == int((want == 1).sum())

@@ -25,13 +25,15 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from monai_gamverify.apps.pipeline import VERDICTS, ImagePipeline, image_stem
-from monai_gamverify.io import save_nifti
+from monai_gamverify.apps.pipeline import VERDICTS, ImagePipeline, decide_verdict, image_stem
+from monai_gamverify.io import save_map, save_nifti
+from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
 
 __all__ = ["SuitabilityPipeline", "VERDICTS", "image_stem"]
 
@@ -84,6 +86,7 @@ class SuitabilityPipeline:
         screen: Any = None,
         invert: bool = True,
         device: str | torch.device | None = None,
+        label: int | str | None = None,
     ) -> None:
         if verifier is not None and reference is None:
             raise ValueError("a verifier needs the reference map it was fitted against: pass reference=")
@@ -115,6 +118,15 @@ class SuitabilityPipeline:
             invert=invert,
         )
         self.bundle = self.engine.bundle
+        self.task = "segmentation" if self.bundle.task == "segmentation" else "classification"
+        self.label: int | None = None
+        if self.task == "segmentation":
+            self.engine.check_screen("segmentation")
+            # default: the first label after the background (softmax), the first channel (sigmoid: no background)
+            first = 0 if bundle_activation(self.bundle) == "sigmoid" else 1
+            self.label = label_index(first if label is None else label, list(self.bundle.class_names))
+        elif label is not None:
+            raise ValueError("label= is for segmentation bundles; this bundle is a classifier")
 
     # the settings live in the engine; these views keep the public attributes of earlier versions
     layer = property(lambda self: self.engine.target_layers, doc="CAM target layer.")
@@ -161,8 +173,108 @@ class SuitabilityPipeline:
             of :data:`VERDICTS`).
         """
         stem = name or image_stem(image)
+        if self.task == "segmentation":
+            seg = self.segment(image)
+            out = Path(out_dir)
+            label_file = save_nifti(seg.pop("label_map").to(torch.uint8), out / f"{stem}_seg.nii.gz",
+                                    reference=seg.pop("reference"), dtype=np.uint8)  # fmt: skip
+            cam, cam_ref = seg.pop("cam_map")
+            seg.update(label_map=str(label_file), cam=str(save_map(cam, out / f"{stem}_cam.nii.gz", reference=cam_ref)))
+            return seg
         res = self.engine.run(image, out_dir, name=f"{stem}_cam", overlay=False, summary=False)
         return self.result_dict(res, res.files["map"])
+
+    def segment(
+        self, image: str | os.PathLike, *, label: int | str | None = None, explain: bool = True
+    ) -> dict[str, Any]:
+        """A segmentation bundle on one image: the label map on the input grid, and with ``explain`` the
+        Seg-Grad-CAM of ``label`` (default :attr:`label`), the screen's answer and the suitability verdict.
+
+        One pass through the bundle's inferer gives both the logits and the CAM (the sum of the label's logits over
+        its predicted mask; a ``SlidingWindowInferer`` runs window by window). The label map is decided on the input
+        grid: the probabilities (softmax, or sigmoid when the bundle's ``postprocessing`` applies one; then the file
+        holds the first set channel + 1 per voxel) are moved back with the one inverse the CAMs use, then argmax.
+
+        Args:
+            image: a file, a DICOM file or a DICOM series directory.
+            label: the label to explain (name or output channel).
+            explain: compute the CAM, screen and verdict (``False``: the label map alone, no gradient).
+
+        Returns:
+            ``image``, ``task``, ``labels`` (name -> value in the label map), ``voxels`` (per label),
+            ``label_map`` (tensor on the input grid) and ``reference`` (what carries its affine); with ``explain``
+            also ``cam_map`` ((map, reference) on the input grid), ``cam_label``, ``cam_label_index``,
+            ``cam_layer``, ``cam_method``, ``in_distribution``, ``p_value``, ``reasons``, ``features``,
+            ``p_suitable``, ``verdict``.
+
+        Example:
+            >>> res = SuitabilityPipeline("spleen_ct_segmentation").segment("ct_series_dir", label="spleen")
+            >>> res["voxels"]["spleen"], res["verdict"]
+        """
+        if self.task != "segmentation":
+            raise ValueError("segment() is for segmentation bundles; this bundle is a classifier (use run())")
+        engine, bm = self.engine, self.bundle
+        names = list(bm.class_names)
+        raw, x = engine.load(image)
+        out: dict[str, Any] = {"image": str(image), "task": "segmentation"}
+        screen = None
+        if explain and engine.screen is not None:  # is this image like the data the model was made for?
+            screen = engine.screen.score(raw, **engine.segmentation_screen_inputs(x))
+        xb = x.unsqueeze(0).to(engine.device)
+        if explain:
+            idx = label_index(self.label if label is None else label, names)
+            with torch.inference_mode(False), torch.enable_grad():
+                maps, logits = bundle_segmentation_cam(bm, xb, idx, layer=engine.target_layers, method=engine.method)
+            cam = maps[0].detach().cpu()
+        else:
+            inferer = bm.inferer() if "inferer" in bm.parser else None
+            plain_x = xb.as_tensor() if hasattr(xb, "as_tensor") else xb
+            with torch.inference_mode():
+                logits = inferer(plain_x, bm.network) if inferer is not None else bm.network(plain_x)
+        logits = (logits.as_tensor() if hasattr(logits, "as_tensor") else logits).detach().float().cpu()[0]
+        sigmoid = bundle_activation(bm) == "sigmoid"
+        probs = logits.sigmoid() if sigmoid else logits.softmax(0)
+        probs_in, ref = engine.on_input_grid(SimpleNamespace(cam=probs, input=x))
+        if sigmoid:
+            on = probs_in > 0.5
+            seg = torch.where(on.any(0), on.float().argmax(0) + 1, 0)
+        else:
+            seg = probs_in.argmax(0)
+        names_out = (["background", *names] if sigmoid else names) or []
+        counts = torch.bincount(seg.reshape(-1), minlength=max(len(names_out), 1)).tolist()
+        names_out = names_out + [str(i) for i in range(len(names_out), len(counts))]
+        out.update(
+            labels={n: i for i, n in enumerate(names_out) if i > 0},
+            voxels={names_out[i]: int(c) for i, c in enumerate(counts)},
+            label_map=seg,
+            reference=ref,
+        )
+        if not explain:
+            return out
+        cam_in, cam_ref = engine.on_input_grid(SimpleNamespace(cam=cam, input=x))
+        features = p_suitable = None
+        if engine.reference is not None:
+            feats = engine.features([cam])[0]
+            if isinstance(feats, Exception):
+                raise feats
+            features = feats
+            if engine.verifier is not None:
+                p_suitable = engine.suitability([feats])[0]
+        in_dist = None if screen is None else bool(screen["in_distribution"])
+        out.update(
+            cam_map=(cam_in, cam_ref),
+            cam_label=names[idx] if idx < len(names) else str(idx),
+            cam_label_index=idx,
+            cam_layer=engine.target_layers,
+            cam_method=engine.method,
+            in_distribution=in_dist,
+            p_value=None if screen is None else screen.get("p_value"),
+            reasons=None if screen is None else list(screen.get("reasons") or []),
+            features=features,
+            p_suitable=p_suitable,
+            verdict=decide_verdict(in_dist, None, p_suitable, engine.threshold),
+        )
+        return out
 
     def result_dict(self, res: Any, cam: str | os.PathLike) -> dict[str, Any]:
         """The JSON-ready answer of :meth:`run` for an engine result ``res`` whose map was written to ``cam``."""

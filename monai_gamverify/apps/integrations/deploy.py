@@ -328,12 +328,20 @@ class GamverifyRunner:
                 dicom = {k: _jsonable(meta[k]) for k in DICOM_RECORD_KEYS if meta.get(k) is not None}
             arr, affine, name = image_array_and_affine(value)
             res = self.pipeline.run_array(arr, self.output_folder, affine=affine, name=name)
-        prediction = {
-            "class_index": res["prediction"],
-            "class_name": res["prediction_name"],
-            "probabilities": res.get("probabilities"),
-            "garbage": res["garbage"],
-        }
+        if res.get("task") == "segmentation":  # label map + Seg-Grad-CAM of the pipeline's label
+            prediction = {
+                "label_map": res["label_map"],
+                "labels": res["labels"],
+                "voxels": res["voxels"],
+                "explained_label": res["cam_label"],
+            }
+        else:
+            prediction = {
+                "class_index": res["prediction"],
+                "class_name": res["prediction_name"],
+                "probabilities": res.get("probabilities"),
+                "garbage": res["garbage"],
+            }
         if "outputs" in res:  # single-output (regression) models
             prediction["outputs"] = res["outputs"]
         verdict = {

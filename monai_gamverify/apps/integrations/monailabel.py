@@ -36,7 +36,6 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -46,7 +45,7 @@ import torch
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 from monai_gamverify.bundle import load_checkpoint
 from monai_gamverify.io import save_map, save_nifti
-from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
+from monai_gamverify.visualize.segcam import bundle_activation
 
 __all__ = [
     "check_bundle_for_monailabel",
@@ -466,24 +465,19 @@ class SuitabilityInfer:
         label: int | str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.pipeline = SuitabilityPipeline(bundle_root, reference=reference, verifier=verifier, **kwargs)
+        self.pipeline = SuitabilityPipeline(bundle_root, reference=reference, verifier=verifier, label=label, **kwargs)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         meta = self.pipeline.bundle.metadata
         self.description = description or str(meta.get("description") or meta.get("name") or "gamverify bundle")
         self.labels = self.pipeline.label_map()
         self.dimension = self.pipeline.spatial_dims or 3
         self.version = meta.get("version")
-        self.task = "segmentation" if self.pipeline.bundle.task == "segmentation" else "classification"
-        names = list(self.pipeline.bundle.class_names)
+        self.task = self.pipeline.task
+        self.label = self.pipeline.label
         if self.task == "segmentation":
-            sigmoid = bundle_activation(self.pipeline.bundle) == "sigmoid"
-            # default: the first label after the background (softmax), the first channel (sigmoid: no background)
-            self.label = label_index((0 if sigmoid else 1) if label is None else label, names)
             # MONAI Label's segmentation labels: name -> value in the label file, background (0) implied
-            shift = 1 if sigmoid else 0
-            self.labels = {n: i + shift for i, n in enumerate(names) if i + shift > 0}
-        elif label is not None:
-            raise ValueError("label= is for segmentation bundles; this bundle is a classifier")
+            shift = 1 if bundle_activation(self.pipeline.bundle) == "sigmoid" else 0
+            self.labels = {n: i + shift for i, n in enumerate(self.pipeline.bundle.class_names) if i + shift > 0}
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Run one request.
@@ -562,92 +556,49 @@ class SuitabilityInfer:
         return cam_file, {k: v for k, v in result.items() if not (k == "outputs" and v is None)}
 
     def _segment(self, request: Mapping[str, Any], image: str | os.PathLike, explain: bool) -> tuple[str, dict]:
-        """A segmentation bundle's answer: the label map on the input grid (the result file MONAI Label clients
-        display), or with ``explain`` and the request param ``result="cam"`` the Seg-Grad-CAM map instead; the json
-        has the labels' voxel counts, the explained label, and (with a reference/verifier made for that label by
-        ``gamverify verify --label``) the similarity features and the verdict.
-
-        One pass through the bundle's inferer gives both the logits and the CAM (Seg-Grad-CAM: the sum of the
-        label's logits over its predicted mask, window by window through a ``SlidingWindowInferer``)."""
+        """A segmentation bundle's answer (:meth:`SuitabilityPipeline.segment`): the label map on the input grid as
+        the result file (what MONAI Label clients display), or with the request param ``result="cam"`` the
+        Seg-Grad-CAM of the request's ``label`` (default: the app's); the json has the labels, their voxel counts,
+        the explained label, the screen's answer and the verdict."""
         start = time.perf_counter()
-        engine, bm = self.pipeline.engine, self.pipeline.bundle
-        names = list(bm.class_names)
-        label = label_index(request.get("label", self.label), names) if explain else None
         want = str(request.get("result", "label")).lower()
         if want not in ("label", "cam"):
             raise ValueError(f"request param result must be 'label' or 'cam', got {request.get('result')!r}")
         if want == "cam" and not explain:
             raise ValueError("the label-only route returns no CAM: use the full route")
         try:
-            raw, x = engine.load(image)
+            seg = self.pipeline.segment(image, label=request.get("label"), explain=explain)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from err
-        screen = None
-        if explain and engine.screen is not None:  # is this image like the data the model was made for?
-            engine.check_screen("segmentation")
-            answer = engine.screen.score(raw, **engine.segmentation_screen_inputs(x))
-            screen = {k: answer.get(k) for k in ("in_distribution", "p_value", "reasons")}
-        xb = x.unsqueeze(0).to(engine.device)
-        cam = None
-        if explain:
-            with torch.inference_mode(False), torch.enable_grad():
-                maps, logits = bundle_segmentation_cam(bm, xb, label, layer=engine.target_layers, method=engine.method)
-            cam = maps[0].detach().cpu()
-        else:
-            inferer = bm.inferer() if "inferer" in bm.parser else None
-            with torch.inference_mode():
-                plain_x = xb.as_tensor() if hasattr(xb, "as_tensor") else xb
-                logits = inferer(plain_x, bm.network) if inferer is not None else bm.network(plain_x)
-        logits = (logits.as_tensor() if hasattr(logits, "as_tensor") else logits).detach().float().cpu()[0]
-        sigmoid = bundle_activation(bm) == "sigmoid"
-        probs = logits.sigmoid() if sigmoid else logits.softmax(0)
-        # labels back on the input grid: the probabilities are resampled (smooth boundaries), then decided there
-        probs_in, ref = engine.on_input_grid(SimpleNamespace(cam=probs, input=x))
-        if sigmoid:  # multi-label: one channel per label, 0/1 each; the file holds the first set label per voxel
-            seg = torch.where((probs_in > 0.5).any(0), (probs_in > 0.5).float().argmax(0) + 1, 0)
-        else:
-            seg = probs_in.argmax(0)
-        counts = torch.bincount(seg.reshape(-1), minlength=len(names) + (1 if sigmoid else 0)).tolist()
-        names_out = (["background", *names] if sigmoid else names) or [str(i) for i in range(len(counts))]
-        result: dict[str, Any] = {
-            "task": "segmentation",
-            "labels": {n: i for i, n in enumerate(names_out)},
-            "voxels": {names_out[i] if i < len(names_out) else str(i): int(c) for i, c in enumerate(counts)},
-            "result": want,
-        }
+        result: dict[str, Any] = {k: seg[k] for k in ("task", "labels", "voxels")}
+        result["result"] = want
         fd, out_file = tempfile.mkstemp(prefix="gamverify_", suffix=f"_{want}.nii.gz")
         os.close(fd)
         try:
             if want == "label":
-                save_nifti(seg.to(torch.uint8), out_file, reference=ref, dtype=np.uint8)
-            if cam is not None:
-                cam_in, cam_ref = engine.on_input_grid(SimpleNamespace(cam=cam, input=x))
-                if want == "cam":
-                    save_map(cam_in, out_file, reference=cam_ref, durable=False)
-                result["cam"] = {
-                    "in_response": want == "cam",
-                    "label": names[label] if label < len(names) else str(label),
-                    "label_index": label,
-                    "shape": [int(v) for v in cam_in.shape[1:]],
-                    "layer": engine.target_layers,
-                    "method": engine.method,
-                }
-                verdict: dict[str, Any] = {"verdict": "unverified", "p_suitable": None, "features": None}
-                result["screen"] = screen or {"in_distribution": None, "p_value": None, "reasons": None}
-                if screen is not None and screen["in_distribution"] is False:
-                    verdict["verdict"] = "out of distribution"  # before any model verdict
-                elif engine.reference is not None:
-                    feats = engine.features([cam])[0]
-                    if isinstance(feats, Exception):
-                        raise feats
-                    verdict["features"] = feats
-                    if engine.verifier is not None:
-                        p = engine.suitability([feats])[0]
-                        verdict.update(p_suitable=p, verdict="suitable" if p >= engine.threshold else "not suitable")
-                result["suitability"] = {**verdict, "threshold": engine.threshold}
+                save_nifti(seg["label_map"].to(torch.uint8), out_file, reference=seg["reference"], dtype=np.uint8)
+            else:
+                cam, ref = seg["cam_map"]
+                save_map(cam, out_file, reference=ref, durable=False)
         except BaseException:
             os.unlink(out_file)
             raise
+        if explain:
+            result["cam"] = {
+                "in_response": want == "cam",
+                "label": seg["cam_label"],
+                "label_index": seg["cam_label_index"],
+                "shape": [int(v) for v in seg["cam_map"][0].shape[1:]],
+                "layer": seg["cam_layer"],
+                "method": seg["cam_method"],
+            }
+            result["screen"] = {k: seg[k] for k in ("in_distribution", "p_value", "reasons")}
+            result["suitability"] = {
+                "verdict": seg["verdict"],
+                "p_suitable": seg["p_suitable"],
+                "features": seg["features"],
+                "threshold": self.pipeline.threshold,
+            }
         result["latencies"] = {"total": round(time.perf_counter() - start, 3)}
         return out_file, result
 
