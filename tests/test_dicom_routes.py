@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from monai_gamverify.bundle import load_bundle
-from monai_gamverify.data.datalist import DataError, check_image, load_datalist
+from monai_gamverify.data.datalist import DataError, check_image, list_images, load_datalist
 from monai_gamverify.data.synthetic import QUALITY_CATEGORIES, generate
 from monai_gamverify.energy.workflow import bundle_energy
 from monai_gamverify.verification.bundles import verify_bundles
@@ -202,3 +202,20 @@ def test_bundle_energy_dicom_equals_nifti(data, tmp_path, one_thread):
     cats = list(QUALITY_CATEGORIES)
     assert (ae["nii"][cats].to_numpy() > 0).all() and ae["nii"][cats].std().min() > 0
     np.testing.assert_allclose(ae["dcm"][cats].to_numpy(), ae["nii"][cats].to_numpy(), rtol=1e-5)
+
+
+def test_image_folder_lists_dicom_series(data, tmp_path):
+    """A folder given to `gamverify cohort` / `list_images`: its image files and every subdirectory holding a DICOM
+    series; a folder of DICOM slices alone is one series; a folder with neither is refused by name."""
+    series = sorted(str(p.parent) for p in (data / "dcm").glob("case_*/CT/*.dcm"))[:1]
+    case0 = Path(series[0])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(data / "nii" / "case_0.nii.gz", mixed / "a.nii.gz")
+    shutil.copytree(case0, mixed / "series_0")
+    (mixed / "notes").mkdir()  # a subdirectory without DICOM is not an image
+    got = [Path(e["image"]).name for e in list_images(mixed, spatial_dims=None, num_channels=None, check="none")]
+    assert got == ["a.nii.gz", "series_0"]
+    assert [e["image"] for e in list_images(case0, spatial_dims=None, num_channels=None, check="none")] == [str(case0)]
+    with pytest.raises(DataError, match="DICOM series subdirectories"):
+        list_images(mixed / "notes", check="none")

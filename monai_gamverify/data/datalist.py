@@ -257,6 +257,24 @@ def load_datalist(
     return out
 
 
+def _holds_dicom(directory: Path) -> bool:
+    return any(f.is_file() and is_dicom_file(f) for f in directory.iterdir())
+
+
+def _images_in(directory: Path) -> list[str]:
+    """The images of a directory: its ``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ``*.mhd`` files and DICOM series
+    (each subdirectory holding DICOM files is one series); a directory holding DICOM files itself, and no other
+    image, is one series."""
+    found = sorted(f for ext in ("nii.gz", "nii", "nrrd", "mha", "mhd") for f in glob.glob(str(directory / f"*.{ext}")))
+    series = sorted(str(d) for d in directory.iterdir() if d.is_dir() and _holds_dicom(d))
+    if not found and not series and _holds_dicom(directory):
+        return [str(directory)]
+    if not found and not series:
+        kinds = "*.nii.gz, *.nii, *.nrrd, *.mha, *.mhd, or DICOM series subdirectories"
+        raise DataError(f"no images ({kinds}) in directory {directory}")
+    return sorted(found + series)
+
+
 def list_images(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     spatial_dims: int | None = 3,
@@ -266,8 +284,9 @@ def list_images(
     """``[{"image": path}, ...]`` for inference from a directory, a glob pattern, one file or a list of files.
 
     Args:
-        inputs: directory (its ``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ``*.mhd`` files), glob pattern, file,
-            or a list of those.
+        inputs: directory (its ``*.nii.gz``, ``*.nii``, ``*.nrrd``, ``*.mha``, ``*.mhd`` files and its subdirectories
+            holding a DICOM series; a directory of DICOM files alone is one series), glob pattern, file, or a list of
+            those.
         spatial_dims: expected spatial dimensionality (``None``: not checked).
         num_channels: expected channels (``None``: not checked).
         check: ``"full"`` (read every image), ``"exists"`` or ``"none"``.
@@ -287,10 +306,7 @@ def list_images(
     for entry in entries:
         p = Path(entry).expanduser()
         if p.is_dir():
-            found = [f for ext in ("nii.gz", "nii", "nrrd", "mha", "mhd") for f in glob.glob(str(p / f"*.{ext}"))]
-            if not found:
-                raise DataError(f"no images (*.nii.gz, *.nii, *.nrrd, *.mha, *.mhd) in directory {p}")
-            files += sorted(found)
+            files += _images_in(p)
         elif any(ch in str(entry) for ch in "*?["):
             found = sorted(glob.glob(str(p)))
             if not found:
