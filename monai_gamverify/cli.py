@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from typing import Any
 
 __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "screen_fit", "screen_run", "version"]
@@ -325,15 +327,20 @@ def main() -> None:
         "screen": {"fit": screen_fit, "run": screen_run},
         "version": version,
     }
-    import sys
-
     argv = sys.argv[1:]
     if argv[:1] == ["cohort"]:  # argparse, not fire: the one parser shared with python -m monai_gamverify.apps.cohort
         sys.exit(cohort(*argv[1:]))
     # commands taking **kwargs would swallow --help as a keyword: hand it to fire as a flag instead
     if "--" not in argv and any(a in ("-h", "--help") for a in argv):
         argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
-    fire.Fire(commands, command=argv, name="gamverify")
+    try:
+        fire.Fire(commands, command=argv, name="gamverify")
+    except (ValueError, OSError) as err:  # the user's input (a file, a setting): one line, no traceback
+        # (PreprocessingError, DataError, ScreenFileError, ImageReadError are ValueErrors); GAMVERIFY_TRACEBACK=1: raise
+        print(f"ERROR: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        if os.environ.get("GAMVERIFY_TRACEBACK"):
+            raise
+        sys.exit(2)
 
 
 if __name__ == "__main__":

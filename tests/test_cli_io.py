@@ -169,3 +169,19 @@ def test_cam_bundle_honours_checkpoint_and_writes_on_input_grid(fine_image, tmp_
     mt = MetaTensor(cam.as_tensor(), meta=dict(x.meta), applied_operations=list(x.applied_operations))
     ref = Invertd("cam", transform=pre, orig_keys="image", nearest_interp=False)({"cam": mt, "image": x})["cam"]
     np.testing.assert_allclose(written.get_fdata(), ref[0].numpy(), atol=1e-5)
+
+
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """A bad input on the command line (here a bundle without weights): exit code 2 and one `ERROR:` line naming
+    the problem, no traceback."""
+    import sys
+
+    from monai_gamverify import cli
+
+    argv = ["gamverify", "cam", "--image", str(tmp_path / "gone.nii.gz"), "--bundle_root", "bundles/sos_staging"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("ERROR: ") and "no trained weights" in err
+    assert "Traceback" not in err
