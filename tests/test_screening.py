@@ -182,6 +182,12 @@ def test_fisher_conformal_brute_force_and_power():
     p, t = fisher_conformal(cal, test, zc, zt)
     np.testing.assert_allclose(t, want_t)
     np.testing.assert_allclose(p, want_p)
+    # many test rows are scored in blocks: the same numbers as one call per row
+    many = np.random.default_rng(2).normal(size=(60_000, 3))
+    block_p, block_t = fisher_conformal(cal, many, 2 * cal + 1, 2 * many + 1)
+    for i in (0, 29_999, 59_999):
+        one_p, one_t = fisher_conformal(cal, many[i : i + 1], 2 * cal + 1, 2 * many[i : i + 1] + 1)
+        assert block_p[i] == one_p[0] and block_t[i] == pytest.approx(one_t[0])
     assert p[1] == pytest.approx(1 / 26)  # the smallest p-value n = 25 calibration images allow
     with pytest.raises(ValueError, match="same m"):
         fisher_conformal(cal, test[:, :2])

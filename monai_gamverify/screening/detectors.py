@@ -325,6 +325,14 @@ def fisher_conformal(
     n = cal.shape[0]
     if n == 0 or cols.size == 0:
         raise ValueError("fisher_conformal needs at least one calibration image and one finite detector column")
+    step = max(1, (1 << 21) // max(1, n * cols.size))  # test rows per block: (rows, n, m) temporaries stay ~2M cells
+    if s.shape[0] > step:
+        zs = None if z_scores is None else np.atleast_2d(np.asarray(z_scores, dtype=np.float64))
+        parts = [
+            fisher_conformal(cal, s[i : i + step], z_calibration, None if zs is None else zs[i : i + step])
+            for i in range(0, s.shape[0], step)
+        ]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
     c, t = cal[:, cols], s[:, cols]
     missing = np.isnan(t)
     # calibration image i, detector j: 1 + #{k != i: c_kj >= c_ij}, then the test image may add one
