@@ -159,16 +159,31 @@ def screen_fit(
 
 def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | None = None, **kwargs: Any) -> str:
     """Screen images (NIfTI/NRRD/MHA files, DICOM files or DICOM series directories) with a saved screen; writes
-    ``OUT/screen.csv`` (image, in_distribution, p_value, reasons, each detector's score and p-value).
+    ``OUT/screen.csv`` (image, in_distribution, p_value, reasons, each detector's score and p-value) and
+    ``OUT/screen_summary.json`` (the images judged as one dataset: is it like the model's training data?).
 
     Example:
         gamverify screen run --screen screen --images '[a.nii.gz, dicom_dir]' --out screen_out
+        gamverify screen run --screen screen --images new_site_scans/ --out screen_out   # a folder: one dataset
     """
+    from monai_gamverify.data.datalist import list_images
     from monai_gamverify.screening import run_screen
 
-    df = run_screen(screen, _paths(images), out, device=device, **kwargs)
+    paths: list[str] = []
+    for p in _paths(images):  # a folder: its image files and DICOM series (a folder of DICOM slices alone: one series)
+        if os.path.isdir(p) or any(ch in p for ch in "*?["):
+            paths += [e["image"] for e in list_images(p, spatial_dims=None, num_channels=None, check="none")]
+        else:
+            paths.append(p)
+    df = run_screen(screen, paths, out, device=device, **kwargs)
     n_out = int((~df["in_distribution"].astype(bool)).sum())
-    return f"{len(df)} image(s) screened, {n_out} out of distribution; table: {out}/screen.csv"
+    d = df.attrs["dataset"]
+    like = "like" if d["like_training_data"] else "NOT like"
+    return (
+        f"{len(df)} image(s) screened, {n_out} out of distribution; table: {out}/screen.csv\n"
+        f"as one dataset: {like} the model's training data ({d['n_rejected']}/{d['n']} rejected, an in-distribution "
+        f"dataset shows {100 * d['expected_rate']:.0f} % on average; p = {d['p_value']:.3g})"
+    )
 
 
 def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0, out: str = "cohort", **kwargs: Any):

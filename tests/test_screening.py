@@ -509,3 +509,34 @@ def test_screen_without_window_or_cam(cohort_obs):
     noise = _mt(np.random.default_rng(1).normal(0, 800, (24, 24, 24)), affine)
     row = screen.score_observations([screen.observe_image(net, noise, _pre)])[0]
     assert not row["in_distribution"] and row["p_value"] <= 1 / 21 + 1e-12
+
+
+def test_dataset_test_beta_binomial_against_scipy_and_coverage():
+    from scipy.stats import betabinom
+
+    from monai_gamverify.screening import beta_binomial_sf, dataset_test
+
+    for k, n, a, b in [(0, 5, 2.0, 3.0), (3, 15, 2.0, 199.0), (15, 15, 1.0, 20.0), (7, 40, 5.5, 2.5)]:
+        assert beta_binomial_sf(k, n, a, b) == pytest.approx(betabinom.sf(k - 1, n, a, b), rel=1e-9, abs=1e-15)
+    res = dataset_test([False] * 15, n_cal=55, alpha=0.05)
+    assert res["n_rejected"] == 15 and res["p_value"] < 1e-6 and not res["like_training_data"]
+    assert res["expected_rate"] == pytest.approx(2 / 56)
+    assert dataset_test([True] * 15, n_cal=55)["p_value"] == 1.0
+    # under the null (calibration and dataset from one distribution, a split-conformal score) the dataset test
+    # rejects at most alpha of the time -- where a binomial test, ignoring the shared calibration set, would not
+    rng = np.random.default_rng(0)
+    n_cal, n, draws, alpha = 39, 30, 3000, 0.05
+    rejected = binomial = 0
+    from scipy.stats import binom
+
+    for _ in range(draws):
+        cal, test = rng.normal(size=n_cal), rng.normal(size=n)
+        flags = conformal_pvalues(cal, test) > alpha
+        rejected += not dataset_test(flags, n_cal=n_cal, alpha=alpha)["like_training_data"]
+        k = int((~flags).sum())
+        binomial += binom.sf(k - 1, n, 2 / 40) <= alpha
+    se = np.sqrt(alpha * (1 - alpha) / draws)
+    assert rejected / draws <= alpha + 3 * se
+    assert binomial / draws > rejected / draws  # the naive test is anti-conservative here
+    with pytest.raises(ValueError, match="at least one image"):
+        dataset_test([], n_cal=10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from monai_gamverify.screening.commands import fit_screen, load_screen_bundle, run_screen
 from monai_gamverify.screening.common import DETECTORS, Observation
+from monai_gamverify.screening.dataset import beta_binomial_sf, dataset_test
 from monai_gamverify.screening.detectors import (
     ClassMahalanobis,
     KNNDetector,
@@ -42,7 +43,9 @@ __all__ = [
     "ScreenFileError",
     "attach_tensor",
     "bonferroni",
+    "beta_binomial_sf",
     "conformal_pvalues",
+    "dataset_test",
     "fisher_conformal",
     "fit_screen",
     "intensity_window_of",

@@ -13,7 +13,8 @@ import torch
 
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
-from monai_gamverify.io import write_csv
+from monai_gamverify.io import write_csv, write_json
+from monai_gamverify.screening.dataset import dataset_test
 from monai_gamverify.screening.reading import ImageReadError, preprocessing_after_loading, read_image
 from monai_gamverify.screening.screen import Screen
 from monai_gamverify.visualize.registry import make_cam
@@ -174,7 +175,9 @@ def run_screen(
             run goes on; ``"raise"``: raise :class:`ImageReadError` / ``FileNotFoundError`` naming it.
 
     Returns:
-        The table as a pandas DataFrame.
+        The table as a pandas DataFrame (also ``OUT/screen.csv``); ``df.attrs["dataset"]`` (also
+        ``OUT/screen_summary.json``) judges the images as one dataset (:func:`~monai_gamverify.screening.dataset_test`:
+        ``n_rejected``, ``expected_rate``, ``p_value``, ``like_training_data``).
 
     Example:
         >>> run_screen("screen_sos", ["a.nii.gz", "dicom_dir/"], "screen_out")
@@ -220,4 +223,9 @@ def run_screen(
     lead = ["image", "in_distribution", "p_value", "reasons"]
     df = df[lead + [c for c in df.columns if c not in lead]]
     write_csv(df, Path(out) / "screen.csv")
+    # the images as one dataset: more rejections than an in-distribution dataset would show?
+    summary = dataset_test(df["in_distribution"].astype(bool).tolist(), n_cal=int(scr.n_cal_), alpha=scr.alpha)
+    df.attrs["dataset"] = summary
+    write_json({**summary, "screen": str(screen) if not isinstance(screen, Screen) else None},
+               Path(out) / "screen_summary.json")  # fmt: skip
     return df

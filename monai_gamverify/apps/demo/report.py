@@ -30,6 +30,22 @@ def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
                 verdict == ("suitable" if info["label"] == 1 else "not suitable"),
             )
         )
+    for row in summary.get("screen", {}).get("models", []):  # the dataset judged by each model's own screen
+        if row.get("like_training_data") is None:  # no screen could be fitted (a quick run's tiny cohorts)
+            continue
+        expected_like = row["trained_on"] == "sos"
+        truth = "trained on SOS" if expected_like else "trained on other data"
+        like = "like" if row["like_training_data"] else "unlike"
+        pval = "p < 0.001" if row["p_value"] < 1e-3 else f"p = {row['p_value']:.2g}"
+        out.append(
+            (
+                f"model {row['model']} ({truth})",
+                f"{'suitable' if row['like_training_data'] else 'not suitable'} for the SOS data by its own screen: "
+                f"{row['n_rejected']}/{row['n']} SOS test volumes out of its distribution ({pval}: {like} its "
+                "training data)",
+                row["like_training_data"] == expected_like,
+            )
+        )
     rejections = [
         (summary["garbage"]["rejections"], "rejected by the K+1 model"),
         (summary.get("screen", {}).get("rejections", []), "out of distribution by the screen"),
@@ -159,6 +175,15 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
     sec.add_table(s["table"], "out-of-distribution rejections per source (screen_rejections.csv)")
     for pic in s["pictures"]:
         sec.add_figure(pic["png"], f"rejected ({pic['source']}): {pic['reason']}", width=480)
+    if "models" in s:
+        sec.add_text(
+            "Is the SOS dataset like the data each candidate model was made for? Each model's own screen (fitted on "
+            "its own training volumes, calibrated on volumes of its own kind it never saw) judges the 15 SOS test "
+            "volumes; the number it rejects gives one p-value for the dataset (Beta-binomial: the volumes share the "
+            "screen's calibration set; monai_gamverify.screening.dataset_test). Unlike the attention verifier above, "
+            "this needs no unsuitable model to learn from."
+        )
+        sec.add_table(s["models"], "the SOS test volumes judged by each model's own screen (model_screens.csv)")
 
     sec = rep.section("Files", "Everything in the report is also on disk:")
     sec.add_list([f"{k}: {v}" for k, v in summary["files"].items()])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_gamverify.apps.demo.report import format_summary, records, tensorboard_summary, verdicts, write_report
-from monai_gamverify.apps.demo.screening import screen_stage
+from monai_gamverify.apps.demo.screening import model_screens, screen_stage
 from monai_gamverify.apps.demo.settings import MODELS, N_STAGES, WEIGHTS_DIR, demo_settings, torch_device
 from monai_gamverify.apps.demo.stages import (
     energy_stage,
@@ -181,8 +181,9 @@ def _run_demo(
     garbage = garbage_stage(root / "data", loaded, root / "garbage", dev, progress)
     timings["garbage"] = time.perf_counter() - t
 
-    t = _stage(7, "in-distribution screen of the SOS model: SOS, chin, CVM and noise volumes")
+    t = _stage(7, "in-distribution screens: the SOS model's on SOS, chin, CVM and noise; each model's own on SOS")
     screening = screen_stage(root / "data", ckpts["sos_ref"], root / "screening", settings, seed, dev)
+    screening["models"] = model_screens(root / "data", ckpts, root / "screening", settings, seed, dev)
     timings["screen"] = time.perf_counter() - t
 
     t = _stage(8, "report")
@@ -242,6 +243,7 @@ def _run_demo(
             "n_calibration": screening["n_cal"],
             "alpha": 0.05,
             "pictures": screening["pictures"],
+            "models": records(screening["models"]),
         },
         "files": {
             "report": str(root / "report.html"),
