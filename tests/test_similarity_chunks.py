@@ -83,13 +83,14 @@ def test_reference_statistics_reused_and_invalidated():
     rng = np.random.default_rng(3)
     ref = torch.as_tensor(rng.random((1, 1, 12, 11, 10)), dtype=torch.float32)
     maps = [torch.as_tensor(rng.random((1, 1, 12, 11, 10)), dtype=torch.float32) for _ in range(3)]
-    for m in maps:  # a small budget: whole maps are streamed, the path with the cache
-        got = similarity_metrics(m, ref, max_memory_mb=0.01)
-        want = _reference(m.numpy(), ref.numpy(), None)
+    for budget in (0.01, None):  # streamed whole maps, and maps that fit one chunk
+        for m in maps:
+            got = similarity_metrics(m, ref, max_memory_mb=budget)
+            want = _reference(m.numpy(), ref.numpy(), None)
+            for name in got:
+                np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        ref.mul_(0.5).add_(0.25)  # in place: the cached statistics must not be used
+        got = similarity_metrics(maps[0], ref, max_memory_mb=budget)
+        want = _reference(maps[0].numpy(), ref.numpy(), None)
         for name in got:
             np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    ref.mul_(0.5).add_(0.25)  # in place: the cached statistics must not be used
-    got = similarity_metrics(maps[0], ref, max_memory_mb=0.01)
-    want = _reference(maps[0].numpy(), ref.numpy(), None)
-    for name in got:
-        np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -142,7 +142,12 @@ def similarity_metrics(
             for b0 in range(0, n_batch, batch_chunk):
                 b1 = min(n_batch, b0 + batch_chunk)
                 stats_a = _map_stats(items_a[b0:b1, s0:s1], names)
-                sb = stats_b if broadcast else _map_stats(items_b[b0:b1, s0:s1], names)
+                if broadcast:
+                    sb = stats_b
+                elif items_b.shape[0] == 1:  # one reference for one map, call after call: reuse its statistics
+                    sb = _reference_stats(items_b[:, s0:s1], names)
+                else:
+                    sb = _map_stats(items_b[b0:b1, s0:s1], names)
                 values = _pair_metrics(stats_a, sb, names)
                 totals[:, b0:b1] += torch.stack([values[name] for name in names]).sum(dim=2)  # one op per chunk
     return {name: totals[j] / n_slices for j, name in enumerate(names)}
@@ -439,6 +444,22 @@ def _reference_globals(y: torch.Tensor, names: tuple[str, ...], planes: int) -> 
         return hit[2]
     st = _map_globals(y, names, planes)
     _REFERENCE_CACHE = (key, y, st)  # one assignment: atomic for threads
+    return st
+
+
+_STATS_CACHE: tuple[tuple, torch.Tensor, dict[str, Any]] | None = None
+
+
+def _reference_stats(y: torch.Tensor, names: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`_map_stats` of a reference compared with one map per call (a server's requests): cached like
+    :func:`_reference_globals` (the tensor held, its version in the key)."""
+    global _STATS_CACHE
+    key = (y.data_ptr(), y._version, tuple(y.shape), tuple(y.stride()), y.dtype, y.device, names)
+    hit = _STATS_CACHE
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    st = _map_stats(y, names)
+    _STATS_CACHE = (key, y, st)
     return st
 
 

@@ -135,21 +135,25 @@ def preserved_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = 
 
     Freezing keeps autograd from building parameter-gradient graphs (memory) and from writing ``.grad``.
     """
-    training, grads = model_state(model)
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    # one traversal each; flags are written back only where they changed (Module.__setattr__ is slow, and a
+    # per-request server call pays this twice)
+    modules = [(m, m.training) for _, m in model.named_modules()]
+    params = [(p, p.requires_grad) for _, p in model.named_parameters()]
     try:
         if eval_mode:
             model.eval()
         if freeze:
-            for p in params.values():
-                p.requires_grad_(False)
+            for p, flag in params:
+                if flag:
+                    p.requires_grad_(False)
         yield model
     finally:
-        for name, flag in training.items():
-            modules[name].training = flag
-        for name, flag in grads.items():
-            params[name].requires_grad_(flag)
+        for m, flag in modules:
+            if m.training != flag:
+                m.training = flag
+        for p, flag in params:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def record_activations(
