@@ -475,3 +475,30 @@ def test_one_parser_and_exit_codes(cohort, tmp_path, one_thread, capsys):
         assert "2 succeeded, 1 failed" in proc.stdout
     assert main(["--datalist", str(tmp_path / "missing.json"), *args]) == 2
     assert "datalist not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_separable_resampling_equals_monai_affine_transform(k, padding):
+    """The axis-aligned inverse (one linear interpolation per axis) equals MONAI's AffineTransform (grid_sample),
+    up- and downsampling with offsets that reach outside the volume, either align_corners."""
+    from monai.networks.layers import AffineTransform
+
+    from monai_gamverify.io.grid import _lerp_axis
+
+    rng = np.random.default_rng(k)
+    for _ in range(6):
+        n_in, n_out = rng.integers(5, 16, k), rng.integers(5, 20, k)
+        scale, shift = rng.uniform(0.3, 2.5, k), rng.uniform(-3, 3, k)
+        x = torch.rand(2, *n_in.tolist(), dtype=torch.float64)
+        theta = np.eye(k + 1)
+        theta[:k, :k], theta[:k, k] = np.diag(scale), shift
+        out = x
+        for a in range(k):
+            coords = torch.arange(int(n_out[a]), dtype=torch.float64) * scale[a] + shift[a]
+            out = _lerp_axis(out, a + 1, coords, padding)
+        for align in (False, True):
+            ref = AffineTransform(normalized=False, mode="bilinear", padding_mode=padding, align_corners=align,
+                                  reverse_indexing=True)(x[None], theta=torch.as_tensor(theta),
+                                                         spatial_size=n_out.tolist())[0]  # fmt: skip
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)

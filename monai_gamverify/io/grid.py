@@ -61,11 +61,39 @@ def _unresample(data: torch.Tensor, affine: np.ndarray, op: Mapping[str, Any]) -
     align = False if not isinstance(align, bool) else align
     _, mode, padding, _ = resolves_modes(info["mode"], info["padding_mode"])
     dtype = get_torch_dtype_from_string(info["dtype"])
+    k = data.ndim - 1
+    lin = xform[:k, :k]
+    if mode == "bilinear" and padding in ("zeros", "border") and np.allclose(lin, np.diag(np.diag(lin)), atol=1e-12):
+        # an axis-aligned grid change (Spacing without rotation, the usual case): trilinear interpolation is a
+        # product of 1D linear ones, so one pass per axis instead of a sampling grid of the whole output volume
+        out = data.to(dtype)
+        for axis in range(k):
+            coords = torch.arange(size[axis], dtype=dtype, device=data.device) * float(lin[axis, axis])
+            out = _lerp_axis(out, axis + 1, coords + float(xform[axis, k]), padding)
+        return out.float(), dst
     resample = AffineTransform(normalized=False, mode=mode, padding_mode=padding, align_corners=align,
                                reverse_indexing=True)  # fmt: skip
     theta = torch.as_tensor(xform, dtype=dtype, device=data.device)
     out = resample(data.unsqueeze(0).to(dtype), theta=theta, spatial_size=size).squeeze(0)
     return out.float(), dst
+
+
+def _lerp_axis(x: torch.Tensor, axis: int, coords: torch.Tensor, padding: str) -> torch.Tensor:
+    """``x`` sampled along ``axis`` at voxel coordinates ``coords`` (voxel centres at integers) by linear
+    interpolation, the 1D factor of ``grid_sample(mode="bilinear")``: ``"zeros"`` padding counts neighbours outside
+    the volume as 0, ``"border"`` clamps the coordinate into it."""
+    n = x.shape[axis]
+    if padding == "border":
+        coords = coords.clamp(0, n - 1)
+    i0 = coords.floor()
+    w = coords - i0
+    i0 = i0.long()
+    i1 = i0 + 1
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    w0 = ((1 - w) * ((i0 >= 0) & (i0 <= n - 1))).reshape(shape)
+    w1 = (w * ((i1 >= 0) & (i1 <= n - 1))).reshape(shape)
+    return x.index_select(axis, i0.clamp(0, n - 1)) * w0 + x.index_select(axis, i1.clamp(0, n - 1)) * w1
 
 
 def _unorient(data: torch.Tensor, affine: np.ndarray, original: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
