@@ -306,6 +306,9 @@ def test_app_options(tmp_path):
     assert rest == ["-i", "in", "-m", "m"] and opts.threshold == 0.7 and opts.overrides == {"a": 1}
     kw = runner_kwargs(opts)
     assert kw["require_weights"] and kw["overrides"] == {"a": 1} and kw["bundle_name"] is None
+    assert "screen" not in kw and "label" not in kw
+    kw = runner_kwargs(parse_app_options(["--screen", "scr", "--label", "spleen"])[0])
+    assert kw["screen"] == "scr" and kw["label"] == "spleen"
     with pytest.raises(ValueError, match="--overrides"):
         parse_app_options(["--overrides", "{bad"])
     opts, _ = parse_app_options([], dicom=True)

@@ -115,3 +115,13 @@ def test_deploy_runner_on_a_segmentation_bundle(seg_case, tmp_path, one_thread):
     assert nib.load(cam).shape == shape and verdict["verdict"] == "unverified"
     record = json.loads((tmp_path / "out" / "ct_gamverify.json").read_text())
     assert record["prediction"]["voxels"]["spleen"] == int((want == 1).sum())
+
+
+def test_deploy_runner_carries_the_screen(seg_case, tmp_path, one_thread):
+    """The Deploy runner with a screen (the apps' --screen): out of distribution before any model verdict."""
+    from monai_gamverify.apps.integrations.deploy import GamverifyRunner
+
+    root, path, _, _ = seg_case
+    _, _, verdict = GamverifyRunner(root, tmp_path / "out", device="cpu", screen=_RejectAll())(str(path))
+    assert verdict["verdict"] == "out of distribution" and verdict["in_distribution"] is False
+    assert verdict["reasons"] == ["spacing is outside the training range"]

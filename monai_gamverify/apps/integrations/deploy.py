@@ -393,6 +393,8 @@ def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argp
     parser.add_argument("--verifier", default=None, help="fitted SuitabilityVerifier (.skops)")
     parser.add_argument("--threshold", type=float, default=0.5, help="P(suitable) threshold")
     parser.add_argument("--garbage-threshold", type=float, default=None, help="reject when p(garbage) >= this")
+    parser.add_argument("--screen", default=None, help="saved in-distribution screen (gamverify screen fit)")
+    parser.add_argument("--label", default=None, help="segmentation bundles: the label to explain (name or channel)")
     parser.add_argument("--overrides", default=None, help="bundle config overrides as JSON")
     parser.add_argument("--bundle-name", default=None, help="the bundle's folder when the model path holds several")
     parser.add_argument("--allow-random-weights", action="store_true", help="run a bundle without models/model.pt")
@@ -435,6 +437,8 @@ def runner_kwargs(opts: argparse.Namespace) -> dict[str, Any]:
         "overrides": opts.overrides,
         "require_weights": not opts.allow_random_weights,
         "device": opts.device,
+        **({"screen": opts.screen} if opts.screen else {}),
+        **({"label": opts.label} if opts.label is not None else {}),
     }
 
 
