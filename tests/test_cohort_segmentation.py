@@ -71,3 +71,21 @@ def test_segmentation_cohort_labels_and_errors(seg_cohort, tmp_path, one_thread,
     assert code == 2 and "unknown label 'liver'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="screen was fitted for a classification model"):  # segmentation: its own
         run_cohort(tmp_path / "images", tmp_path / "co3", bundle_root=root, screen=Screen(), progress=False)
+
+
+def test_default_labels_follow_the_output_activation(tmp_path):
+    """Default labels: every channel but the background of a softmax output, every channel of a sigmoid one."""
+    from types import SimpleNamespace
+
+    from monai_gamverify.apps.cohort.runner import segmentation_labels
+    from monai_gamverify.bundle import load_bundle
+
+    root = write_seg_bundle(tmp_path / "seg", fmt="json", weights=None)
+    softmax = load_bundle(root, device="cpu", require_weights=False)
+    assert segmentation_labels(SimpleNamespace(bundle=softmax), None) == [(1, "spleen")]
+    cfg = json.loads((root / "configs" / "inference.json").read_text())
+    cfg["postprocessing"]["transforms"] = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}]
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
+    sigmoid = load_bundle(root, device="cpu", require_weights=False)
+    assert segmentation_labels(SimpleNamespace(bundle=sigmoid), None) == [(0, "background"), (1, "spleen")]
+    assert segmentation_labels(SimpleNamespace(bundle=sigmoid), ["spleen"]) == [(1, "spleen")]

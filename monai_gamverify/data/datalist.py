@@ -66,6 +66,11 @@ def require_file(path: str | os.PathLike, what: str = "file", hint: str | None =
     return str(path)
 
 
+def _holds_dicom(directory: Path) -> bool:
+    """Whether a directory holds a DICOM file (the scan stops at the first)."""
+    return any(f.is_file() and is_dicom_file(f) for f in directory.iterdir())
+
+
 def _input_problem(key: str, path: str, where: str) -> str | None:
     """Why ``path`` is no image input, or ``None`` for a file or a directory holding a DICOM file (a series).
 
@@ -75,7 +80,7 @@ def _input_problem(key: str, path: str, where: str) -> str | None:
     if p.is_file():
         return None
     if p.is_dir():
-        if any(is_dicom_file(f) for f in p.iterdir()):
+        if _holds_dicom(p):
             return None
         return f"{key} directory listed in {where} holds no DICOM file: {path}"
     return f"{key} file listed in {where} not found: {path} (neither a file nor a DICOM series directory)"
@@ -255,10 +260,6 @@ def load_datalist(
             check_image(entry["image"], spatial_dims=spatial_dims, num_channels=num_channels)
         out.append(entry)
     return out
-
-
-def _holds_dicom(directory: Path) -> bool:
-    return any(f.is_file() and is_dicom_file(f) for f in directory.iterdir())
 
 
 def _images_in(directory: Path) -> list[str]:

@@ -133,21 +133,15 @@ def similarity_metrics(
         per_chunk = max(1, chunk // max(1, items_a[0, 0].numel()))
         slice_chunk = min(n_slices, per_chunk)
         batch_chunk = max(1, per_chunk // slice_chunk)
-        broadcast = items_b.shape[0] == 1 and n_batch > 1
+        one_ref = items_b.shape[0] == 1  # one reference for every map: its statistics once (and across calls)
         totals = torch.zeros(len(names), n_batch, dtype=torch.float64, device=a.device)
         for s0 in range(0, n_slices, slice_chunk):
             s1 = min(n_slices, s0 + slice_chunk)
-            # the broadcast reference is prepared once per slice chunk, not once per map of `a`
-            stats_b = _map_stats(items_b[:, s0:s1], names) if broadcast else None
+            stats_b = _reference_cached(_map_stats, items_b[:, s0:s1], names) if one_ref else None
             for b0 in range(0, n_batch, batch_chunk):
                 b1 = min(n_batch, b0 + batch_chunk)
                 stats_a = _map_stats(items_a[b0:b1, s0:s1], names)
-                if broadcast:
-                    sb = stats_b
-                elif items_b.shape[0] == 1:  # one reference for one map, call after call: reuse its statistics
-                    sb = _reference_stats(items_b[:, s0:s1], names)
-                else:
-                    sb = _map_stats(items_b[b0:b1, s0:s1], names)
+                sb = stats_b if one_ref else _map_stats(items_b[b0:b1, s0:s1], names)
                 values = _pair_metrics(stats_a, sb, names)
                 totals[:, b0:b1] += torch.stack([values[name] for name in names]).sum(dim=2)  # one op per chunk
     return {name: totals[j] / n_slices for j, name in enumerate(names)}
@@ -429,37 +423,21 @@ def _map_globals(x: torch.Tensor, names: tuple[str, ...], planes: int) -> dict[s
     return st
 
 
-#: the last broadcast reference's whole-map statistics: (key, the tensor itself, statistics)
-_REFERENCE_CACHE: tuple[tuple, torch.Tensor, dict[str, Any]] | None = None
+#: per statistics function, the last reference's: (key, the tensor itself, statistics)
+_REFERENCE_CACHE: dict[str, tuple[tuple, torch.Tensor, dict[str, Any]]] = {}
 
 
-def _reference_globals(y: torch.Tensor, names: tuple[str, ...], planes: int) -> dict[str, Any]:
-    """:func:`_map_globals` of a reference map compared with many maps, one call after another (an engine's
-    reference, a server's requests): its sorted values are made once, not once per call. The cache holds the tensor
-    itself, so its memory cannot be reused by another tensor while cached; an in-place change bumps its version."""
-    global _REFERENCE_CACHE
-    key = (y.data_ptr(), y._version, tuple(y.shape), tuple(y.stride()), y.dtype, y.device, names, planes)
-    hit = _REFERENCE_CACHE
+def _reference_cached(stats: Any, y: torch.Tensor, *args: Any) -> dict[str, Any]:
+    """``stats(y, *args)`` (:func:`_map_stats`, :func:`_map_globals`) of a reference map compared with many maps, one
+    call after another (an engine's reference, a server's requests): computed once (its sort above all), not once
+    per call. The cache holds the tensor itself, so its memory cannot be reused by another tensor while cached; an
+    in-place change bumps its version."""
+    key = (y.data_ptr(), y._version, tuple(y.shape), tuple(y.stride()), y.dtype, y.device, *args)
+    hit = _REFERENCE_CACHE.get(stats.__name__)
     if hit is not None and hit[0] == key:
         return hit[2]
-    st = _map_globals(y, names, planes)
-    _REFERENCE_CACHE = (key, y, st)  # one assignment: atomic for threads
-    return st
-
-
-_STATS_CACHE: tuple[tuple, torch.Tensor, dict[str, Any]] | None = None
-
-
-def _reference_stats(y: torch.Tensor, names: tuple[str, ...]) -> dict[str, Any]:
-    """:func:`_map_stats` of a reference compared with one map per call (a server's requests): cached like
-    :func:`_reference_globals` (the tensor held, its version in the key)."""
-    global _STATS_CACHE
-    key = (y.data_ptr(), y._version, tuple(y.shape), tuple(y.stride()), y.dtype, y.device, names)
-    hit = _STATS_CACHE
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    st = _map_stats(y, names)
-    _STATS_CACHE = (key, y, st)
+    st = stats(y, *args)
+    _REFERENCE_CACHE[stats.__name__] = (key, y, st)  # one item assignment: atomic for threads
     return st
 
 
@@ -476,7 +454,7 @@ def _stream_maps(
     plane = max(1, items_a[0, 0, 0].numel())
     planes = max(1, chunk // plane, min_planes)
     broadcast = items_b.shape[0] == 1
-    glob_b = _reference_globals(items_b[0, 0], names, planes) if broadcast else None
+    glob_b = _reference_cached(_map_globals, items_b[0, 0], names, planes) if broadcast else None
     out = {name: torch.empty(n_batch, dtype=torch.float64, device=items_a.device) for name in names}
     for i in range(n_batch):
         x, y = items_a[i, 0], items_b[0 if broadcast else i, 0]

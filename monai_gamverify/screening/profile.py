@@ -353,33 +353,19 @@ def layout_moments(tensor: Any) -> np.ndarray:
         return np.full(nd + nd * (nd + 1) // 2, np.nan)
     axes = [torch.linspace(-0.5, 0.5, int(n), dtype=torch.float64) for n in mass.shape]
 
-    cache: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def projection(keep: tuple[int, ...]) -> torch.Tensor:
-        # a 1D projection from a 2D one already made (one pass over the volume per axis pair, not per axis)
-        if keep not in cache:
-            drop = [a for a in range(nd) if a not in keep]
-            pair = next((k for k in cache if len(k) == 2 and set(keep) < set(k)), None)
-            if pair is not None:
-                cache[keep] = cache[pair].sum(dim=1 - pair.index(keep[0]))
-            else:
-                cache[keep] = mass.sum(dim=drop, dtype=torch.float64) if drop else mass.double()
-        return cache[keep]
-
-    if nd == 3:
-        for pair in ((0, 1), (0, 2), (1, 2)):
-            projection(pair)
-
-    centre = [float((projection((i,)) * axes[i]).sum() / total) for i in range(nd)]
+    # the 2D projection of every axis pair (one pass over the volume each); each 1D one from a 2D one
+    pairs = {}
+    for i in range(nd):
+        for j in range(i + 1, nd):
+            rest = [a for a in range(nd) if a not in (i, j)]
+            pairs[i, j] = mass.sum(dim=rest, dtype=torch.float64) if rest else mass.double()
+    line = [pairs[(0, 1)].sum(1), *(pairs[(0, i)].sum(0) for i in range(1, nd))]
+    centre = [float((line[i] * axes[i]).sum() / total) for i in range(nd)]
+    d = [axes[i] - centre[i] for i in range(nd)]
     second = []
     for i in range(nd):
-        di = axes[i] - centre[i]
-        for j in range(i, nd):
-            if i == j:
-                second.append(float((projection((i,)) * di**2).sum() / total))
-            else:
-                dj = axes[j] - centre[j]
-                second.append(float((projection((i, j)) * di[:, None] * dj[None, :]).sum() / total))
+        second.append(float((line[i] * d[i] ** 2).sum() / total))
+        second += [float((pairs[i, j] * d[i][:, None] * d[j][None, :]).sum() / total) for j in range(i + 1, nd)]
     return np.asarray(centre + second, dtype=np.float64)
 
 

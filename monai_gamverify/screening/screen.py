@@ -498,16 +498,16 @@ class Screen:
             cal = self.cal_scores_[:, j]
             if np.isfinite(cal).all() and cal.size:
                 pvals[:, j] = conformal_pvalues(cal, raw[:, j])
-        stat = statistic(self, raw)
+        z = self.score_scaler_.transform(monotone(raw))
         if self.combine == "fisher":
             z_cal = self.score_scaler_.transform(monotone(self.cal_scores_))
-            combined, stat = fisher_conformal(self.cal_scores_, raw, z_cal, self.score_scaler_.transform(monotone(raw)))
-        elif self.combine == "maxz":
-            finite = np.isfinite(self.cal_stat_)
-            combined = conformal_pvalues(self.cal_stat_[finite], stat)
+            combined, stat = fisher_conformal(self.cal_scores_, raw, z_cal, z)
         else:
-            combined = bonferroni(pvals, axis=1)
-        z = self.score_scaler_.transform(monotone(raw))
+            stat = statistic(self, raw)
+            if self.combine == "maxz":
+                combined = conformal_pvalues(self.cal_stat_[np.isfinite(self.cal_stat_)], stat)
+            else:
+                combined = bonferroni(pvals, axis=1)
         rows = []
         for i, o in enumerate(obs):
             hard = list(o.profile.hard_failures)

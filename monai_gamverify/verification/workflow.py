@@ -31,7 +31,7 @@ from monai_gamverify.verification.tables import META_COLUMNS, feature_table, sum
 from monai_gamverify.verification.verifier import SCORES, SuitabilityVerifier, roc_png
 from monai_gamverify.visualize.featuremaps import FeatureMap
 from monai_gamverify.visualize.registry import CAM_METHODS, cam_method, make_cam
-from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
+from monai_gamverify.visualize.segcam import bundle_segmentation_cam, default_segmentation_label, label_index
 
 __all__ = [
     "METHODS",
@@ -57,20 +57,6 @@ class _CAMOnDevice:
         if param is not None:
             x = x.to(param.device)
         return self.cam(x, class_idx=self.class_idx, normalize=True)
-
-
-def default_segmentation_label(bundle: Any) -> int:
-    """The first foreground output channel of a segmentation bundle: 1 for a softmax output (channel 0 is the
-    background, MONAI's convention), 0 for a sigmoid (multi-label, e.g. BraTS) or single-channel output.
-
-    Example:
-        >>> default_segmentation_label(load_bundle("spleen_ct_segmentation"))
-        1
-    """
-    names = list(getattr(bundle, "class_names", None) or [])
-    if len(names) == 1 or bundle_activation(bundle) == "sigmoid":
-        return 0
-    return 1
 
 
 class SegmentationTarget:

@@ -23,6 +23,7 @@ __all__ = [
     "box_mask",
     "bundle_activation",
     "bundle_segmentation_cam",
+    "default_segmentation_label",
     "label_index",
     "predicted_mask",
     "segmentation_cam",
@@ -73,6 +74,20 @@ def bundle_activation(bundle: Any) -> str:
         return False
 
     return "sigmoid" if walk(parser.get("postprocessing")) else "softmax"
+
+
+def default_segmentation_label(bundle: Any) -> int:
+    """The first foreground output channel of a segmentation bundle: 1 for a softmax output (channel 0 is the
+    background, MONAI's convention), 0 for a sigmoid (multi-label, e.g. BraTS) or single-channel output.
+
+    Example:
+        >>> default_segmentation_label(load_bundle("spleen_ct_segmentation"))
+        1
+    """
+    names = list(getattr(bundle, "class_names", None) or [])
+    if len(names) == 1 or bundle_activation(bundle) == "sigmoid":
+        return 0
+    return 1
 
 
 def predicted_mask(logits: torch.Tensor, label: int, activation: str = "auto") -> torch.Tensor:

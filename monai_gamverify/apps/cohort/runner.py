@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from monai_gamverify import __version__
 from monai_gamverify.apps.cohort.distributed import barrier, dist_setup, gather, shard
-from monai_gamverify.apps.cohort.items import cohort_items
+from monai_gamverify.apps.cohort.items import cohort_items, safe_id
 from monai_gamverify.apps.cohort.outdir import (
     RUN_FORMAT,
     RUN_VERSION,
@@ -44,7 +43,13 @@ from monai_gamverify.data.datalist import DataError
 from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.io import save_map, write_json
 from monai_gamverify.visualize.cam import normalize_maps
-from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index, predicted_mask
+from monai_gamverify.visualize.segcam import (
+    bundle_activation,
+    bundle_segmentation_cam,
+    default_segmentation_label,
+    label_index,
+    predicted_mask,
+)
 
 __all__ = ["run_cohort", "segmentation_labels", "CohortInterrupted", "CohortOutOfMemory"]
 
@@ -120,20 +125,18 @@ class _SegmentationResult:
         return next(iter(self.cams.values()))
 
 
-def _file_part(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "label"
-
-
 def segmentation_labels(engine: ImagePipeline, labels: Sequence[int | str] | None) -> list[tuple[int, str]]:
     """``(output channel, name)`` of the labels a segmentation cohort explains: ``labels`` by name or index, default
-    every output channel but the first (background) of the bundle's ``channel_def`` (channel 1 when it has none)."""
+    every foreground channel of the bundle's ``channel_def`` (all but channel 0 of a softmax output, every channel of
+    a sigmoid or single-channel one; :func:`~monai_gamverify.visualize.segcam.default_segmentation_label` onwards)."""
     names = list(engine.bundle.class_names) if engine.bundle is not None else []
     if labels is None or len(labels) == 0:
-        labels = list(range(1, len(names))) or [1]
+        first = default_segmentation_label(engine.bundle)
+        labels = list(range(first, len(names))) or [first]
     out: list[tuple[int, str]] = []
     for lab in labels:
         idx = label_index(lab, names)
-        out.append((idx, _file_part(names[idx] if idx < len(names) else str(idx))))
+        out.append((idx, safe_id(names[idx] if idx < len(names) else str(idx))))
     if len({n for _, n in out}) != len(out):
         raise ValueError(f"labels {list(labels)} name some output channel twice")
     return out

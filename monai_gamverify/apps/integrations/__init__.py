@@ -33,7 +33,12 @@ import torch
 
 from monai_gamverify.apps.pipeline import VERDICTS, ImagePipeline, decide_verdict, image_stem
 from monai_gamverify.io import save_map, save_nifti
-from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index
+from monai_gamverify.visualize.segcam import (
+    bundle_activation,
+    bundle_segmentation_cam,
+    default_segmentation_label,
+    label_index,
+)
 
 __all__ = ["SuitabilityPipeline", "VERDICTS", "image_stem"]
 
@@ -119,11 +124,10 @@ class SuitabilityPipeline:
         )
         self.bundle = self.engine.bundle
         self.task = "segmentation" if self.bundle.task == "segmentation" else "classification"
+        self.engine.check_screen(self.task)
         self.label: int | None = None
         if self.task == "segmentation":
-            self.engine.check_screen("segmentation")
-            # default: the first label after the background (softmax), the first channel (sigmoid: no background)
-            first = 0 if bundle_activation(self.bundle) == "sigmoid" else 1
+            first = default_segmentation_label(self.bundle)
             self.label = label_index(first if label is None else label, list(self.bundle.class_names))
         elif label is not None:
             raise ValueError("label= is for segmentation bundles; this bundle is a classifier")
@@ -240,12 +244,12 @@ class SuitabilityPipeline:
             seg = torch.where(on.any(0), on.float().argmax(0) + 1, 0)
         else:
             seg = probs_in.argmax(0)
-        names_out = (["background", *names] if sigmoid else names) or []
-        counts = torch.bincount(seg.reshape(-1), minlength=max(len(names_out), 1)).tolist()
-        names_out = names_out + [str(i) for i in range(len(names_out), len(counts))]
+        labels = self.label_map()
+        by_value = {0: names[0] if names and not sigmoid else "background", **{v: n for n, v in labels.items()}}
+        counts = torch.bincount(seg.reshape(-1), minlength=max(by_value) + 1).tolist()
         out.update(
-            labels={n: i for i, n in enumerate(names_out) if i > 0},
-            voxels={names_out[i]: int(c) for i, c in enumerate(counts)},
+            labels=labels,
+            voxels={by_value.get(i, str(i)): int(c) for i, c in enumerate(counts)},
             label_map=seg,
             reference=ref,
         )
@@ -342,8 +346,13 @@ class SuitabilityPipeline:
         return result
 
     def label_map(self) -> dict[str, int]:
-        """``{class name: index}``, the ``labels`` MONAI Label shows for the task."""
-        return {n: i for i, n in enumerate(self.class_names)}
+        """The ``labels`` MONAI Label shows for the task: ``{class name: index}`` of a classifier; of a segmentation
+        bundle ``{label name: value in the label map}``, the background (0) implied (a sigmoid bundle's channel i
+        is value i + 1)."""
+        if self.task != "segmentation":
+            return {n: i for i, n in enumerate(self.class_names)}
+        shift = 1 if bundle_activation(self.bundle) == "sigmoid" else 0
+        return {n: i + shift for i, n in enumerate(self.bundle.class_names) if i + shift > 0}
 
     def describe(self) -> dict[str, Any]:
         """Settings of the pipeline (for logs and ``info()``)."""

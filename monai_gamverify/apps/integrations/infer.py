@@ -26,7 +26,6 @@ import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 from monai_gamverify.io import save_map, save_nifti
-from monai_gamverify.visualize.segcam import bundle_activation
 
 __all__ = ["SuitabilityInfer"]
 
@@ -70,10 +69,6 @@ class SuitabilityInfer:
         self.version = meta.get("version")
         self.task = self.pipeline.task
         self.label = self.pipeline.label
-        if self.task == "segmentation":
-            # MONAI Label's segmentation labels: name -> value in the label file, background (0) implied
-            shift = 1 if bundle_activation(self.pipeline.bundle) == "sigmoid" else 0
-            self.labels = {n: i + shift for i, n in enumerate(self.pipeline.bundle.class_names) if i + shift > 0}
 
     def __call__(self, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Run one request.
@@ -168,17 +163,14 @@ class SuitabilityInfer:
             raise ValueError(str(err)) from err
         result: dict[str, Any] = {k: seg[k] for k in ("task", "labels", "voxels")}
         result["result"] = want
-        fd, out_file = tempfile.mkstemp(prefix="gamverify_", suffix=f"_{want}.nii.gz")
-        os.close(fd)
-        try:
+
+        def write(path: str) -> None:
             if want == "label":
-                save_nifti(seg["label_map"].to(torch.uint8), out_file, reference=seg["reference"], dtype=np.uint8)
+                save_nifti(seg["label_map"].to(torch.uint8), path, reference=seg["reference"], dtype=np.uint8)
             else:
-                cam, ref = seg["cam_map"]
-                save_map(cam, out_file, reference=ref, durable=False)
-        except BaseException:
-            os.unlink(out_file)
-            raise
+                save_map(seg["cam_map"][0], path, reference=seg["cam_map"][1], durable=False)
+
+        out_file = _answer_file(want, write)
         if explain:
             result["cam"] = {
                 "in_response": want == "cam",
@@ -265,14 +257,21 @@ class SuitabilityInfer:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _answer_file(kind: str, write: Any) -> str:
+    """A new temporary ``gamverify_*_<kind>.nii.gz`` written by ``write(path)`` (no folder, no sync: MONAI Label
+    removes the answer file once sent); removed again if the write fails."""
+    fd, path = tempfile.mkstemp(prefix="gamverify_", suffix=f"_{kind}.nii.gz")
+    os.close(fd)
+    try:
+        write(path)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
 def _write_answer_map(engine: Any, found: Any) -> tuple[str, list[int]]:
     """The map of an engine result on the input grid in a new temporary ``.nii.gz`` (path, spatial shape)."""
     cam, ref = engine.on_input_grid(found)
-    fd, cam_file = tempfile.mkstemp(prefix="gamverify_", suffix="_cam.nii.gz")
-    os.close(fd)
-    try:
-        save_map(cam, cam_file, reference=ref, durable=False)
-    except BaseException:
-        os.unlink(cam_file)
-        raise
-    return cam_file, [int(v) for v in cam.shape[1:]]
+    path = _answer_file("cam", lambda f: save_map(cam, f, reference=ref, durable=False))
+    return path, [int(v) for v in cam.shape[1:]]
