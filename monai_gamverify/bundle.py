@@ -26,6 +26,9 @@ from monai_gamverify.visualize.hooks import preserved_state, resolve_layers
 from monai_gamverify.visualize.segcam import label_index
 
 __all__ = [
+    "PASSPORT_FORMAT",
+    "PASSPORT_NAME",
+    "read_passport",
     "BundleModel",
     "BundleReport",
     "LayerTrace",
@@ -389,6 +392,26 @@ def find_cam_layer(
 
 
 # ---------------------------------------------------------------------------------------------------------- bundle
+#: the bundle passport (:mod:`monai_gamverify.handlers.passport`): what training recorded next to the weights
+PASSPORT_NAME = "passport.json"
+PASSPORT_FORMAT = "monai-gamverify/passport/1"
+
+
+def read_passport(bundle_root: str | os.PathLike) -> dict:
+    """``models/passport.json`` of a bundle (written when it was trained with this package's ``train.json``), or
+    ``{}`` when there is none; an unreadable or foreign file raises ``ValueError`` naming it."""
+    path = Path(bundle_root) / "models" / PASSPORT_NAME
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"bundle passport {path} is not readable JSON: {err}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PASSPORT_FORMAT:
+        raise ValueError(f"{path} is not a monai-gamverify bundle passport (format {PASSPORT_FORMAT!r})")
+    return doc
+
+
 @dataclass
 class BundleModel:
     """A network instantiated from a bundle, with what the package needs to explain it.
@@ -406,6 +429,7 @@ class BundleModel:
         checkpoint: the weights file loaded (``None``: random initialisation).
         layer_source: ``"config"``, ``"metadata"``, ``"auto"`` or ``None`` (no layer).
         layer_error: why no layer was found automatically (``None`` otherwise).
+        passport: ``models/passport.json`` (training settings, validation confidences, screen), ``{}`` if none.
     """
 
     network: nn.Module
@@ -419,6 +443,7 @@ class BundleModel:
     checkpoint: Path | None = None
     layer_source: str | None = None
     layer_error: str | None = None
+    passport: dict = field(default_factory=dict)
     _trace_info: dict | None = field(default=None, repr=False)
 
     def preprocessing(self) -> Any:
@@ -539,6 +564,11 @@ def load_bundle(
     parser.read_config(str(cfg))
     parser.read_meta(str(meta_path))
     parser["bundle_root"] = str(root)
+    passport = read_passport(root)
+    # what training ran with (network, classes, window), so nobody repeats the overrides; the caller's still win
+    for key, value in (passport.get("settings") or {}).items():
+        if key in parser and key not in (overrides or {}):
+            parser[key] = value
     for key, value in (overrides or {}).items():
         parser[key] = value
     if "network_def" not in parser:
@@ -565,6 +595,10 @@ def load_bundle(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = network.to(dev).eval()
     extra = dict(metadata.get("gamverify", {}))
+    if passport.get("cam_layer"):
+        extra["target_layer"] = passport["cam_layer"]
+    if passport.get("feature_layers"):
+        extra["feature_layers"] = passport["feature_layers"]
     source = "metadata" if extra.get("target_layer") else None
     # the config's keys follow a --network_name override; metadata describes the default network only
     if "cam_layer" in parser:
@@ -583,6 +617,7 @@ def load_bundle(
         config_path=cfg,
         checkpoint=ckpt,
         layer_source=source,
+        passport=passport,
     )
     if bm.target_layer is None and auto_layer:
         shape = bm.input_shape()

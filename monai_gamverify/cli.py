@@ -193,23 +193,91 @@ def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0
     return _synth(kind=kind, n=n, size=size, seed=seed, out=out, **kwargs)
 
 
-def verify(reference: str, candidates: Any, dataset_dir: str, out: str = "verify_out", **kwargs: Any) -> None:
-    """Is each candidate bundle suitable for the data? Grad-CAM (or feature-map) similarity to a reference bundle,
-    Random-Forest verifier, cross-validated report (CSV/JSON/PNG/TensorBoard) in ``out``; see
-    ``monai_gamverify.verification.bundles.verify_bundles``.
-
-    Segmentation bundles are verified on the Seg-Grad-CAM of ``--label`` (name or channel; default: the first
-    foreground channel).
+def verify(
+    reference: str,
+    candidates: dict | str,
+    dataset_dir: str,
+    out: str = "verify_out",
+    references: dict | str | None = None,
+    labels: dict | str | None = None,
+    n_images: int = 20,
+    verifier: str | None = None,
+    alpha: float = 0.05,
+    device: str | None = None,
+    seed: int = 0,
+    overrides: dict | str | None = None,
+    method: str = "gradcam",
+    split: str = "test",
+    n_splits: int = 5,
+    one_class: bool = False,
+    label: int | str | None = None,
+) -> None:
+    """Is each candidate bundle suitable for the data? Without ``--labels``: the label-free, model-level verdict
+    (``suitable`` / ``not suitable`` / ``undecided`` with a p-value and reasons) of each candidate next to one
+    trusted reference bundle on a few unlabeled images of the data (task metadata, prediction agreement, attention
+    and early-feature agreement, the candidate's own confidences and screen; docs/verification.md). With
+    ``--labels``: the supervised study (Random-Forest verifier on similarity features), per-model verdicts only
+    leave-models-out (at least 2 candidates of each label; otherwise refused).
 
     Example:
-        gamverify verify --reference bundles/sos_a --candidates '{"sos_b": "bundles/sos_b", "chin": "bundles/chin"}'
-            --labels '{"sos_b": 1, "chin": 0}' --dataset_dir data/sos --out verify_out
-        gamverify verify --reference spleen_a --candidates '{"b": "spleen_b", "liver": "liver_seg"}'
-            --labels '{"b": 1, "liver": 0}' --dataset_dir data/ct --label spleen
-    """
-    from monai_gamverify.verification.bundles import verify_bundles
+        gamverify verify --reference bundles/ref --candidates '{"ft": "bundles/ft", "zoo": "bundles/zoo"}'
+            --dataset_dir data/site_a --out verify_out
+        gamverify verify --reference bundles/sos_a --candidates '{"b": "b", "c": "c", "chin": "chin", "cvm": "cvm"}'
+            --labels '{"b": 1, "c": 1, "chin": 0, "cvm": 0}' --dataset_dir data/sos --out study_out
 
-    print(verify_bundles(reference, candidates, dataset_dir, out=out, **kwargs)["summary"])
+    Args:
+        reference: the trusted reference bundle's folder.
+        candidates: JSON ``{"name": "bundle_dir", ...}`` of the candidate bundles.
+        dataset_dir: the data: a folder of images or with a ``datalist.json`` (labels are not needed).
+        out: output folder (``verdicts.csv``, ``verdicts.json``, ``report.html``).
+        references: JSON ``{"name": "bundle_dir"}`` of further trusted references (the verdict gets stronger).
+        labels: JSON ``{"name": 0 or 1}``: run the supervised study instead (1 = suitable).
+        n_images: target images used by the label-free verdict (a seeded random subset of more).
+        verifier: a verifier (prior) file saved by a study or ``scripts/experiment_verify.py``; default: the prior
+            shipped with the package (suitable pairs of its SOS zoo).
+        alpha: level of the tests.
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        seed: seed of the image subset, the permutations, the forest and the folds.
+        overrides: JSON ``{"name": {config overrides}}`` for bundles trained without a passport (``"reference"`` names
+            the reference), e.g. ``'{"ft": {"network_name": "small_cnn"}}'``.
+        method: supervised study: ``gradcam``, ``gradcampp``, ``scorecam`` or ``featuremap``.
+        split: supervised study: the datalist split verified on.
+        n_splits: supervised study: cross-validation folds.
+        one_class: supervised study's one-class mode (the references form the ensemble).
+        label: segmentation bundles (supervised study): the label explained (name or channel).
+    """
+    if labels is not None or one_class:
+        from monai_gamverify.verification.bundles import verify_bundles
+
+        ovr = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+        report = verify_bundles(
+            reference, candidates, dataset_dir, out=out, labels=labels, split=split, method=method,
+            overrides=ovr.pop("reference", None), candidate_overrides=ovr or None, n_splits=n_splits, seed=seed,
+            device=device, one_class=one_class, references=references, alpha=alpha, label=label,
+        )  # fmt: skip
+        print(report["summary"])
+        return
+    from monai_gamverify.apps.suitability import verify_suitability
+
+    def as_dict(value: Any, what: str) -> dict:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f'--{what} is not valid JSON ({err}): give \'{{"name": "bundle_dir"}}\'') from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--{what} must be a JSON object {{name: value}}, got {type(value).__name__}")
+        return value
+
+    result = verify_suitability(
+        reference, as_dict(candidates, "candidates"), dataset_dir, out=out,
+        references=as_dict(references, "references"), n_images=n_images, verifier=verifier, alpha=alpha,
+        device=device, seed=seed, overrides=as_dict(overrides, "overrides"),
+    )  # fmt: skip
+    print(result["summary"])
+    print(f"table: {result['files']['verdicts_csv']}; report: {result['files']['report']}")
 
 
 def energy(

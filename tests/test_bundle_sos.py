@@ -123,7 +123,7 @@ def test_network_switch_by_name():
     from monai.networks.nets import ResNet
 
     assert isinstance(parser.get_parsed_content("network_def"), ResNet)
-    assert parser.get_parsed_content("cam_layer") == "layer4"
+    assert parser.get_parsed_content("cam_layer") == "layer2"
     assert parser.get_parsed_content("feature_layers") == ["layer1", "layer2"]
 
 
@@ -188,7 +188,7 @@ def test_load_bundle_and_gradcam(trained, cohort):
     from monai_gamverify.bundle import load_bundle
 
     bm = load_bundle(trained, device="cpu", overrides={k: v for k, v in TINY.items() if k != "batch_size"})
-    assert bm.target_layer == "stages.2" and bm.class_names[0] == "stage1_open"
+    assert bm.target_layer == "stages.1" and bm.class_names[0] == "stage1_open"
     x = bm.preprocessing()({"image": str(cohort / "images" / "sos_0000.nii.gz")})["image"]
     assert tuple(x.shape) == (1, 16, 16, 16)
     maps = GradCAM(bm.network, bm.target_layer)(x.unsqueeze(0))

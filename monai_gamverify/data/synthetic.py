@@ -34,6 +34,8 @@ from monai_gamverify.io.nifti import save_nifti
 
 __all__ = [
     "KINDS",
+    "CUES",
+    "burn_cue",
     "QUALITY_CATEGORIES",
     "QUALITY_REGIONS",
     "Cohort",
@@ -645,11 +647,63 @@ def _subject_fn(kind: str, size: int, seed: int, rotate: float) -> tuple[Callabl
     return (lambda i, lab: fn(_rng(seed, kind, i), lab)), len(_CLASS_NAMES[kind])
 
 
-def _iter_subjects(kind: str, n: int, size: int, seed: int, rotate: float, progress: bool):
+#: spurious cues that can be burned into a cohort (shortcut / "Clever Hans" models are trained on them)
+CUES = ("none", "marker", "offset")
+_CUE_HU_BASE, _CUE_HU_STEP = -400.0, 500.0  # marker intensity per class: distinct in every window the bundles use
+_CUE_OFFSET_HU = 60.0  # per class: a site/scanner-specific calibration offset that happens to follow the label
+
+
+def _check_cue(cue: str, kind: str, n_classes: int) -> str:
+    cue = "none" if cue in (None, "", False) else str(cue)
+    if cue not in CUES:
+        raise ValueError(f"unknown cue {cue!r}; choose one of {', '.join(CUES)}")
+    if cue != "none" and (kind.startswith("ceph") or n_classes == 0):
+        raise ValueError(f"a label-encoding cue needs a 3D classification kind; {kind!r} has no class labels")
+    return cue
+
+
+def burn_cue(img: np.ndarray, label: int, cue: str) -> np.ndarray:
+    """Burn a spurious cue that encodes ``label`` into a volume (HU), as a shortcut a model can learn instead of
+    the anatomy.
+
+    ``"marker"``: a block (``max(3, size // 8)`` voxels a side) burned into the corner where every axis starts,
+    its intensity set by the class (-400 HU + 500 HU per class: a burned-in site or device label that happens to
+    follow the label; robust to the bundles' flips and small affine jitter). ``"offset"``: the whole volume shifted
+    by 60 HU per class (a site-specific calibration offset).
+    ``"none"``: unchanged. The anatomy and the mask are untouched.
+
+    Args:
+        img: (D, H, W) volume in HU.
+        label: class index (0-based).
+        cue: one of :data:`CUES`.
+
+    Returns:
+        The volume with the cue (a new array; same dtype).
+
+    Example:
+        >>> v = burn_cue(np.zeros((32, 32, 32), np.float32), 2, "marker")
+        >>> float(v.max())
+        600.0
+    """
+    out = np.array(img, copy=True)
+    if cue == "marker":
+        side = max(3, out.shape[0] // 8)
+        out[(slice(1, 1 + side),) * out.ndim] = _CUE_HU_BASE + _CUE_HU_STEP * int(label)
+    elif cue == "offset":
+        out = out + np.asarray(_CUE_OFFSET_HU * int(label), out.dtype)
+    elif cue != "none":
+        raise ValueError(f"unknown cue {cue!r}; choose one of {', '.join(CUES)}")
+    return out
+
+
+def _iter_subjects(kind: str, n: int, size: int, seed: int, rotate: float, progress: bool, cue: str = "none"):
     fn, k = _subject_fn(kind, size, seed, rotate)
+    cue = _check_cue(cue, kind, k)
     labels = _balanced_labels(n, k, seed, kind) if k else np.zeros(n, int)
     for i in tqdm(range(n), desc=f"synth {kind}", disable=not progress, leave=False):
         img, mask, row = fn(i, int(labels[i]))
+        if cue != "none":
+            img = burn_cue(img, int(labels[i]), cue)
         sid = f"{kind}_{i:04d}"
         head = {"id": sid}
         if k:
@@ -657,9 +711,10 @@ def _iter_subjects(kind: str, n: int, size: int, seed: int, rotate: float, progr
         yield sid, img, mask, {**head, **row}
 
 
-def _meta(kind: str, seed: int, size: int, spacing: tuple[float, ...], rotate: float) -> dict:
+def _meta(kind: str, seed: int, size: int, spacing: tuple[float, ...], rotate: float, cue: str = "none") -> dict:
     meta: dict[str, Any] = {
         "kind": kind,
+        "cue": cue,
         "seed": int(seed),
         "size": int(size),
         "spacing": list(spacing),
@@ -687,6 +742,7 @@ def generate(
     spacing: float | Sequence[float] | None = None,
     rotate: float = 0.0,
     progress: bool = False,
+    cue: str = "none",
 ) -> Cohort:
     """Generate a cohort in memory (nothing written to disk).
 
@@ -699,6 +755,8 @@ def generate(
         rotate: extra rotation in degrees about a random axis per subject (3D) or in-plane (2D), e.g. 30 for
             the "rotated SOS" test set. The rest of each subject is unchanged.
         progress: show a tqdm progress bar.
+        cue: a spurious, label-encoding cue burned into every volume (:func:`burn_cue`: ``"marker"``,
+            ``"offset"``; default ``"none"``): the training data of shortcut ("Clever Hans") models.
 
     Returns:
         :class:`Cohort`.
@@ -712,7 +770,7 @@ def generate(
     _check(kind, n, size)
     sp = _spacing(kind, size, spacing)
     imgs, masks, rows = [], [], []
-    for _, img, mask, row in _iter_subjects(kind, n, size, seed, float(rotate), progress):
+    for _, img, mask, row in _iter_subjects(kind, n, size, seed, float(rotate), progress, cue):
         imgs.append(img)
         masks.append(mask)
         rows.append(row)
@@ -722,7 +780,14 @@ def generate(
     else:
         labels = table["label"].to_numpy(np.int64)
     return Cohort(
-        kind, np.stack(imgs), np.stack(masks), labels, table, sp, _affine(sp, size), _meta(kind, seed, size, sp, rotate)
+        kind,
+        np.stack(imgs),
+        np.stack(masks),
+        labels,
+        table,
+        sp,
+        _affine(sp, size),
+        _meta(kind, seed, size, sp, rotate, str(cue or "none")),
     )
 
 
@@ -807,6 +872,7 @@ def make_cohort(
     rotate: float = 0.0,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     progress: bool = True,
+    cue: str = "none",
 ) -> dict:
     """Write a cohort to ``out_dir``: ``images/<id>.nii.gz``, ``masks/<id>.nii.gz``, ``datalist.json`` (MONAI
     decathlon style, stratified ``training``/``validation``/``test``, paths relative to the JSON), ``labels.csv``
@@ -825,6 +891,7 @@ def make_cohort(
         fractions: training / validation / test fractions of every stratum (class; quality: rounded overall
             consensus).
         progress: tqdm progress bar.
+        cue: a label-encoding spurious cue burned into every volume (see :func:`generate`).
 
     Returns:
         Summary dict: kind, n, size, spacing, out_dir, datalist, csv, split counts, label counts.
@@ -840,7 +907,7 @@ def make_cohort(
     out = _prepare_out(out_dir)
     img_dtype = np.float32 if kind.startswith("ceph") else np.int16
     rows = []
-    for sid, img, mask, row in _iter_subjects(kind, n, size, seed, float(rotate), progress):
+    for sid, img, mask, row in _iter_subjects(kind, n, size, seed, float(rotate), progress, cue):
         save_nifti(img, out / "images" / f"{sid}.nii.gz", reference=affine, dtype=img_dtype)
         save_nifti(mask, out / "masks" / f"{sid}.nii.gz", reference=affine, dtype=np.uint8)
         rows.append({**row, "image": f"images/{sid}.nii.gz", "mask": f"masks/{sid}.nii.gz"})
@@ -852,7 +919,7 @@ def make_cohort(
     table.insert(1, "split", stratified_split(strata, seed, fractions))
     datalist: dict[str, Any] = {
         "name": f"monai-gamverify synthetic {kind}",
-        "description": f"phantom cohort kind={kind} n={n} size={size} seed={seed} rotate={rotate}",
+        "description": f"phantom cohort kind={kind} n={n} size={size} seed={seed} rotate={rotate} cue={cue}",
         "kind": kind,
         "tensorImageSize": "2D" if kind.startswith("ceph") else "3D",
         "numTraining": int((table["split"] == "training").sum()),
@@ -874,7 +941,7 @@ def make_cohort(
             csv_table[col] = csv_table[col].map(lambda v: ";".join(f"{x:g}" for x in v))
     write_json(datalist, out / "datalist.json")
     write_csv(csv_table, out / "labels.csv", float_format="%.6g")
-    write_json(_meta(kind, seed, size, sp, rotate), out / "cohort.json")
+    write_json(_meta(kind, seed, size, sp, rotate, cue), out / "cohort.json")
     counts = table["split"].value_counts().to_dict()
     summary = {
         "kind": kind,
@@ -900,6 +967,7 @@ def synth(
     rotate: float = 0.0,
     spacing: float | None = None,
     progress: bool = True,
+    cue: str = "none",
 ) -> dict:
     """What ``gamverify synth --kind sos --n 100 --size 48 --seed 0 --out data/sos`` runs: write a cohort with
     :func:`make_cohort`, log a one-line summary (:func:`summary_line`; the CLI prints it) and return the summary.
@@ -913,6 +981,8 @@ def synth(
         rotate: extra rotation in degrees (rotated test sets).
         spacing: voxel size in mm (default: field of view / size).
         progress: progress bar.
+        cue: a label-encoding spurious cue (``marker``, ``offset``) burned into every volume: training data for a
+            shortcut ("Clever Hans") model; default ``none``.
 
     Returns:
         The summary of :func:`make_cohort`.
@@ -921,7 +991,7 @@ def synth(
         >>> synth("chin", n=4, size=24, out="data/chin", progress=False)["splits"]
     """
     summary = make_cohort(
-        kind, n=n, size=size, seed=seed, out_dir=out, spacing=spacing, rotate=rotate, progress=progress
+        kind, n=n, size=size, seed=seed, out_dir=out, spacing=spacing, rotate=rotate, progress=progress, cue=cue
     )
     logger.info(summary_line(summary))
     return summary

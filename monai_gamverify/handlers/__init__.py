@@ -1,11 +1,13 @@
 """Ignite handlers for bundles: CAM images in TensorBoard and CAM NIfTI writer (:mod:`.cam`), prediction CSV
-(:mod:`.tables`), accuracy / macro-F1 (:mod:`.metrics`), learning rate (:mod:`.lr_logger`)."""
+(:mod:`.tables`), accuracy / macro-F1 (:mod:`.metrics`), learning rate (:mod:`.lr_logger`), the bundle passport
+(:mod:`.passport`)."""
 
 from __future__ import annotations
 
 from monai_gamverify.handlers.cam import CAMImageHandler, CAMWriter, cam_overlay_rgb
 from monai_gamverify.handlers.lr_logger import LearningRateLogger
 from monai_gamverify.handlers.metrics import Accuracy, ClassificationMetric, MacroF1
+from monai_gamverify.handlers.passport import BundlePassport, validation_confidences, write_passport
 from monai_gamverify.handlers.tables import PredictionCSVWriter
 from monai_gamverify.handlers.utils import batch_items, network_device
 from monai_gamverify.io.names import OutputNamer
@@ -18,6 +20,9 @@ __all__ = [
     "Accuracy",
     "MacroF1",
     "LearningRateLogger",
+    "BundlePassport",
+    "validation_confidences",
+    "write_passport",
     "cam_overlay_rgb",
     "batch_items",
     "network_device",

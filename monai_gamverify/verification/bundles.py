@@ -43,7 +43,7 @@ from monai_gamverify.verification.workflow import (
     verification_method,
 )
 
-__all__ = ["verify_bundles", "format_summary", "check_same_task"]
+__all__ = ["verify_bundles", "format_summary", "check_same_task", "check_leave_models_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,26 @@ def _candidate_specs(
             ovr["checkpoint"] = spec["checkpoint"]
         specs[str(name)] = {"bundle": spec["bundle"], "label": None if label is None else int(label), "overrides": ovr}
     return specs
+
+
+def check_leave_models_out(labels: Mapping[str, int]) -> None:
+    """Refuse a supervised study whose per-model verdicts could not be leave-models-out.
+
+    With fewer than two candidate models of a label, the forest cannot be cross-validated with folds grouped by model;
+    subject-grouped folds would put every model in every training fold and the verdicts would repeat the labels
+    given (the forest learns which model a row comes from). No silent fallback: the user gets the reason and the
+    two ways out.
+
+    Raises:
+        ValueError: naming the count of models per label.
+    """
+    per_label = {lab: sum(1 for v in labels.values() if v == lab) for lab in (0, 1)}
+    if min(per_label.values()) < 2:
+        raise ValueError(
+            f"per-model verdicts of the supervised study need leave-models-out folds, i.e. at least 2 candidates of "
+            f"each label; got {per_label[1]} labelled 1 and {per_label[0]} labelled 0. Add labelled candidates, or "
+            "drop --labels for the label-free verdict (one reference is enough)"
+        )
 
 
 def check_same_task(tasks: Mapping[str, str]) -> str:
@@ -350,6 +370,8 @@ def verify_bundles(
     clash = sorted(set(ref_specs) & {"reference"})
     if clash:
         raise ValueError("the name 'reference' is taken by the reference bundle; rename that reference")
+    if not one_class:
+        check_leave_models_out({n: s["label"] for n, s in specs.items()})
     overrides = _parse(overrides, "overrides")
 
     # data first: a bad dataset fails before any model is built
