@@ -159,8 +159,10 @@ def _load(role: str, name: str, root: Any, device: Any, overrides: Mapping | Non
     path = Path(str(root)).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{role} {name!r}: bundle folder not found: {path}")
+    overrides = dict(overrides or {})
+    checkpoint = overrides.pop("checkpoint", None)  # a weights file other than models/model.pt
     try:
-        bm = load_bundle(path, device=device, overrides=dict(overrides or {}))
+        bm = load_bundle(path, checkpoint=checkpoint, device=device, overrides=overrides)
         return ImagePipeline.from_bundle(bm, device=device)
     except (ValueError, OSError, RuntimeError) as err:  # name the bundle: a user has many and one does not load
         raise ValueError(f"{role} {name!r} ({path}): {type(err).__name__}: {err}") from err
@@ -216,7 +218,8 @@ def verify_suitability(
         alpha: level of the tests.
         device: ``cpu`` / ``cuda`` (default: CUDA when available).
         seed: seed of the image subset and of the permutation test.
-        overrides: name -> config overrides for a bundle without a passport (``{"cand": {"network_name": ...}}``).
+        overrides: name -> config overrides for a bundle without a passport (``{"cand": {"network_name": ...}}``;
+            ``"reference"`` names the reference; the key ``checkpoint`` selects another weights file).
         progress: progress bars.
 
     Returns:
