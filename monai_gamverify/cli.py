@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "screen_fit", "screen_run", "version"]
@@ -229,7 +230,8 @@ def verify(
         reference: the trusted reference bundle's folder.
         candidates: JSON ``{"name": "bundle_dir", ...}`` of the candidate bundles.
         dataset_dir: the data: a folder of images or with a ``datalist.json`` (labels are not needed).
-        out: output folder (``verdicts.csv``, ``verdicts.json``, ``report.html``).
+        out: output folder (``verdicts.csv``, ``verdicts.json``, ``report.html``; with ``--labels`` also
+            ``verifier.json``, fitted on the reference and the candidates labelled 1, for ``--verifier``).
         references: JSON ``{"name": "bundle_dir"}`` of further trusted references (the verdict gets stronger).
         labels: JSON ``{"name": 0 or 1}``: run the supervised study instead (1 = suitable).
         n_images: target images used by the label-free verdict (a seeded random subset of more).
@@ -250,12 +252,23 @@ def verify(
         from monai_gamverify.verification.bundles import verify_bundles
 
         ovr = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+        ref_ovr, cand_ovr = ovr.get("reference"), {k: v for k, v in ovr.items() if k != "reference"}
         report = verify_bundles(
             reference, candidates, dataset_dir, out=out, labels=labels, split=split, method=method,
-            overrides=ovr.pop("reference", None), candidate_overrides=ovr or None, n_splits=n_splits, seed=seed,
+            overrides=ref_ovr, candidate_overrides=cand_ovr or None, n_splits=n_splits, seed=seed,
             device=device, one_class=one_class, references=references, alpha=alpha, label=label,
         )  # fmt: skip
         print(report["summary"])
+        if labels is not None and not one_class:  # the labelled zoo also gives a label-free verifier for new models
+            from monai_gamverify.apps.suitability import fit_verifier
+
+            lab = json.loads(labels) if isinstance(labels, str) else dict(labels)
+            cands = json.loads(candidates) if isinstance(candidates, str) else dict(candidates)
+            good = {n: cands[n]["bundle"] if isinstance(cands[n], dict) else cands[n] for n, v in lab.items() if int(v)}
+            good = {"reference": reference, **good}
+            path = Path(out) / "verifier.json"
+            fit_verifier(good, dataset_dir, path, n_images=n_images, device=device, seed=seed, overrides=ovr)
+            print(f"verifier for new candidates (label-free, --verifier): {path}")
         return
     from monai_gamverify.apps.suitability import verify_suitability
 

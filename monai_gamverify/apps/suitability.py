@@ -32,10 +32,23 @@ from monai_gamverify.bundle import BundleModel, load_bundle
 from monai_gamverify.data.datalist import list_images, read_datalist_split
 from monai_gamverify.io import write_csv, write_json
 from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, observe_model
-from monai_gamverify.verification.suitability import SuitabilityPrior, SuitabilityVerdict, judge_candidate
+from monai_gamverify.verification.suitability import (
+    SuitabilityPrior,
+    SuitabilityVerdict,
+    judge_candidate,
+    pair_evidence,
+)
 from monai_gamverify.visualize.plots import new_figure, save_figure
 
-__all__ = ["verify_suitability", "task_info", "target_images", "default_prior_path", "observe_bundle"]
+__all__ = [
+    "verify_suitability",
+    "fit_verifier",
+    "task_info",
+    "target_images",
+    "default_prior_path",
+    "observe_bundle",
+    "format_summary",
+]
 
 logger = logging.getLogger(__name__)
 #: the prior shipped with the package: null rows of suitable pairs of the SOS zoo (scripts/experiment_verify.py)
@@ -272,6 +285,56 @@ def verify_suitability(
     files["report"] = str(_report(out_dir, obs, verdicts, doc))
     summary = format_summary(verdicts, len(paths), alpha)
     return {"verdicts": df, "summary": summary, "files": files}
+
+
+def fit_verifier(
+    suitable: Mapping[str, str],
+    dataset_dir: str,
+    path: str | os.PathLike,
+    n_images: int = 20,
+    device: str | None = None,
+    seed: int = 0,
+    overrides: Mapping[str, Mapping] | None = None,
+    progress: bool = True,
+) -> SuitabilityPrior:
+    """Fit a verifier (prior) from bundles known to be suitable: the evidence of every ordered pair of them on the
+    same images, saved as JSON for ``gamverify verify --verifier FILE`` on candidates it never saw.
+
+    Args:
+        suitable: name -> folder of >= 2 suitable bundles (a zoo of the task: other seeds, architectures).
+        dataset_dir: images of the task (labels are not read).
+        path: the verifier file to write.
+        n_images: images per pair (use the count the verifier will be applied with).
+        device: torch device.
+        seed: seed of the image subset.
+        overrides: name -> config overrides of bundles without a passport.
+        progress: progress bar.
+
+    Returns:
+        The prior (also written to ``path``).
+    """
+    if len(suitable) < 2:
+        raise ValueError(f"a verifier needs at least 2 suitable bundles (pairs of them), got {len(suitable)}")
+    overrides = dict(overrides or {})
+    paths = target_images(dataset_dir, n_images, seed)
+    obs: dict[str, ModelObservation] = {}
+    first = None
+    for name, root in tqdm(suitable.items(), desc="suitable bundles", disable=not progress):
+        pipe = _load("suitable model", name, root, device, overrides.get(name))
+        images = [pipe.load(p)[1] for p in paths]
+        first = first or images
+        obs[name] = observe_bundle(pipe, images, first)
+    pairs = [pair_evidence(obs[a], obs[b]) for a in obs for b in obs if a != b]
+    names = list(obs)
+    prior = SuitabilityPrior.from_pairs(
+        pairs, source=f"{len(names)} suitable bundles: {', '.join(names)}", n_images=len(paths)
+    )
+    prior.meta = {
+        "models": {k: str(v) for k, v in suitable.items()},
+        "class_names": obs[names[0]].info.get("class_names"),
+    }
+    prior.save(path)
+    return prior
 
 
 def format_summary(verdicts: Mapping[str, SuitabilityVerdict], n_images: int, alpha: float) -> str:
