@@ -39,7 +39,12 @@ from train_zoo import CLASS_NAMES, ZOO, load_cohort, load_member, start_run  # n
 
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
 from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, observe_model  # noqa: E402
-from monai_gamverify.verification.suitability import SuitabilityPrior, judge_candidate, pair_evidence  # noqa: E402
+from monai_gamverify.verification.suitability import (  # noqa: E402
+    DEFAULT_EVIDENCE,
+    SuitabilityPrior,
+    judge_candidate,
+    pair_evidence,
+)
 
 
 def task_info(info: dict) -> dict:
@@ -51,6 +56,16 @@ def task_info(info: dict) -> dict:
 def subset(o: ModelObservation, n: int, info: dict | None = None) -> ModelObservation:
     feats = None if o.features is None else o.features[:n]
     return ModelObservation(o.probs[:n], o.cam[:n], feats, o.val_conf, o.info if info is None else info)
+
+
+def md_table(df: pd.DataFrame, digits: int = 3, index: bool = False) -> str:
+    """A markdown table (no tabulate dependency)."""
+    if index:
+        df = df.reset_index()
+    fmt = [(lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v))]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt[0](v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -119,10 +134,10 @@ def main() -> None:
         prior.meta = {"class_names": CLASS_NAMES["sos"], "models": suitable, "grid": 8}
         print(f"prior written: {prior.save(args.write_prior)}")
     ablations = {
-        "combined": (list(EVIDENCE), True),
-        "no metadata": (list(EVIDENCE), False),
-        "no attention": (["agreement", "features", "atc"], True),
-        "agreement + atc": (["agreement", "atc"], True),
+        "combined": (list(DEFAULT_EVIDENCE), True),
+        "no metadata": (list(DEFAULT_EVIDENCE), False),
+        "no attention": ([e for e in DEFAULT_EVIDENCE if e != "attention"], True),
+        "all four": (list(EVIDENCE), True),
         **{f"{e} alone": ([e], False) for e in EVIDENCE},
     }
     rows = []
@@ -177,21 +192,21 @@ def main() -> None:
             "undecided": float((called == "undecided").mean()),
         })  # fmt: skip
     s = pd.DataFrame(summary)
+    write_json({"summary": summary, "references": refs, "alpha": args.alpha, "sizes": sizes}, out / "results.json")
     print(f"\nload average {os.getloadavg()[0]:.2f}; {time.perf_counter() - t0:.0f} s\n")
-    print(s.to_markdown(index=False, floatfmt=".3f"))
+    print(md_table(s))
     per_kind = (
         scored[(scored["ablation"] == "combined") & (scored["n_images"] == 20)]
         .groupby(["scenario", "kind"])["verdict"]
         .value_counts()
         .unstack(fill_value=0)
     )
-    print("\n" + per_kind.to_markdown())
+    print("\n" + md_table(per_kind, index=True))
     zoo_table = pd.DataFrame(
         [{k: infos[n].get(k) for k in ("name", "kind", "arch", "own_acc", "target_acc", "cue_acc", "label",
                                        "ground_truth")} for n in names]
     )  # fmt: skip
-    print("\n" + zoo_table.to_markdown(index=False, floatfmt=".2f"))
-    write_json({"summary": summary, "references": refs, "alpha": args.alpha, "sizes": sizes}, out / "results.json")
+    print("\n" + md_table(zoo_table, digits=2))
 
 
 if __name__ == "__main__":

@@ -52,9 +52,14 @@ __all__ = [
     "related_pvalue",
     "judge_candidate",
     "VERDICTS",
+    "DEFAULT_EVIDENCE",
 ]
 
 VERDICTS = ("suitable", "not suitable", "undecided")
+#: evidence combined by default. Early-feature agreement (Method 2) is reported with its p-value but not combined:
+#: on the zoo it measures the architecture and the input contrast, not the task (other-task, label-shuffled and
+#: corrupted-data models agree with the reference's early features as much as suitable ones: docs/verification.md)
+DEFAULT_EVIDENCE = ("agreement", "attention", "atc")
 PRIOR_FORMAT = "monai-gamverify/suitability-prior/1"
 _DESCRIBE = {
     "agreement": "its predictions agree with the reference's (Cohen's kappa)",
@@ -282,7 +287,8 @@ def judge_candidate(
         prior: null rows from a zoo (:class:`SuitabilityPrior`); needed when fewer references are given.
         alpha: level of the tests.
         screen_p: the candidate's own screen's dataset p-value on the target images, if it ships a screen.
-        evidence: evidences to use (default: every one available for the candidate and the null rows).
+        evidence: evidences combined (default :data:`DEFAULT_EVIDENCE`, those available for the candidate and the
+            null rows); every evidence is reported with its p-value.
         n_perm: permutations of the relatedness test.
         seed: its seed.
 
@@ -302,18 +308,22 @@ def judge_candidate(
     ev = pair_evidence(candidate, reference)
     user_pairs = [pair_evidence(r, reference) for r in (references or {}).values()]
     null, source = _null_rows(user_pairs, prior, alpha)
-    wanted = list(evidence or EVIDENCE)
+    wanted = list(evidence or DEFAULT_EVIDENCE)
     unknown = set(wanted) - set(EVIDENCE)
     if unknown:
         raise ValueError(f"unknown evidence {sorted(unknown)}; choose from {list(EVIDENCE)}")
     use = [e for e in wanted if np.isfinite(ev[e]) and np.isfinite(null[:, EVIDENCE.index(e)]).mean() >= 0.9]
+    p_values = dict.fromkeys(EVIDENCE, np.nan)
+    for j, e in enumerate(EVIDENCE):  # every evidence's own conformal p-value, combined or only reported
+        col = null[:, j][np.isfinite(null[:, j])]
+        if np.isfinite(ev[e]) and len(col):
+            p_values[e] = float((1 + (col <= ev[e]).sum()) / (1 + len(col)))
     cols = [EVIDENCE.index(e) for e in use]
     null = null[:, cols]
     null = null[np.isfinite(null).all(axis=1)] if len(cols) else null[:0]
     related = related_pvalue(
         _aligned_probs(candidate, reference).argmax(1), reference.predictions, n_perm=n_perm, seed=seed
     )
-    p_values = dict.fromkeys(EVIDENCE, np.nan)
     if len(null) + 1 < int(np.ceil(1.0 / alpha)) or not use:
         reasons = [
             f"too few null rows ({len(null)}) to test at alpha = {alpha}: give >= {int(np.ceil(1 / alpha)) - 1} "
@@ -321,14 +331,13 @@ def judge_candidate(
         ]
         nan = float("nan")
         return SuitabilityVerdict("undecided", nan, reasons, ev, p_values, related, screen_p, len(null), source)
-    p_comb, p_each, _ = conformal_combined([ev[e] for e in use], null)
-    p_values.update(dict(zip(use, p_each.tolist())))
+    p_comb, _, _ = conformal_combined([ev[e] for e in use], null)
     tests = [p_comb] + ([screen_p] if screen_p is not None else [])
     level = alpha / len(tests)  # Bonferroni over the evidence test and the candidate's own screen
     p_value = float(min(1.0, len(tests) * min(tests)))
     reasons = []
     if p_comb <= level:
-        worst = sorted(use, key=lambda e: p_values[e])
+        worst = sorted(use, key=lambda e: p_values[e])  # the combined evidences that speak against it
         for e in worst:
             if p_values[e] <= alpha or e == worst[0]:
                 reasons.append(f"{_DESCRIBE[e]} less than suitable models do: {ev[e]:.2f} (p = {p_values[e]:.3g})")
