@@ -35,7 +35,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_zoo import CLASS_NAMES, ZOO, load_cohort, load_member, start_run  # noqa: E402
+from train_zoo import CLASS_NAMES, ZOO, ground_truth, load_cohort, load_member, start_run  # noqa: E402
 
 from monai_gamverify.io import write_csv, write_json  # noqa: E402
 from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, observe_model  # noqa: E402
@@ -102,6 +102,7 @@ def main() -> None:
     infos, obs = {}, {k: {} for k in images}
     for k, name in enumerate(names):
         model, info = load_member(zoo, name)
+        info["label"], info["ground_truth"] = ground_truth(info)  # the rule of train_zoo.py, re-applied
         infos[name] = info
         for key, x in images.items():
             obs[key][name] = observe_model(

@@ -381,8 +381,9 @@ def ground_truth(info: dict) -> tuple[int, str]:
     chance = 1.0 / N_CLASSES["sos"]
     if info["data"] != "sos":
         return 0, f"other task ({info['data']})"
-    acc, cue_acc = info["target_acc"], info.get("cue_acc", float("nan"))
-    if info["kind"] == "shortcut":
+    acc = info["target_acc"]
+    if info["kind"] == "shortcut":  # with its cue = on its own test cohort (marker or offset), without = the target
+        cue_acc = info["own_acc"]
         if cue_acc >= chance + 0.5 and acc < chance + 0.3:
             return 0, f"shortcut: {cue_acc:.2f} with the cue, {acc:.2f} without"
         return -1, f"shortcut that did not collapse ({cue_acc:.2f} with the cue, {acc:.2f} without)"
