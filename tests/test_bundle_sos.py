@@ -314,3 +314,21 @@ def test_datalist_errors_name_the_file(tmp_path, cohort):
     with pytest.raises(DataError, match="no file matches"):
         list_images(str(tmp_path / "*.nrrd"))
     assert [Path(e["image"]).name for e in list_images(data / "images", check="exists")][:1] == ["sos_0000.nii.gz"]
+
+
+def test_training_writes_the_passport(trained):
+    """train.json records what it trained with (the overrides included), the validation confidences and the screen;
+    metadata.json describes the trained network; load_bundle applies the passport without the overrides repeated."""
+    from monai_gamverify.bundle import load_bundle, read_passport
+
+    passport = read_passport(trained)
+    s = passport["settings"]
+    assert s["roi_size"] == TINY["roi_size"] and s["pixdim"] == TINY["pixdim"] and s["num_classes"] == 5
+    assert s["network_name"] == "convnext_attn_pico" and passport["cam_layer"] == "stages.1"
+    conf = passport["val_conf"]
+    assert len(conf["max_prob"]) == len(conf["correct"]) > 0 and all(0 < p <= 1 for p in conf["max_prob"])
+    meta = json.loads((trained / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["4"] == "stage5_fused"
+    bm = load_bundle(trained, device="cpu", overrides={"networks#convnext_attn_pico#widths": [4, 8, 8]})
+    assert bm.parser.get_parsed_content("roi_size") == TINY["roi_size"]  # from the passport, not repeated
+    assert bm.passport["val_conf"] == conf
