@@ -15,7 +15,8 @@ Protocol (every figure below is leave-models-out and model-level):
   reference, observed on *other* images (seed 3000, the same ``n``), so that neither the candidate nor its label
   ever enters its own verdict.
 - Verdict: :func:`monai_gamverify.verification.suitability.judge_candidate` at ``--alpha`` with the bundles' task
-  metadata (number and names of classes); ablations drop evidence (each alone; without attention) and the metadata.
+  metadata (number and names of classes); ablations drop evidence (each alone; without attention), the metadata,
+  add the early features, or give three more references of the user's own (other suitable zoo models).
 
 Prints markdown tables (per n: AUC of the combined p-value and of each evidence alone, verdict accuracy, unsuitable
 judged suitable, suitable judged suitable, shortcut models caught) and writes ``results.json`` and ``verdicts.csv``.
@@ -139,6 +140,7 @@ def main() -> None:
         "no metadata": (list(DEFAULT_EVIDENCE), False),
         "no attention": ([e for e in DEFAULT_EVIDENCE if e != "attention"], True),
         "all four": (list(EVIDENCE), True),
+        "+3 references": (list(DEFAULT_EVIDENCE), True),
         **{f"{e} alone": ([e], False) for e in EVIDENCE},
     }
     rows = []
@@ -159,13 +161,19 @@ def main() -> None:
                     pairs = [v for (a, b), v in prior_pairs.items() if {a, b}.isdisjoint({cand, ref})]
                     prior = SuitabilityPrior.from_pairs(pairs, source="zoo, leave-models-out", n_images=n)
                     c_obs = subset(obs[tkey][cand], n)
+                    # three more references of the user's own (suitable, neither the candidate nor the reference)
+                    extra = [m for m in suitable if m not in (cand, ref)][:: max(1, len(suitable) // 3)][:3]
+                    more = {m: subset(obs[tkey][m], n) for m in extra}
                     for abl, (evidence, metadata) in ablations.items():
                         if abl != "combined" and n != 20:
                             continue
                         c, r = c_obs, r_obs
                         if not metadata:
                             c, r = subset(c_obs, n, info={}), subset(r_obs, n, info={})
-                        v = judge_candidate(c, r, prior=prior, alpha=args.alpha, evidence=evidence, n_perm=args.n_perm)
+                        refs_ = more if abl == "+3 references" else None
+                        v = judge_candidate(
+                            c, r, refs_, prior=prior, alpha=args.alpha, evidence=evidence, n_perm=args.n_perm
+                        )
                         rows.append({
                             "scenario": scenario, "n_images": n, "ablation": abl, "reference": ref,
                             "candidate": cand, "kind": infos[cand].get("kind", infos[cand]["data"]),
