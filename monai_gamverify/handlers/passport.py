@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,9 @@ class BundlePassport:
         feature_layers: its early layers.
         validator: the validation evaluator (its data loader gives the validation confidences), or None.
         checkpoint: the best weights file (default ``models/model.pt``).
-        fit_screen: also fit and save the screen.
+        fit_screen: a screen-fitting function ``f(bundle_root, dataset_dir, out, datalist=...)`` (the config passes
+            ``"$monai_gamverify.apps.screening.fit_screen"``: a handler does not import the apps layer), or
+            ``None`` / ``False`` to skip the screen.
         dataset_dir: the dataset the screen is fitted on (the training datalist's folder).
         datalist: the datalist (default ``dataset_dir/datalist.json``).
 
@@ -177,7 +179,7 @@ class BundlePassport:
         feature_layers: Sequence[str] | None = None,
         validator: Any = None,
         checkpoint: str | None = None,
-        fit_screen: bool = False,
+        fit_screen: Callable[..., Any] | bool | None = None,
         dataset_dir: str | None = None,
         datalist: str | None = None,
     ) -> None:
@@ -209,8 +211,9 @@ class BundlePassport:
         path = write_passport(root, self.settings, self.cam_layer, self.feature_layers, val_conf)
         logger.info("bundle passport written: %s", path)
         if self.fit_screen:
-            from monai_gamverify.screening import fit_screen  # the screen fits through the bundle itself
-
+            fit_screen = self.fit_screen
+            if not callable(fit_screen):
+                raise TypeError("BundlePassport(fit_screen=...) takes the screen-fitting function, not a flag")
             if not self.dataset_dir:
                 raise ValueError("BundlePassport(fit_screen=True) needs dataset_dir")
             try:
