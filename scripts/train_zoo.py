@@ -392,7 +392,8 @@ def ground_truth(info: dict) -> tuple[int, str]:
     if acc >= chance + 0.3:
         return 1, f"target accuracy {acc:.2f} >= chance + 0.3"
     if acc <= chance + 0.15:
-        return 0, f"target accuracy {acc:.2f} <= chance + 0.15 ({info['kind']})"
+        why = "trained on SOS but did not learn it" if info["kind"] == "suitable" else info["kind"]
+        return 0, f"target accuracy {acc:.2f} <= chance + 0.15 ({why})"
     return -1, f"target accuracy {acc:.2f} between chance + 0.15 and chance + 0.3 ({info['kind']})"
 
 
