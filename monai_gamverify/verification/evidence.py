@@ -35,6 +35,8 @@ __all__ = [
     "prediction_agreement",
     "map_agreement",
     "mean_map_agreement",
+    "map_reliability",
+    "disattenuated_agreement",
     "atc_threshold",
     "atc_accuracy",
     "task_mismatches",
@@ -216,6 +218,28 @@ def mean_map_agreement(candidate: torch.Tensor, reference: torch.Tensor) -> floa
         reference: (n, 1, *grid).
     """
     return float(map_agreement(candidate.mean(0, keepdim=True), reference.mean(0, keepdim=True))[0])
+
+
+def map_reliability(maps: torch.Tensor) -> float:
+    """Split-half reliability of a model's mean map over a set of images: the Pearson r of the mean maps of the
+    even- and odd-indexed images, Spearman-Brown corrected to the full set (``2 r / (1 + r)``); 1 for one image.
+
+    A model whose single maps are noisy has a mean map that correlates less with *any* other model's; dividing an
+    agreement by ``sqrt(rel_a * rel_b)`` (Spearman's correction for attenuation) compares what the two models attend
+    to rather than how noisy each is.
+    """
+    if len(maps) < 2:
+        return 1.0
+    r = float(map_agreement(maps[0::2].mean(0, keepdim=True), maps[1::2].mean(0, keepdim=True))[0])
+    return float(np.clip(2 * r / (1 + r), 0.0, 1.0)) if r > -1 else 0.0
+
+
+def disattenuated_agreement(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 0.25) -> float:
+    """:func:`mean_map_agreement` corrected for the attenuation by each model's map noise
+    (:func:`map_reliability`, floored at ``floor`` so that few images cannot blow it up), clipped to [-1, 1]."""
+    r = mean_map_agreement(candidate, reference)
+    rel = max(map_reliability(candidate), floor) * max(map_reliability(reference), floor)
+    return float(np.clip(r / np.sqrt(rel), -1.0, 1.0))
 
 
 def atc_threshold(val_conf: Mapping[str, Sequence[float]]) -> float:
