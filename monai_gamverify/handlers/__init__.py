@@ -1,9 +1,12 @@
 """Ignite handlers for bundles: CAM images in TensorBoard and CAM NIfTI writer (:mod:`.cam`), prediction CSV
-(:mod:`.tables`), accuracy / macro-F1 (:mod:`.metrics`), learning rate (:mod:`.lr_logger`)."""
+(:mod:`.tables`), accuracy / macro-F1 (:mod:`.metrics`), learning rate (:mod:`.lr_logger`), the attribution-energy
+analysis (:mod:`.energy`) and the K+1 rejection counter (:mod:`.garbage`)."""
 
 from __future__ import annotations
 
 from monai_gamverify.handlers.cam import CAMImageHandler, CAMWriter, cam_overlay_rgb
+from monai_gamverify.handlers.energy import AttributionEnergyHandler
+from monai_gamverify.handlers.garbage import RejectionCounter
 from monai_gamverify.handlers.lr_logger import LearningRateLogger
 from monai_gamverify.handlers.metrics import Accuracy, ClassificationMetric, MacroF1
 from monai_gamverify.handlers.tables import PredictionCSVWriter
@@ -22,4 +25,6 @@ __all__ = [
     "batch_items",
     "network_device",
     "OutputNamer",
+    "AttributionEnergyHandler",
+    "RejectionCounter",
 ]

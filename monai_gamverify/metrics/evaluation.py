@@ -5,6 +5,7 @@ Maps are (B, 1, *spatial) tensors (high = attended), masks the same shape (non-z
 are imported from there.
 """
 
+# long module: localisation, faithfulness and sanity share the map checks and curves; to split
 from __future__ import annotations
 
 import copy

@@ -6,6 +6,7 @@ forward pass runs without autograd up to the first target layer, parameters are 
 written to ``.grad``, the model's flags are restored exactly and no hook outlives a call.
 """
 
+# long module: Grad-CAM, Grad-CAM++ and Score-CAM are small subclasses of the one BaseCAM they share
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
