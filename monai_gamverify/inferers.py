@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
+from monai_gamverify.utils import plain_tensor
+
 if TYPE_CHECKING:  # a type only: visualize.segcam imports this module, so no runtime import back
     from monai_gamverify.visualize.cam import BaseCAM
 
@@ -33,10 +35,6 @@ logger = logging.getLogger(__name__)
 def is_sliding_window(inferer: Any) -> bool:
     """True for MONAI's ``SlidingWindowInferer`` and its subclasses (e.g. ``SlidingWindowInfererAdapt``)."""
     return isinstance(inferer, SlidingWindowInferer)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def sliding_window_cam(
@@ -60,24 +58,24 @@ def sliding_window_cam(
     """
     if not is_sliding_window(inferer):
         raise TypeError(f"sliding_window_cam needs a monai SlidingWindowInferer, got {type(inferer).__name__}")
-    xp = _plain(x)
-    reg = _plain(region).to(device=xp.device, dtype=xp.dtype)
+    xp = plain_tensor(x)
+    reg = plain_tensor(region).to(device=xp.device, dtype=xp.dtype)
     if reg.shape != (xp.shape[0], 1, *xp.shape[2:]):
         raise ValueError(f"region must have shape {(xp.shape[0], 1, *xp.shape[2:])}, got {tuple(reg.shape)}")
     channels = xp.shape[1]
 
     def predictor(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        win = _plain(window)
+        win = plain_tensor(window)
         image, weights = win[:, :channels], win[:, channels:]
 
         def score(out: torch.Tensor) -> torch.Tensor:
             return (out[:, label : label + 1] * weights).flatten(1).sum(1)
 
         res = cam.explain(image, score_fn=score, normalize=False, upsample=True)
-        return res.logits, _plain(res.maps)
+        return res.logits, plain_tensor(res.maps)
 
     logits, maps = inferer(torch.cat([xp, reg], dim=1), predictor)
-    return _plain(maps), _plain(logits)
+    return plain_tensor(maps), plain_tensor(logits)
 
 
 class SliceAggregateInferer(Inferer):
@@ -139,7 +137,7 @@ class SliceAggregateInferer(Inferer):
                 "SliceAggregateInferer expects (B, C, D, H, W) volumes or (B, C, H, W) slices, "
                 f"got {tuple(inputs.shape)}"
             )
-        x = _plain(inputs)
+        x = plain_tensor(inputs)
         b = x.shape[0]
         slices = x.movedim(2 + self.spatial_dim, 1)  # (B, S, C, h, w) view
         s = slices.shape[1]

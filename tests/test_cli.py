@@ -13,6 +13,7 @@ import pytest
 
 from monai_gamverify import cli
 from monai_gamverify.apps.cohort.command import cohort_parser
+from monai_gamverify.apps.commandline import docstring_parts
 
 #: commands whose signature another open change rewrites (issue #23: verify gets explicit parameters)
 PENDING_KWARGS = {"verify"}
@@ -47,7 +48,7 @@ def test_help_lists_every_flag_with_its_docstring(words, func, capsys):
     code, out, _ = _run([*words, "--help"], capsys)
     assert code == 0
     flat = " ".join(out.split())
-    _, docs, _ = cli._docstring(func)
+    _, docs, _ = docstring_parts(func)
     for param in inspect.signature(func).parameters.values():
         if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue

@@ -22,6 +22,7 @@ from monai_gamverify.energy.report import energy_report
 from monai_gamverify.io import write_csv
 from monai_gamverify.metrics.regression import regression_metrics
 from monai_gamverify.transforms.dictionary import image_name
+from monai_gamverify.utils import plain_tensor
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["AttributionEnergyHandler"]
 
 logger = logging.getLogger(__name__)
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _source_name(x: Any) -> str:
@@ -50,7 +47,7 @@ def _items(x: Any) -> list[Any]:
 
 def _vector(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = _plain(x).detach().float().cpu().numpy()
+        x = plain_tensor(x).detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 

@@ -15,13 +15,10 @@ from monai.transforms import MapTransform
 
 from monai_gamverify.energy.attribution import volume_energy_multi
 from monai_gamverify.transforms.dictionary import image_name, make_cam
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.registry import unwrap_network
 
 __all__ = ["AttributionEnergyd", "SliceCAMd"]
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _columns(columns: Mapping[str, int] | Sequence[str] | Sequence[int]) -> dict[Any, int]:
@@ -177,7 +174,7 @@ class SliceCAMd(MapTransform):
 
     def maps(self, volume: Any) -> torch.Tensor:
         """(1, D, H, W) stacked slice maps of one (C, D, H, W) volume, on the volume's device."""
-        x = _plain(torch.as_tensor(volume))
+        x = plain_tensor(torch.as_tensor(volume))
         if x.ndim != 4:
             raise ValueError(f"SliceCAMd expects one volume (C, D, H, W), got shape {tuple(x.shape)}")
         param = next(self.network.parameters(), None)
@@ -188,7 +185,7 @@ class SliceCAMd(MapTransform):
             xb = slices[start : start + self.batch_size].contiguous().to(device)
             with torch.inference_mode(False), torch.enable_grad():
                 m = self.cam(xb, class_idx=self.column, normalize=self.normalize)
-            out.append(_plain(m)[:, 0].to(x.device))
+            out.append(plain_tensor(m)[:, 0].to(x.device))
         return torch.cat(out).movedim(0, self.slice_axis).unsqueeze(0)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
