@@ -196,6 +196,22 @@ def test_values_are_typed(monkeypatch, capsys):
     assert seen["label"] == "spleen"
 
 
+def test_dict_flags_take_json_a_python_literal_or_a_json_file(monkeypatch, capsys, tmp_path):
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setitem(cli.COMMANDS, "cam", fake)
+    monkeypatch.setattr(fake, "__signature__", inspect.signature(cli.cam), raising=False)
+    fake.__doc__ = cli.cam.__doc__
+    (tmp_path / "o.json").write_text('{"network_name": "small_cnn", "roi": [16, 16]}')
+    for value in ('{"network_name": "small_cnn", "roi": [16, 16]}', "{'network_name': 'small_cnn', 'roi': [16, 16]}",
+                  str(tmp_path / "o.json")):  # fmt: skip
+        assert _run(["cam", "x.nii.gz", "--overrides", value], capsys)[0] == 0
+        assert seen["overrides"] == {"network_name": "small_cnn", "roi": [16, 16]}
+
+
 def test_bool_flags(monkeypatch, capsys):
     import monai_gamverify.data.synthetic as synthetic
 

@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import inspect
 import json
+import os
 import re
 import sys
 import textwrap
@@ -193,14 +195,22 @@ def _int_or_str(text: str) -> int | str:
 
 
 def json_dict(text: str, flag: str = "the value") -> dict:
-    """A JSON object; a ``ValueError`` naming the flag and JSON's complaint otherwise."""
+    """A dict from a JSON object, a Python dict literal (``{'a': 1}``, as python-fire read it) or the path of a JSON
+    file holding an object; a ``ValueError`` naming the flag and JSON's complaint otherwise."""
+    source = text
+    if not text.lstrip().startswith("{") and os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{flag} is not valid JSON ({err.msg} at character {err.pos}): {text!r}; "
-                         """write an object with double quotes, e.g. '{"key": 1}'""") from None  # fmt: skip
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{flag} is not valid JSON ({err.msg} at character {err.pos}): {source!r}; "
+                             """write an object with double quotes, e.g. '{"key": 1}'""") from None  # fmt: skip
     if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object {{...}}, got {type(value).__name__}: {text!r}")
+        raise ValueError(f"{flag} must be a JSON object {{...}}, got {type(value).__name__}: {source!r}")
     return value
 
 
@@ -215,17 +225,19 @@ def _dict_type(flag: str) -> Callable[[str], dict]:
 
 
 def _literal(text: str) -> Any:
-    """A value of a parameter without a type: JSON for ``{...}``/``[...]``, an int or float when it reads as one,
-    else the string."""
+    """A value of a parameter without a type: JSON (or a Python literal) for ``{...}``/``[...]``, an int or float when
+    it reads as one, else the string."""
     stripped = text.strip()
-    if stripped[:1] in "{[":
+    if stripped.startswith(("{", "[")):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError as err:
-            if stripped[:1] == "{":
-                raise argparse.ArgumentTypeError(
-                    f"not valid JSON ({err.msg} at character {err.pos}): {text!r}"
-                ) from None
+            try:
+                return ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                if stripped.startswith("{"):
+                    message = f"not valid JSON ({err.msg} at character {err.pos}): {text!r}"
+                    raise argparse.ArgumentTypeError(message) from None
     for convert in (int, float):
         try:
             return convert(stripped)
