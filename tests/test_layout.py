@@ -106,6 +106,37 @@ def test_no_import_cycle(parents):
             visit(node)
 
 
+def test_no_import_cycle_between_packages():
+    """Between the top-level packages (``visualize``, ``inferers``, ``energy``, ...) the imports go one way: no
+    package imports a module of another that imports back, directly or through others (``visualize.segcam`` ->
+    ``inferers`` -> ``visualize.cam`` was such a pair)."""
+    example: dict[str, dict[str, str]] = {}
+    for module, deps in _graph().items():
+        a = ".".join(module.split(".")[:2])
+        for dep in deps:
+            b = ".".join(dep.split(".")[:2])
+            if a != b:
+                example.setdefault(a, {}).setdefault(b, f"{module} imports {dep}")
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(example.get(node, {})):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep) :] + [dep]
+                pytest.fail("package import cycle: " + "; ".join(example[x][y] for x, y in zip(cycle, cycle[1:])))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(example):
+        if node not in state:
+            visit(node)
+
+
 def test_lower_layers_never_import_upper_ones():
     bad = []
     for module, deps in _graph().items():

@@ -57,7 +57,7 @@ _MOVED = {
     "SliceCAMd": "monai_gamverify.transforms.energy",
     "AttributionEnergyHandler": "monai_gamverify.handlers.energy",
     "regression_metrics": "monai_gamverify.metrics.regression",
-    "bundle_energy": "monai_gamverify.energy.workflow",
+    "bundle_energy": "monai_gamverify.energy.workflow",  # lazy: the bundle workflow loads ignite, pandas, tqdm
 }
 
 

@@ -23,6 +23,7 @@ Example (``evaluate.json`` of the ``cbct_quality`` bundle, abridged)::
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,22 +37,27 @@ from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.energy.attribution import volume_energy_multi
 from monai_gamverify.energy.report import energy_report
-from monai_gamverify.handlers.energy import AttributionEnergyHandler
-from monai_gamverify.inferers import SliceAggregateInferer
 from monai_gamverify.io import load_image, write_csv
 from monai_gamverify.io.names import OutputNamer
-from monai_gamverify.metrics.regression import regression_metrics
-from monai_gamverify.transforms.dictionary import make_cam
-from monai_gamverify.transforms.energy import AttributionEnergyd, SliceCAMd
+from monai_gamverify.visualize.registry import make_cam
 
-__all__ = [
-    "SliceAggregateInferer",
-    "AttributionEnergyd",
-    "SliceCAMd",
-    "AttributionEnergyHandler",
-    "regression_metrics",
-    "bundle_energy",
-]
+__all__ = ["bundle_energy"]
+
+#: names that lived here before they moved to their role packages; imported on first access (PEP 562), so that this
+#: module does not import the transforms and handlers that themselves build on the energy package
+_MOVED = {
+    "SliceAggregateInferer": "monai_gamverify.inferers",
+    "AttributionEnergyd": "monai_gamverify.transforms.energy",
+    "SliceCAMd": "monai_gamverify.transforms.energy",
+    "AttributionEnergyHandler": "monai_gamverify.handlers.energy",
+    "regression_metrics": "monai_gamverify.metrics.regression",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'monai_gamverify.energy.workflow' has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------- bundle + datalist
