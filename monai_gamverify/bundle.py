@@ -7,6 +7,7 @@ because forward hooks (which every CAM needs) cannot be registered on a TorchScr
 (``RuntimeError: register_forward_hook is not supported on ScriptModules``, torch 2.13).
 """
 
+# long module: loading any MONAI bundle (configs, metadata, weights, input, CAM layer) is one object
 from __future__ import annotations
 
 import json

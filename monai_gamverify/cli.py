@@ -1,16 +1,55 @@
-"""The ``gamverify`` command (python-fire): ``gamverify demo|cam|cohort|screen fit|screen run|synth|verify|energy|
-version``; ``--help``. The one place that prints and exits; the library logs and raises."""
+"""The ``gamverify`` command: ``gamverify demo|cam|cohort|screen fit|screen run|synth|verify|energy|version``.
 
+One ``argparse`` parser for every command, built from the command functions below: each keyword parameter is a
+``--flag`` whose help is the function's Google docstring ``Args`` entry and whose type follows the annotation (a list
+flag takes space-separated values, ``--images a.nii.gz b.nii.gz``, and also the ``'[a, b]'`` and ``a,b`` forms; a
+``dict`` flag takes JSON). ``gamverify <command> --help`` lists the flags. A mistyped flag or a bad value is one
+``ERROR:`` line on stderr and exit code 2, and so is a ``ValueError``/``OSError`` of the library (set
+``GAMVERIFY_TRACEBACK=1`` for the traceback). Commands with a parser of their own (``cohort``) get their arguments
+untouched (:data:`PASSTHROUGH`). The one place that prints and exits; the library logs and raises.
+
+Flag names: ``--label`` is the segmentation label a command explains (``cam``, ``verify``), ``--seg_labels`` several
+of them (``cohort``; ``--labels`` there is a deprecated alias), ``--labels`` the suitability labels of ``verify``.
+"""
+
+# long module: one function per command; their signatures and docstrings are the parser (apps/commandline.py)
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "demo", "cam", "cohort", "synth", "verify", "energy", "screen_fit", "screen_run", "version"]
+from monai_gamverify.apps.commandline import (
+    CommandParser,
+    add_function_flags,
+    as_list,
+    call_command,
+    command_summary,
+    json_dict,
+    show_result,
+    split_unknown_flags,
+)
+
+__all__ = [
+    "main",
+    "build_parser",
+    "COMMANDS",
+    "PASSTHROUGH",
+    "demo",
+    "cam",
+    "cohort",
+    "synth",
+    "verify",
+    "energy",
+    "screen_fit",
+    "screen_run",
+    "version",
+]
 
 
 def cam(
@@ -21,7 +60,7 @@ def cam(
     network_args: dict | str | None = None,
     checkpoint: str | None = None,
     layer: str | None = None,
-    method: str = "gradcam",
+    method: str | None = None,
     class_idx: int | None = None,
     a_min: float | None = None,
     a_max: float | None = None,
@@ -49,7 +88,7 @@ def cam(
         checkpoint: weights (``torch.load(weights_only=True)``); with a bundle it replaces ``models/model.pt``;
             without it a named network keeps random weights.
         layer: target layer (default: the bundle's declared layer).
-        method: gradcam, gradcampp (gradcam++) or scorecam.
+        method: gradcam, gradcampp (gradcam++) or scorecam (default: the bundle's ``cam_method``, else gradcam).
         class_idx: class (or output column) to explain; default: the predicted class.
         a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
         a_max: intensity window upper bound mapped to 1.
@@ -72,10 +111,10 @@ def cam(
     from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
     from monai_gamverify.visualize.registry import cam_method
 
-    method = cam_method(method)
+    method = cam_method(method) if method else None  # None: the bundle's cam_method (gradcam for a named network)
     options = {k: v for k, v in (("top_k", top_k), ("max_memory_mb", max_memory_mb)) if v is not None}
     if options and method != "scorecam":
-        raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; --method is {method}")
+        raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; give --method scorecam (got {method})")
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
         pipe = ImagePipeline.from_bundle(
@@ -93,7 +132,7 @@ def cam(
 
             region = json.loads(box) if isinstance(box, str) else box
             seg = explain_segmentation(pipe, image, out, 1 if label is None else label, box=region)
-            print(f"{image_stem(image)}: {method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
+            print(f"{image_stem(image)}: {pipe.method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
                   f"predicted) at {pipe.target_layers} -> {seg['map']}")  # fmt: skip
             if seg.get("in_distribution") is False:
                 print(f"  out of distribution (p = {seg['p_value']:.3g}): " + "; ".join(seg["reasons"]))
@@ -105,32 +144,22 @@ def cam(
             print("warning: no --checkpoint given; the network keeps its random initial weights")
         pipe = ImagePipeline.from_network(
             network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
-            method=method, device=device, screen=screen, cam_options=options,
+            method=method or "gradcam", device=device, screen=screen, cam_options=options,
         )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
     pipe.check_screen("classification")
-    result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
+    result = pipe.run(image, out, name=f"{image_stem(image)}_{pipe.method}", class_idx=class_idx)
     summary = pipe.summary(result)
     probs = result.probabilities
     print(
         f"{image_stem(image)}: predicted {result.prediction_name}"
         + (f" (p={max(probs):.2f})" if probs else "")
-        + f"; {method} map of {pipe.target_layers} -> {summary['map']}, overlay -> {summary['overlay']}"
+        + f"; {pipe.method} map of {pipe.target_layers} -> {summary['map']}, overlay -> {summary['overlay']}"
     )
     if result.in_distribution is False:
         print(f"  out of distribution (p = {result.p_value:.3g}): " + "; ".join(result.reasons or []))
     return summary
-
-
-def _paths(value: Any) -> list[str]:
-    """A path, a comma-separated string or a list (fire leaves ``[a, b]`` of unquoted paths as one string)."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    return [p.strip().strip("'\"") for p in text.split(",") if p.strip()]
 
 
 def screen_fit(
@@ -139,12 +168,38 @@ def screen_fit(
     out: str = "screen",
     overrides: dict | str | None = None,
     alpha: float = 0.05,
-    calibration_dirs: Any = (),
-    **kwargs: Any,
+    config: str | None = None,
+    checkpoint: str | None = None,
+    datalist: str | None = None,
+    fit_splits: list[str] | str = ("training",),
+    calibration_splits: list[str] | str = ("validation",),
+    calibration_dirs: list[str] | str = (),
+    calibration_fraction: float = 0.35,
+    combine: str = "fisher",
+    seed: int = 0,
+    device: str | None = None,
 ) -> str:
     """Fit an in-distribution screen for a bundle's model: detectors on the datalist's training list, conformal
     calibration on its validation list and ``--calibration_dirs`` (images the model never saw); see
     ``monai_gamverify.screening.fit_screen`` and docs/screening.md.
+
+    Args:
+        bundle_root: the MONAI bundle directory.
+        dataset_dir: the dataset (``datalist.json`` inside unless ``--datalist`` is given).
+        out: directory for ``screen.json`` / ``screen.npz``.
+        overrides: bundle config overrides as JSON, e.g. ``'{"network_name": "small_cnn"}'``.
+        alpha: rejection level.
+        config: the bundle config defining ``network_def`` and ``preprocessing`` (default: ``inference.json``).
+        checkpoint: weights (default: the bundle's ``models/model.pt``).
+        datalist: the datalist JSON (default ``DATASET_DIR/datalist.json``).
+        fit_splits: datalist lists the detectors are fitted on.
+        calibration_splits: datalist lists of images the model never saw, for the conformal calibration.
+        calibration_dirs: more datasets (folders with a ``datalist.json``) of in-distribution images for the
+            calibration.
+        calibration_fraction: without calibration lists or dirs: the seeded fraction of the fit images held out.
+        combine: how the detectors' p-values are combined: ``fisher``, ``maxz`` or ``bonferroni`` (docs/screening.md).
+        seed: seed of the held-out draw.
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
 
     Example:
         gamverify screen fit --bundle_root bundles/sos_staging --dataset_dir data/sos --out screen --alpha 0.05
@@ -152,31 +207,60 @@ def screen_fit(
     from monai_gamverify.screening import fit_screen
 
     if isinstance(overrides, str):
-        overrides = json.loads(overrides)
-    dirs = _paths(calibration_dirs) if calibration_dirs else []
-    s = fit_screen(bundle_root, dataset_dir, out, overrides, alpha, calibration_dirs=dirs, **kwargs)
+        overrides = json_dict(overrides, "--overrides")
+    s = fit_screen(
+        bundle_root,
+        dataset_dir,
+        out,
+        overrides,
+        alpha,
+        config=config,
+        checkpoint=checkpoint,
+        datalist=datalist,
+        fit_splits=as_list(fit_splits),
+        calibration_splits=as_list(calibration_splits),
+        calibration_dirs=as_list(calibration_dirs) if calibration_dirs else [],
+        calibration_fraction=calibration_fraction,
+        combine=combine,
+        seed=seed,
+        device=device,
+    )
     return f"screen saved to {out}: {s.n_fit_} fit, {s.n_cal_} calibration images; detectors {', '.join(s.detectors)}"
 
 
-def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | None = None, **kwargs: Any) -> str:
+def screen_run(
+    screen: str,
+    images: list[str] | str,
+    out: str = "screen_out",
+    device: str | None = None,
+    on_error: str = "record",
+) -> str:
     """Screen images (NIfTI/NRRD/MHA files, DICOM files or DICOM series directories) with a saved screen; writes
     ``OUT/screen.csv`` (image, in_distribution, p_value, reasons, each detector's score and p-value) and
     ``OUT/screen_summary.json`` (the images judged as one dataset: is it like the model's training data?).
 
+    Args:
+        screen: the directory a screen was saved to (``gamverify screen fit --out``).
+        images: image files, DICOM series directories, folders (their images and series) or glob patterns,
+            space-separated.
+        out: output directory.
+        device: ``cpu`` or ``cuda`` for the screen's bundle (default: CUDA when available).
+        on_error: ``record`` (an unreadable image gets a row with the error as its reason) or ``raise``.
+
     Example:
-        gamverify screen run --screen screen --images '[a.nii.gz, dicom_dir]' --out screen_out
+        gamverify screen run --screen screen --images a.nii.gz dicom_dir --out screen_out
         gamverify screen run --screen screen --images new_site_scans/ --out screen_out   # a folder: one dataset
     """
     from monai_gamverify.data.datalist import list_images
     from monai_gamverify.screening import run_screen
 
     paths: list[str] = []
-    for p in _paths(images):  # a folder: its image files and DICOM series (a folder of DICOM slices alone: one series)
+    for p in as_list(images):  # a folder: its image files and DICOM series (a folder of DICOM slices alone: one series)
         if os.path.isdir(p) or any(ch in p for ch in "*?["):
             paths += [e["image"] for e in list_images(p, spatial_dims=None, num_channels=None, check="none")]
         else:
             paths.append(p)
-    df = run_screen(screen, paths, out, device=device, **kwargs)
+    df = run_screen(screen, paths, out, device=device, on_error=on_error)
     n_out = int((~df["in_distribution"].astype(bool)).sum())
     d = df.attrs["dataset"]
     like = "like" if d["like_training_data"] else "NOT like"
@@ -187,11 +271,36 @@ def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | 
     )
 
 
-def synth(kind: str = "sos", n: int = 50, size: int | None = None, seed: int = 0, out: str = "cohort", **kwargs: Any):
-    """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.data.synth``."""
+def synth(
+    kind: str = "sos",
+    n: int = 50,
+    size: int | None = None,
+    seed: int = 0,
+    out: str = "cohort",
+    rotate: float = 0.0,
+    spacing: float | None = None,
+    progress: bool = True,
+) -> str:
+    """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.data.synth``.
+
+    Args:
+        kind: one of sos, chin, cvm, ceph, ceph_chin, quality.
+        n: number of subjects.
+        size: grid edge length (default 48 for volumes, 128 ceph, 64 ceph_chin).
+        seed: cohort seed.
+        out: output directory.
+        rotate: extra rotation in degrees (rotated test sets).
+        spacing: voxel size in mm (default: field of view / size).
+        progress: progress bar.
+
+    Example:
+        gamverify synth --kind sos --n 100 --size 48 --seed 0 --out data/sos
+    """
+    from monai_gamverify.data.synthetic import summary_line
     from monai_gamverify.data.synthetic import synth as _synth
 
-    return _synth(kind=kind, n=n, size=size, seed=seed, out=out, **kwargs)
+    summary = _synth(kind=kind, n=n, size=size, seed=seed, out=out, rotate=rotate, spacing=spacing, progress=progress)
+    return summary_line(summary)
 
 
 def verify(
@@ -301,13 +410,48 @@ def energy(
     datalist: str | None = None,
     split: str = "test",
     overrides: dict | str | None = None,
-    **kwargs: Any,
+    categories: list[str] | str | None = None,
+    id_column: str = "id",
+    checkpoint: str | None = None,
+    method: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    alpha: float = 0.05,
+    k: float = 1.5,
+    plots: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Attribution-energy analysis: AE vs scores per category, leave-one-out Spearman, CI, Holm, atypical cases.
 
     Either precomputed AE (a CSV ``id, <category>...`` or a folder of raw NIfTI maps) and a scores CSV
     (``monai_gamverify.energy.energy_report``), or a bundle and a datalist: the AE of the bundle's model is computed
-    here, the scores come from ``scores`` or from the datalist entries (``energy_workflow.bundle_energy``).
+    here, the scores come from ``scores`` or from the datalist entries (``monai_gamverify.energy.bundle_energy``).
+
+    Args:
+        energy: AE CSV (``id, <category>...``) or a folder of raw NIfTI maps.
+        scores: consensus-score CSV (``id, <category>...``); with ``--bundle_root`` optional (default: the scores in
+            the datalist entries).
+        out: output folder.
+        bundle_root: a bundle whose model's AE is computed here (with ``--datalist``).
+        datalist: MONAI datalist JSON of the volumes to explain (with ``--bundle_root``).
+        split: datalist list to explain (with ``--bundle_root``).
+        overrides: bundle config overrides as JSON (with ``--bundle_root``).
+        categories: categories to analyse (default: every column in both tables; with a bundle its output names).
+        id_column: name of the id column in both CSVs (AE and scores tables).
+        checkpoint: weights other than the bundle's ``models/model.pt`` (with ``--bundle_root``).
+        method: CAM method (with ``--bundle_root``; default: the bundle's ``cam_method``, else gradcam).
+        batch_size: slices per CAM call (with ``--bundle_root``).
+        device: CAM device (with ``--bundle_root``; default: CUDA when available).
+        n_boot: bootstrap resamples of the Spearman interval.
+        ci: level of the bootstrap interval (AE and scores tables).
+        seed: bootstrap seed.
+        alpha: family-wise level of Holm's flag (AE and scores tables).
+        k: Tukey fence multiplier for atypical cases (AE and scores tables).
+        plots: write the scatter PNGs (AE and scores tables).
+        progress: progress bars.
 
     Example:
         gamverify energy ae.csv consensus.csv --out energy_out
@@ -320,16 +464,39 @@ def energy(
             raise ValueError("--bundle_root needs --datalist (the volumes to explain)")
         if energy is not None:
             raise ValueError("give either an AE table/map folder or --bundle_root with --datalist, not both")
+        table_only = {"--id_column": id_column != "id", "--ci": ci != 0.95, "--alpha": alpha != 0.05, "--k": k != 1.5}
+        if not plots or any(table_only.values()):
+            given = [f for f, on in table_only.items() if on] + ([] if plots else ["--plots"])
+            raise ValueError(f"{', '.join(given)}: options of the AE-table route, not of --bundle_root")
         if isinstance(overrides, str):
-            overrides = json.loads(overrides)
-        result = bundle_energy(bundle_root, datalist, out, split=split, scores=scores, overrides=overrides, **kwargs)
+            overrides = json_dict(overrides, "--overrides")
+        result = bundle_energy(
+            bundle_root, datalist, out, split=split, scores=scores, categories=categories, overrides=overrides,
+            checkpoint=checkpoint, method=method, batch_size=batch_size, device=device, n_boot=n_boot, seed=seed,
+            progress=progress,
+        )  # fmt: skip
     else:
         from monai_gamverify.energy import energy_report
 
         if energy is None or scores is None:
             raise ValueError("give an AE CSV (or map folder) and a scores CSV, or --bundle_root and --datalist")
-        result = energy_report(energy, scores, out, **kwargs)
-    return {k: v for k, v in result.items() if k != "table"}
+        bundle_only = {
+            "--datalist": datalist is not None,
+            "--overrides": overrides is not None,
+            "--checkpoint": checkpoint is not None,
+            "--method": method is not None,
+            "--device": device is not None,
+            "--split": split != "test",
+            "--batch_size": batch_size != 16,
+        }
+        if any(bundle_only.values()):
+            given = ", ".join(f for f, on in bundle_only.items() if on)
+            raise ValueError(f"{given}: options of --bundle_root, not of the AE-table route")
+        result = energy_report(
+            energy, scores, out, categories=categories, id_column=id_column, n_boot=n_boot, ci=ci, seed=seed,
+            alpha=alpha, k=k, plots=plots, progress=progress,
+        )  # fmt: skip
+    return {key: value for key, value in result.items() if key != "table"}
 
 
 def demo(
@@ -345,6 +512,13 @@ def demo(
     explanations, verification (Methods 1 and 2), attribution energy and the K+1 garbage class; a self-contained
     ``report.html`` with CSV/JSON tables, NIfTI maps, PNG figures and TensorBoard logs. See
     ``monai_gamverify.apps.demo.run_demo`` and docs/demo.md.
+
+    Args:
+        out: output directory of the report.
+        seed: seed of the cohorts and of any training.
+        quick: smaller cohorts and fewer steps (a minute on a laptop CPU).
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        train: train the five models here (default: use the shipped weights when they match the settings).
 
     Example:
         gamverify demo --out demo_out
@@ -407,35 +581,85 @@ def _quiet_known_noise() -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
-def main() -> None:
-    """Entry point of the ``gamverify`` console script."""
-    import fire
+# ----------------------------------------------------------------------------------------------------------- parser
+#: the commands of the one parser: name -> function, or -> {sub-command: function}
+COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
+    "demo": demo,
+    "cam": cam,
+    "synth": synth,
+    "verify": verify,
+    "energy": energy,
+    "screen": {"fit": screen_fit, "run": screen_run},
+    "version": version,
+}
+#: commands with an argument parser of their own (e.g. the one shared with ``python -m monai_gamverify.apps.cohort``):
+#: name -> (function taking the remaining arguments and returning the exit code, one-line summary for --help)
+PASSTHROUGH: dict[str, tuple[Callable[..., int], str]] = {
+    "cohort": (cohort, "Explain/verify every image of a cohort (its own flags: gamverify cohort --help)."),
+}
+#: parameters that may also be given without their flag, in this order (besides those without a default)
+POSITIONAL: dict[str, tuple[str, ...]] = {"energy": ("energy", "scores")}
 
+
+def build_parser(prog: str = "gamverify") -> CommandParser:
+    """The one parser of every command (:data:`COMMANDS`; :data:`PASSTHROUGH` commands are listed, their flags are
+    their own)."""
+    parser = CommandParser(
+        prog=prog,
+        description="Is this model suitable for this image? Answers from the model's own attention, on MONAI. "
+        f"'{prog} COMMAND --help' lists a command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(title="commands", dest="_command", metavar="COMMAND")
+    commands: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for name, target in COMMANDS.items():
+        if isinstance(target, dict):
+            group = sub.add_parser(name, help=f"{' / '.join(target)}: '{prog} {name} SUB --help'", description=None)
+            inner = group.add_subparsers(title=f"{name} commands", dest="_subcommand", metavar="SUB")
+            for sub_name, func in target.items():
+                cmd = inner.add_parser(
+                    sub_name, help=command_summary(func), formatter_class=argparse.RawDescriptionHelpFormatter
+                )
+                add_function_flags(cmd, f"{name} {sub_name}", func, POSITIONAL.get(f"{name} {sub_name}", ()))
+                commands[(name, sub_name)] = cmd
+            group.set_defaults(_parser=group)
+        else:
+            cmd = sub.add_parser(
+                name, help=command_summary(target), formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+            add_function_flags(cmd, name, target, POSITIONAL.get(name, ()))
+            commands[(name,)] = cmd
+    for name, (_, summary) in PASSTHROUGH.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    parser.set_defaults(_commands=commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``gamverify`` console script (and of ``python -m monai_gamverify``).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_noise()
-
-    commands = {
-        "demo": demo,
-        "cam": cam,
-        "cohort": cohort,
-        "synth": synth,
-        "verify": verify,
-        "energy": energy,
-        "screen": {"fit": screen_fit, "run": screen_run},
-        "version": version,
-    }
-    argv = sys.argv[1:]
-    if argv[:1] == ["cohort"]:  # argparse, not fire: the one parser shared with python -m monai_gamverify.apps.cohort
-        sys.exit(cohort(*argv[1:]))
-    # commands taking **kwargs would swallow --help as a keyword: hand it to fire as a flag instead
-    if "--" not in argv and any(a in ("-h", "--help") for a in argv):
-        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
+    if args[:1] and args[0] in PASSTHROUGH:  # a parser of its own: hand it the arguments untouched
+        sys.exit(PASSTHROUGH[args[0]][0](*args[1:]))
+    parser = build_parser()
+    if not args:
+        parser.print_help()
+        return
+    own, passed_on = split_unknown_flags(parser, args)
+    ns, extra = parser.parse_known_args(own)
+    extra += passed_on
     try:
-        fire.Fire(commands, command=argv, name="gamverify")
+        show_result(call_command(ns, extra))
     except (ValueError, OSError) as err:  # the user's input (a file, a setting): one line, no traceback
         # (PreprocessingError, DataError, ScreenFileError, ImageReadError are ValueErrors); GAMVERIFY_TRACEBACK=1: raise
-        print(f"ERROR: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         if os.environ.get("GAMVERIFY_TRACEBACK"):
             raise
+        message = " ".join(str(err).split())
+        print(f"ERROR: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from monai_gamverify.data.synthetic import QUALITY_CATEGORIES, generate
 from monai_gamverify.energy import cohort_energy, energy_report, spearman_loo
-from monai_gamverify.energy.workflow import SliceAggregateInferer, regression_metrics
+from monai_gamverify.inferers import SliceAggregateInferer
 from monai_gamverify.io import write_csv
+from monai_gamverify.metrics.regression import regression_metrics
 from monai_gamverify.networks.nets import SmallCNN
 from monai_gamverify.visualize.cam import GradCAM
 

@@ -59,7 +59,7 @@ def test_segmentation_cohort_labels_and_errors(seg_cohort, tmp_path, one_thread,
     root, _, _ = seg_cohort
     # both channels by name and index through the command line; the background gets its own map
     code = cohort_main([str(tmp_path / "images"), "--bundle_root", str(root), "--out", str(tmp_path / "co"),
-                        "--labels", "background", "1", "--no_progress"])  # fmt: skip
+                        "--seg_labels", "background", "1", "--no_progress"])  # fmt: skip
     assert code == 0
     table = pd.read_csv(tmp_path / "co" / "results.csv")
     assert {"map_background", "map_spleen", "voxels_background"} <= set(table.columns)
@@ -67,7 +67,7 @@ def test_segmentation_cohort_labels_and_errors(seg_cohort, tmp_path, one_thread,
     summary = json.loads((tmp_path / "co" / "summary.json").read_text())
     assert set(summary["labels"]) == {"background", "spleen"}
     code = cohort_main([str(tmp_path / "images"), "--bundle_root", str(root), "--out", str(tmp_path / "co2"),
-                        "--labels", "liver"])  # fmt: skip
+                        "--seg_labels", "liver"])  # fmt: skip
     assert code == 2 and "unknown label 'liver'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="screen was fitted for a classification model"):  # segmentation: its own
         run_cohort(tmp_path / "images", tmp_path / "co3", bundle_root=root, screen=Screen(), progress=False)

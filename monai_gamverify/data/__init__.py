@@ -12,6 +12,7 @@ from monai_gamverify.data.datalist import (
     read_datalist_split,
     require_file,
 )
+from monai_gamverify.data.garbage import class_weights, mix_garbage, mix_garbage_dirs
 from monai_gamverify.data.synthetic import (
     KINDS,
     QUALITY_CATEGORIES,
@@ -52,4 +53,7 @@ __all__ = [
     "stratified_split",
     "synth",
     "summary_line",
+    "mix_garbage",
+    "mix_garbage_dirs",
+    "class_weights",
 ]

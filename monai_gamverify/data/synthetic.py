@@ -15,6 +15,7 @@ Example:
     >>> make_cohort("sos", n=50, size=48, seed=0, out_dir="data/sos")
 """
 
+# long module: the synthetic cohort kinds share the phantom primitives; LAYOUT.md plans one file per kind
 from __future__ import annotations
 
 import logging

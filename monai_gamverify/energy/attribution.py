@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_gamverify.io.nifti import load_image
+from monai_gamverify.utils import plain_tensor
 
 __all__ = [
     "attribution_energy",
@@ -50,7 +51,7 @@ def attribution_energy(raw_maps: torch.Tensor | np.ndarray) -> torch.Tensor | np
         >>> attribution_energy(maps)  # (B,)
     """
     if isinstance(raw_maps, torch.Tensor):
-        maps = raw_maps.as_tensor() if hasattr(raw_maps, "as_tensor") else raw_maps  # MetaTensor -> plain tensor
+        maps = plain_tensor(raw_maps)  # MetaTensor -> plain tensor
         if maps.ndim < 2:
             raise ValueError(f"attribution_energy expects maps of shape (B, ...), got shape {tuple(maps.shape)}")
         dtype = torch.float32 if maps.device.type == "mps" else torch.float64
@@ -71,7 +72,7 @@ def _prepare_volume(volume: Any, slice_axis: int | None, batch_size: int) -> tup
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     x = torch.as_tensor(volume)
-    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> plain tensor
+    x = plain_tensor(x)  # MetaTensor -> plain tensor
     if x.ndim == 5:
         if x.shape[0] != 1:
             raise ValueError(f"expected one volume, got a batch of {x.shape[0]} (shape {tuple(x.shape)})")

@@ -29,6 +29,7 @@ from monai_gamverify.io.grid import invert_to_input
 from monai_gamverify.io.names import OutputNamer
 from monai_gamverify.io.nifti import save_nifti
 from monai_gamverify.transforms.dictionary import image_name, make_cam
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.registry import unwrap_network
 
@@ -178,8 +179,7 @@ class CAMImageHandler:
             return []
         net = unwrap_network(network)
         x = torch.stack([torch.as_tensor(it[self.image_key]).float() for it in items]).to(network_device(net))
-        if hasattr(x, "as_tensor"):
-            x = x.as_tensor()
+        x = plain_tensor(x)
         with torch.inference_mode(False), torch.enable_grad():
             maps = make_cam(net, self.layer, self.method)(x)
         return [cam_overlay_rgb(x[i].cpu(), maps[i].cpu()) for i in range(len(items))]
@@ -271,8 +271,7 @@ class CAMWriter:
         net = unwrap_network(network)
         imgs = [it[self.image_key] for it in items]
         x = torch.stack([torch.as_tensor(im).float() for im in imgs]).to(network_device(net))
-        if hasattr(x, "as_tensor"):
-            x = x.as_tensor()
+        x = plain_tensor(x)
         with torch.inference_mode(False), torch.enable_grad():
             maps = make_cam(net, self.layer, self.method)(
                 x, class_idx=self._class_idx(items), normalize=self.normalize

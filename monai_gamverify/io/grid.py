@@ -14,6 +14,8 @@ from monai.transforms import Invertd
 from monai.transforms.utils import resolves_modes
 from monai.utils import get_torch_dtype_from_string
 
+from monai_gamverify.utils import plain_tensor
+
 __all__ = ["fast_invert", "invert_to_input", "to_input_grid"]
 
 
@@ -139,7 +141,7 @@ def fast_invert(cam: torch.Tensor, image: Any) -> tuple[torch.Tensor, np.ndarray
     meta = getattr(image, "meta", {})
     if "original_affine" not in meta or "spatial_shape" not in meta or cam.ndim != 4:
         return None
-    data = cam.as_tensor() if hasattr(cam, "as_tensor") else cam
+    data = plain_tensor(cam)
     affine = np.asarray(image.affine, dtype=np.float64)
     if affine.shape != (4, 4):
         return None

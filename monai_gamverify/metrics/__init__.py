@@ -29,6 +29,7 @@ from monai_gamverify.metrics.evaluation import (
     score_layers,
     sparseness,
 )
+from monai_gamverify.metrics.regression import regression_metrics
 from monai_gamverify.metrics.similarity import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -67,4 +68,5 @@ __all__ = [
     "SSIM_WIN_SIZE",
     "KL_EPS",
     "similarity_metrics",
+    "regression_metrics",
 ]

@@ -5,6 +5,7 @@ Maps are (B, 1, *spatial) tensors (high = attended), masks the same shape (non-z
 are imported from there.
 """
 
+# long module: localisation, faithfulness and sanity share the map checks and curves; to split
 from __future__ import annotations
 
 import copy
@@ -15,12 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 from scipy.ndimage import distance_transform_edt
 from scipy.stats import spearmanr
 
 from monai_gamverify.io.nifti import affine_of
 from monai_gamverify.metrics.similarity import similarity_metrics
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.hooks import preserved_state
 
 __all__ = [
@@ -55,7 +58,7 @@ def _as_maps(maps: Any, label: str = "maps") -> torch.Tensor:
         raise ValueError(f"{label} must have shape (B, 1, *spatial) with 2 or 3 spatial axes, got {tuple(maps.shape)}")
     if maps.numel() == 0:
         raise ValueError(f"{label} is empty: {tuple(maps.shape)}")
-    maps = maps.as_tensor() if hasattr(maps, "as_tensor") else maps  # drop MetaTensor bookkeeping
+    maps = plain_tensor(maps)  # drop MetaTensor bookkeeping
     maps = maps.float() if not maps.is_floating_point() else maps
     if not torch.isfinite(maps).all():
         raise ValueError(f"{label} contains NaN or infinite values")
@@ -68,7 +71,7 @@ def _as_masks(masks: Any, maps: torch.Tensor) -> torch.Tensor:
         masks = torch.from_numpy(masks)
     if not isinstance(masks, torch.Tensor):
         raise TypeError(f"masks must be a torch.Tensor or numpy array, got {type(masks).__name__}")
-    masks = masks.as_tensor() if hasattr(masks, "as_tensor") else masks
+    masks = plain_tensor(masks)
     if tuple(masks.shape) != tuple(maps.shape):
         raise ValueError(f"masks shape {tuple(masks.shape)} differs from maps shape {tuple(maps.shape)}")
     return (masks != 0).to(maps.device)
@@ -363,6 +366,10 @@ def _attention_ranks(maps: torch.Tensor, seed: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of every channel, edges replicated: ``scipy.ndimage.gaussian_filter(mode="nearest")``.
 
+    MONAI's sampled Gaussian kernel (``monai.networks.layers.convutils.gaussian_1d``, as in ``GaussianFilter(...,
+    approx="sampled")``) applied by ``monai.networks.layers.separable_filtering`` with replicated edges
+    (``GaussianFilter`` itself pads with zeros, which would darken the blurred baseline at the image border).
+
     Args:
         x: (B, C, *spatial) tensor.
         sigma: standard deviation in voxels.
@@ -371,23 +378,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch
     Returns:
         Blurred tensor of ``x``'s shape, dtype and device.
     """
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    n_spatial, channels = x.ndim - 2, x.shape[1]
-    conv = F.conv2d if n_spatial == 2 else F.conv3d
-    out = x
-    for axis in range(n_spatial):
-        shape = [1] * n_spatial
-        shape[axis] = kernel.numel()
-        weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
-        pad = [0, 0] * n_spatial
-        pad[2 * (n_spatial - 1 - axis)] = pad[2 * (n_spatial - 1 - axis) + 1] = (
-            radius  # F.pad counts from the last axis
-        )
-        out = conv(F.pad(out, pad, mode="replicate"), weight, groups=channels)
-    return out
+    kernel = gaussian_1d(torch.tensor(float(sigma), dtype=torch.float64), truncated=truncate, approx="sampled",
+                         normalize=True)  # fmt: skip
+    kernel = kernel.to(device=x.device, dtype=x.dtype)
+    return separable_filtering(x, [kernel] * (x.ndim - 2), mode="replicate")
 
 
 def _baseline(x: torch.Tensor, baseline: str | float | torch.Tensor, blur_sigma: float | None) -> torch.Tensor:
@@ -462,7 +456,7 @@ def _perturbation_curve(
     maps = _as_maps(maps).to(x.device)
     if maps.shape[0] != x.shape[0] or maps.shape[2:] != x.shape[2:]:
         raise ValueError(f"maps {tuple(maps.shape)} must be (B, 1, *spatial) of x {tuple(x.shape)}")
-    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    x = plain_tensor(x)
     n_batch, spatial = x.shape[0], x.shape[2:]
     n_vox = int(np.prod(spatial))
     ranks = _attention_ranks(maps, seed)

@@ -20,6 +20,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from monai_gamverify.networks.heads import find_classifier_head
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.hooks import preserved_state, record_activations
 
 __all__ = [
@@ -57,8 +58,7 @@ def as_scores(x: Any, name: str = "logits", min_classes: int = 1) -> torch.Tenso
             x = torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be a tensor or array, got {type(x).__name__}") from err
-    if hasattr(x, "as_tensor"):  # MetaTensor -> plain tensor
-        x = x.as_tensor()
+    x = plain_tensor(x)
     if x.ndim not in (1, 2) or x.shape[-1] < min_classes:
         raise ValueError(f"{name} must have shape (C,) or (B, C) with C >= {min_classes}, got {tuple(x.shape)}")
     if not torch.is_floating_point(x):

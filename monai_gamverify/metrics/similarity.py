@@ -6,6 +6,7 @@ once, with float64 accumulation, on the maps' device. ``spatial_wasserstein`` is
 value-distribution ``wasserstein``, sees *where* the attention lies.
 """
 
+# long module: the similarity features share one validation, chunking and reference-statistics cache
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai_gamverify.networks.heads import find_classifier_head, init_from_checkpoint, widen_classifier
 from monai_gamverify.networks.nets import (
     ChannelSpatialAttention,
     ConvNeXt,
@@ -32,4 +33,7 @@ __all__ = [
     "convnext_attn_pico",
     "convnext_attn_nano",
     "SmallCNN",
+    "find_classifier_head",
+    "widen_classifier",
+    "init_from_checkpoint",
 ]

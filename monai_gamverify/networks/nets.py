@@ -55,6 +55,7 @@ Example:
     ('stages.2', ('stages.0', 'stages.1'))
 """
 
+# long module: SmallCNN and the ConvNeXt family (blocks, stages, attention, factories) build on each other
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.spatial.distance import jensenshannon
 
 from monai_gamverify.screening.profile import DataProfile
 
@@ -46,16 +47,23 @@ class Observation:
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon distance (base 2, in [0, 1]) of histograms (rows of p) against q."""
+    """Jensen-Shannon distance (base 2, in [0, 1]) of histograms (rows of ``p``) against ``q``.
+
+    ``scipy.spatial.distance.jensenshannon``: each histogram is normalised to sum 1 first, so counts and fractions
+    give the same distance. A row without any mass (no voxel in the histogram's range) is as far as can be: 1.
+
+    Args:
+        p: (H,) or (N, H) histograms (counts or fractions).
+        q: (H,) reference histogram.
+
+    Returns:
+        (N,) distances.
+    """
     p = np.atleast_2d(np.asarray(p, float))
-    q = np.asarray(q, float)[None]
-    m = 0.5 * (p + q)
-
-    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(a > 0, a * np.log2(a / np.where(b > 0, b, 1)), 0.0).sum(1)
-
-    return np.sqrt(np.clip(0.5 * kl(p, m) + 0.5 * kl(q, m), 0.0, None))
+    q = np.broadcast_to(np.asarray(q, float), p.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = jensenshannon(p, q, base=2, axis=1)
+    return np.where(p.sum(1) > 0, np.nan_to_num(d, nan=1.0), 1.0)
 
 
 def intensity_width(screen: Any) -> float:

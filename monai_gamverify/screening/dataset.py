@@ -20,30 +20,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from scipy.stats import betabinom
+
 __all__ = ["dataset_test", "beta_binomial_sf"]
 
 
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
 def beta_binomial_sf(k: int, n: int, a: float, b: float) -> float:
-    """``P(K >= k)`` for ``K ~ BetaBinomial(n, a, b)`` (as ``scipy.stats.betabinom.sf(k - 1, n, a, b)``).
+    """``P(K >= k)`` for ``K ~ BetaBinomial(n, a, b)``: ``scipy.stats.betabinom.sf(k - 1, n, a, b)``.
 
     Example:
         >>> round(beta_binomial_sf(1, 10, 1.0, 1.0), 4)  # uniform over 0..10
         0.9091
     """
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    norm = _log_beta(a, b)
-    total = 0.0
-    for j in range(k, n + 1):
-        log_choose = math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
-        total += math.exp(log_choose + _log_beta(j + a, n - j + b) - norm)
-    return min(1.0, total)
+    return float(min(1.0, max(0.0, betabinom.sf(int(k) - 1, int(n), a, b))))
 
 
 def dataset_test(in_distribution: Sequence[bool], n_cal: int, alpha: float = 0.05) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 from monai_gamverify.metrics.ood import MahalanobisDetector
 
@@ -159,7 +160,8 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 class KNNDetector:
-    """Distance to the k-th nearest training feature, both L2-normalised (so distance = sqrt(2 - 2 cos)).
+    """Distance to the k-th nearest training feature, both L2-normalised (so distance = sqrt(2 - 2 cos)); the search
+    is ``sklearn.neighbors.NearestNeighbors`` over the stored bank.
 
     Args:
         k: neighbour rank (clipped to the bank size).
@@ -173,6 +175,7 @@ class KNNDetector:
             raise ValueError(f"k must be >= 1, got {k!r}")
         self.k = int(k)
         self.bank: np.ndarray | None = None
+        self._index: NearestNeighbors | None = None
 
     def fit(self, features: np.ndarray) -> KNNDetector:
         """Store the normalised (N, D) training features."""
@@ -180,6 +183,7 @@ class KNNDetector:
         if feats.ndim != 2 or len(feats) < 2:
             raise ValueError(f"need (N >= 2, D) features, got shape {feats.shape}")
         self.bank = _l2n(feats)
+        self._index = None
         return self
 
     def score(self, features: np.ndarray, exclude_self: bool = False) -> np.ndarray:
@@ -189,10 +193,11 @@ class KNNDetector:
         q = _l2n(features)
         if q.shape[1] != self.bank.shape[1]:
             raise ValueError(f"expected {self.bank.shape[1]} features, got {q.shape[1]}")
-        d2 = (q**2).sum(1)[:, None] + (self.bank**2).sum(1)[None] - 2.0 * q @ self.bank.T
-        d = np.sqrt(np.clip(d2, 0.0, None))
+        if self._index is None:  # built on first use (also after from_state)
+            self._index = NearestNeighbors().fit(self.bank)
         k = min(self.k + int(exclude_self), self.bank.shape[0])
-        return np.sort(d, axis=1)[:, k - 1]
+        dist, _ = self._index.kneighbors(q, n_neighbors=k)
+        return dist[:, k - 1]
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
         """Arrays that rebuild the detector."""
@@ -205,6 +210,7 @@ class KNNDetector:
         """Inverse of :meth:`state`."""
         obj = cls(k)
         obj.bank = np.asarray(arrays[f"{prefix}bank"], dtype=np.float64)
+        obj._index = None
         return obj
 
 

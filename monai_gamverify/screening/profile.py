@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_gamverify.utils import plain_tensor
+
 __all__ = [
     "DataProfile",
     "profile_image",
@@ -165,7 +167,7 @@ def _orientation_of(flat_affine: tuple[float, ...]) -> str:  # a cohort shares a
 
 def _as_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor first: MetaTensor ops are slow
+        x = plain_tensor(x)  # plain tensor first: MetaTensor ops are slow
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -344,7 +346,7 @@ def layout_moments(tensor: Any) -> np.ndarray:
         array([0., 0., 0.])
     """
     t = torch.as_tensor(tensor).detach()
-    t = t.as_tensor() if hasattr(t, "as_tensor") else t
+    t = plain_tensor(t)
     t = t.float()
     mass = (t - t.min()).sum(0)
     nd = mass.ndim

@@ -1,4 +1,5 @@
-"""MONAI dictionary transforms: input checks with clear errors, CAM as a transform."""
+"""MONAI dictionary transforms: input checks with clear errors and CAM as a transform (:mod:`.dictionary`), attribution
+energy and slice-wise CAM (:mod:`.energy`), K+1 garbage rejection (:mod:`.garbage`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ from monai_gamverify.transforms.dictionary import (
     ComputeCAMd,
     image_name,
 )
+from monai_gamverify.transforms.energy import AttributionEnergyd, SliceCAMd
+from monai_gamverify.transforms.garbage import RejectGarbageD, RejectGarbaged, RejectGarbageDict
 
 __all__ = [
     "image_name",
     "CheckImaged",
     "ComputeCAMd",
+    "AttributionEnergyd",
+    "SliceCAMd",
+    "RejectGarbaged",
+    "RejectGarbageD",
+    "RejectGarbageDict",
 ]

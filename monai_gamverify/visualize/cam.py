@@ -6,6 +6,7 @@ forward pass runs without autograd up to the first target layer, parameters are 
 written to ``.grad``, the model's flags are restored exactly and no hook outlives a call.
 """
 
+# long module: Grad-CAM, Grad-CAM++ and Score-CAM are small subclasses of the one BaseCAM they share
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from torch import nn
 
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.hooks import LayerHooks, preserved_state, resolve_layers
 
 __all__ = ["BaseCAM", "GradCAM", "GradCAMpp", "ScoreCAM", "CAMResult", "normalize_maps", "upsample_maps"]
@@ -214,7 +217,7 @@ class BaseCAM:
         """Like calling the object, but also returns the logits and the explained classes (one forward pass)."""
         x_in = x
         x = self._check_input(x)
-        plain = x.as_tensor() if hasattr(x, "as_tensor") else x
+        plain = plain_tensor(x)
         with preserved_state(self.nn_module):
             acts, grads, logits, idx = self._activations_and_gradients(plain, class_idx, score_fn)
             maps: dict[str, torch.Tensor] = {}
@@ -238,9 +241,7 @@ class BaseCAM:
     @staticmethod
     def _like_input(cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # keep the affine of a MONAI MetaTensor so maps can be written aligned with their image
-        if hasattr(x, "as_tensor") and cam.shape[2:] == x.shape[2:]:
-            from monai.data import MetaTensor
-
+        if isinstance(x, MetaTensor) and cam.shape[2:] == x.shape[2:]:
             return MetaTensor(cam).copy_meta_from(x, copy_attr=False)
         return cam
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.cam import normalize_maps, upsample_maps
 from monai_gamverify.visualize.hooks import record_activations
 
@@ -30,7 +31,7 @@ def _check_input(model: nn.Module, x: Any) -> torch.Tensor:
         raise ValueError("empty batch: x has batch size 0")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+    return plain_tensor(x)
 
 
 def feature_map(

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
 from monai_gamverify.inferers import is_sliding_window, sliding_window_cam
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.cam import BaseCAM, normalize_maps
 from monai_gamverify.visualize.hooks import preserved_state
 from monai_gamverify.visualize.registry import make_cam
@@ -147,7 +149,7 @@ def _region(
     if box is not None:
         return box_mask(spatial, box, b).to(x.device)
     if mask is not None:
-        m = torch.as_tensor(mask.as_tensor() if hasattr(mask, "as_tensor") else mask, device=x.device).float()
+        m = torch.as_tensor(plain_tensor(mask), device=x.device).float()
         if m.shape == spatial:
             m = m.view(1, 1, *spatial)
         elif m.shape == (1, *spatial):
@@ -211,9 +213,9 @@ def segmentation_cam(
     logits = None
     if mask is None and box is None:
         with preserved_state(explainer.nn_module), torch.no_grad():
-            plain = x.as_tensor() if hasattr(x, "as_tensor") else x
+            plain = plain_tensor(x)
             logits = inferer(plain, explainer.nn_module) if sliding else explainer.nn_module(plain)
-            logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
+            logits = plain_tensor(logits)
     region = _region(mask, box, x, idx, logits, activation)
     if logits is not None and not 0 <= idx < logits.shape[1]:
         raise ValueError(f"label {idx} out of range for a network with {logits.shape[1]} output channels")
@@ -229,7 +231,7 @@ def segmentation_cam(
         maps, logits = sliding_window_cam(explainer, x, idx, region, inferer)
     else:
         res = explainer.explain(
-            x.as_tensor() if hasattr(x, "as_tensor") else x,
+            plain_tensor(x),
             score_fn=segmentation_score(idx, region),
             normalize=False,
         )
@@ -239,9 +241,7 @@ def segmentation_cam(
     maps = maps.detach().float()
     if normalize:
         maps = normalize_maps(maps)
-    if hasattr(x, "as_tensor"):
-        from monai.data import MetaTensor
-
+    if isinstance(x, MetaTensor):
         maps = MetaTensor(maps).copy_meta_from(x, copy_attr=False)
     return maps, logits.detach()
 

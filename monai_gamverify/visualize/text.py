@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from monai_gamverify.io import affine_of
+from monai_gamverify.utils import plain_tensor
 
 __all__ = ["describe_map", "describe_maps", "region_properties"]
 
@@ -175,6 +176,6 @@ def describe_maps(maps: Any, affine: Any = None, threshold: float = 0.5) -> list
     for b in range(maps.shape[0]):
         this = aff[b] if aff is not None and aff.ndim == 3 else aff
         m = maps[b]
-        m = m.as_tensor() if hasattr(m, "as_tensor") else m  # the affine comes from ``this``
+        m = plain_tensor(m)  # the affine comes from ``this``
         texts.append(describe_map(m, this, threshold))
     return texts

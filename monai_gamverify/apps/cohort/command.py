@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from monai_gamverify.apps.cohort.runner import CohortInterrupted, CohortOutOfMemory, run_cohort
+from monai_gamverify.apps.commandline import CommandParser, add_deprecated_alias
 from monai_gamverify.data.datalist import DataError
 
 __all__ = ["cohort_parser", "main", "EXIT_CODES"]
@@ -34,8 +35,8 @@ EXIT_CODES = {
 
 def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
     """The one argument definition of a cohort run (``gamverify cohort`` and ``python -m monai_gamverify.apps.cohort``
-    / ``torchrun -m monai_gamverify.apps.cohort``)."""
-    ap = argparse.ArgumentParser(
+    / ``torchrun -m monai_gamverify.apps.cohort``); a mistyped flag is one ``ERROR:`` line and exit code 2."""
+    ap = CommandParser(
         prog=prog,
         description="Explain/verify every image of a cohort; resumable (rerun the same command), skips and reports "
         "bad items, and splits the items between processes under torchrun. Exit codes: 0 all items succeeded, 1 some "
@@ -59,8 +60,9 @@ def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
     ap.add_argument("--reference", help="reference map NIfTI (or its directory) for the similarity features")
     ap.add_argument("--verifier", help="fitted SuitabilityVerifier (.skops)")
     ap.add_argument("--screen", help="saved in-distribution screen (gamverify screen fit): rows get p_value, reasons")
-    ap.add_argument("--labels", nargs="+", help="segmentation bundles: labels to explain (names or channels; "
+    ap.add_argument("--seg_labels", nargs="+", help="segmentation bundles: labels to explain (names or channels; "
                     "default: every label but the background)")  # fmt: skip
+    add_deprecated_alias(ap, "--labels", "--seg_labels", nargs="+")  # its name until 0.1: one word per meaning now
     ap.add_argument("--threshold", type=float, default=0.5, help="P(suitable) threshold of the verdict")
     ap.add_argument("--no_invert", action="store_true", help="write maps on the preprocessed grid")
     ap.add_argument("--no_maps", action="store_true", help="do not write the NIfTI maps")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None, prog: str = "gamverify cohort") -> int:
             reference=args.reference,
             verifier=args.verifier,
             screen=args.screen,
-            labels=args.labels,
+            labels=args.seg_labels,
             threshold=args.threshold,
             split=args.split,
             invert=not args.no_invert,

@@ -7,6 +7,7 @@ Example:
     (15, 0)
 """
 
+# long module: the resumable, distributed cohort loop (shards, retries, OOM, verdicts) is one state machine
 from __future__ import annotations
 
 import hashlib

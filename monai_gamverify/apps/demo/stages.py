@@ -22,13 +22,14 @@ from monai_gamverify.apps.demo.settings import MODELS, SOS_NAMES, DemoSettings, 
 from monai_gamverify.apps.demo.weights import load_model
 from monai_gamverify.apps.pipeline import ImagePipeline
 from monai_gamverify.data.datalist import load_datalist
+from monai_gamverify.data.garbage import mix_garbage
 from monai_gamverify.data.synthetic import make_cohort
 from monai_gamverify.energy import cohort_energy, energy_report
-from monai_gamverify.energy.workflow import regression_metrics
 from monai_gamverify.io import save_nifti, write_csv, write_json
-from monai_gamverify.kplus1 import RejectGarbaged, mix_garbage
 from monai_gamverify.metrics.evaluation import pointing_game, relevance_mass
 from monai_gamverify.metrics.ood import energy_score, kplus1_score, msp_score, ood_metrics
+from monai_gamverify.metrics.regression import regression_metrics
+from monai_gamverify.transforms.garbage import RejectGarbaged
 from monai_gamverify.verification.bundles import verify_bundles
 from monai_gamverify.verification.tables import feature_columns
 from monai_gamverify.visualize.cam import GradCAM

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from monai_gamverify.apps.demo.settings import MODELS, WEIGHTS_DIR, DemoSettings, bundles_dir, torch_device
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
-from monai_gamverify.kplus1 import class_weights
+from monai_gamverify.data.garbage import class_weights
 
 __all__ = ["weights_config", "shipped_weights", "train_models", "load_model"]
 

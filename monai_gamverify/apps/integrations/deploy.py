@@ -20,6 +20,7 @@ Example:
     ...         self.add_flow(load, gam, {("image", "image")})
 """
 
+# long module: the Deploy operators, their SDK-free runner and the app options belong together
 from __future__ import annotations
 
 import argparse

@@ -26,6 +26,7 @@ import torch
 
 from monai_gamverify.apps.integrations import SuitabilityPipeline
 from monai_gamverify.io import save_map, save_nifti
+from monai_gamverify.utils import plain_tensor
 
 __all__ = ["SuitabilityInfer"]
 
@@ -228,7 +229,7 @@ class SuitabilityInfer:
         _, img = engine.load(image)  # the engine's reading, preprocessing and geometry checks
         x = img.unsqueeze(0).to(engine.device)
         with torch.inference_mode():
-            out = engine.network(x.as_tensor() if hasattr(x, "as_tensor") else x)
+            out = engine.network(plain_tensor(x))
         logits = out.float()[0]
         names = engine.names_for(int(logits.numel()))
         pred = int(logits.argmax())

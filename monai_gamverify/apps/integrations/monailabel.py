@@ -23,6 +23,7 @@ Example:
     ('stage3', 'suitable')
 """
 
+# long module: the MONAI Label bundle check, app writer and task options: one optional front end
 from __future__ import annotations
 
 import argparse
