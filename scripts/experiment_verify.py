@@ -7,8 +7,8 @@ Protocol (every figure below is leave-models-out and model-level):
 
 - Ground truth: each zoo model's label from its measured accuracy on the held-out target cohort (``train_zoo.py``:
   1 suitable, 0 unsuitable, -1 in between: reported, not scored). The target cohort's labels are never used here.
-- Trusted references: the seed-0 SOS model of every architecture that is itself suitable (one at a time: the user
-  has **one** trusted model). Candidates: every other zoo model.
+- Trusted references: per architecture, the suitable SOS model with the best accuracy on its *own validation split*
+  (what its owner knows; one at a time: the user has **one** trusted model). Candidates: every other zoo model.
 - Target images: ``n`` unlabeled SOS volumes (seed 2000; the first ``n`` of 50), **clean** and, in the shortcut
   scenario, **carrying the marker cue** (the data a shortcut model agrees on).
 - Prior (the null rows): evidence of every ordered pair of suitable zoo models other than the candidate and the
@@ -113,11 +113,15 @@ def main() -> None:
         print(f"observed {k + 1}/{len(names)} {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     label = {n: int(infos[n]["label"]) for n in names}
     suitable = [n for n in names if label[n] == 1]
-    refs = (
-        [s.strip() for s in args.references.split(",")]
-        if args.references
-        else [n for n in suitable if n.startswith("sos_") and "_s0" in n]
-    )
+    if args.references:
+        refs = [s.strip() for s in args.references.split(",")]
+    else:  # per architecture, the suitable model its owner would trust: the best on its own validation split
+        best: dict[str, str] = {}
+        for n in suitable:
+            a = infos[n]["arch"]
+            if a not in best or infos[n]["val_acc"] > infos[best[a]]["val_acc"]:
+                best[a] = n
+        refs = list(best.values())
     print(f"references: {refs}; {len(suitable)} suitable, {sum(v == 0 for v in label.values())} unsuitable, "
           f"{sum(v == -1 for v in label.values())} in between")  # fmt: skip
     if args.write_prior:  # the shipped prior: every suitable pair of the zoo on the prior images, 20 each
