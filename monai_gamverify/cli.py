@@ -280,6 +280,7 @@ def synth(
     rotate: float = 0.0,
     spacing: float | None = None,
     progress: bool = True,
+    cue: str = "none",
 ) -> str:
     """Write a synthetic cohort (NIfTI + masks + datalist + labels CSV); see ``monai_gamverify.data.synth``.
 
@@ -292,6 +293,8 @@ def synth(
         rotate: extra rotation in degrees (rotated test sets).
         spacing: voxel size in mm (default: field of view / size).
         progress: progress bar.
+        cue: a label-encoding spurious cue burned into every volume (``marker``: a block whose intensity encodes the
+            class; ``offset``: a per-class intensity offset), the training data of a shortcut model; default none.
 
     Example:
         gamverify synth --kind sos --n 100 --size 48 --seed 0 --out data/sos
@@ -299,7 +302,9 @@ def synth(
     from monai_gamverify.data.synthetic import summary_line
     from monai_gamverify.data.synthetic import synth as _synth
 
-    summary = _synth(kind=kind, n=n, size=size, seed=seed, out=out, rotate=rotate, spacing=spacing, progress=progress)
+    summary = _synth(
+        kind=kind, n=n, size=size, seed=seed, out=out, rotate=rotate, spacing=spacing, progress=progress, cue=cue
+    )
     return summary_line(summary)
 
 
