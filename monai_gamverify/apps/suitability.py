@@ -31,7 +31,7 @@ from monai_gamverify.apps.report import Report
 from monai_gamverify.bundle import BundleModel, load_bundle
 from monai_gamverify.data.datalist import list_images, read_datalist_split
 from monai_gamverify.io import write_csv, write_json
-from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, observe_model
+from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, atc_accuracy, observe_model
 from monai_gamverify.verification.suitability import (
     SuitabilityPrior,
     SuitabilityVerdict,
@@ -277,6 +277,8 @@ def verify_suitability(
         "n_images": len(paths),
         "images": paths,
         "reference": str(reference),
+        # a weak reference makes every candidate look worse: its own label-free accuracy estimate, for the reader
+        "reference_atc": atc_accuracy(obs["reference"]),
         "references": {k: str(v) for k, v in references.items()},
         "prior": {"file": str(prior_path), "rows": len(prior), "source": prior.source},
         "verdicts": {k: v.to_row() for k, v in verdicts.items()},
@@ -284,6 +286,14 @@ def verify_suitability(
     files["verdicts_json"] = str(write_json(doc, out_dir / "verdicts.json"))
     files["report"] = str(_report(out_dir, obs, verdicts, doc))
     summary = format_summary(verdicts, len(paths), alpha)
+    if np.isfinite(doc["reference_atc"]):
+        summary += f"\nreference's own accuracy estimate on these images (ATC): {doc['reference_atc']:.2f}"
+    if prior.n_images and abs(prior.n_images - len(paths)) > 0.5 * prior.n_images:
+        logger.warning(
+            "the prior's pairs were observed on %d images, this run on %d: its null rows are %s than this run's "
+            "evidence; fit a verifier with the same number of images (fit_verifier) for exact p-values",
+            prior.n_images, len(paths), "tighter" if prior.n_images > len(paths) else "looser",
+        )  # fmt: skip
     return {"verdicts": df, "summary": summary, "files": files}
 
 
