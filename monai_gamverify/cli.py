@@ -20,7 +20,7 @@ def cam(
     network_args: dict | str | None = None,
     checkpoint: str | None = None,
     layer: str | None = None,
-    method: str = "gradcam",
+    method: str | None = None,
     class_idx: int | None = None,
     a_min: float | None = None,
     a_max: float | None = None,
@@ -48,7 +48,7 @@ def cam(
         checkpoint: weights (``torch.load(weights_only=True)``); with a bundle it replaces ``models/model.pt``;
             without it a named network keeps random weights.
         layer: target layer (default: the bundle's declared layer).
-        method: gradcam, gradcampp (gradcam++) or scorecam.
+        method: gradcam, gradcampp (gradcam++) or scorecam (default: the bundle's ``cam_method``, else gradcam).
         class_idx: class (or output column) to explain; default: the predicted class.
         a_min: intensity window lower bound mapped to 0 (network-by-name only; e.g. -1000 for CBCT HU).
         a_max: intensity window upper bound mapped to 1.
@@ -58,7 +58,7 @@ def cam(
         label: segmentation bundles: the label to explain, by name (the bundle's ``channel_def``) or output channel
             index; the target is the sum of its logits over its predicted mask (Seg-Grad-CAM), explained through the
             bundle's inferer (a ``SlidingWindowInferer`` explains window by window). Default for a segmentation
-            bundle: channel 1.
+            bundle: its first foreground channel (``segcam.default_segmentation_label``).
         box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
         screen: a saved in-distribution screen (``gamverify screen fit``): the summary gets ``in_distribution``,
             ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` before any model verdict.
@@ -71,9 +71,9 @@ def cam(
     from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
     from monai_gamverify.visualize.registry import cam_method
 
-    method = cam_method(method)
+    method = None if method is None else cam_method(method)
     options = {k: v for k, v in (("top_k", top_k), ("max_memory_mb", max_memory_mb)) if v is not None}
-    if options and method != "scorecam":
+    if options and method not in (None, "scorecam"):
         raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; --method is {method}")
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
@@ -91,8 +91,8 @@ def cam(
             from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
 
             region = json.loads(box) if isinstance(box, str) else box
-            seg = explain_segmentation(pipe, image, out, 1 if label is None else label, box=region)
-            print(f"{image_stem(image)}: {method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
+            seg = explain_segmentation(pipe, image, out, label, box=region)
+            print(f"{image_stem(image)}: {pipe.method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
                   f"predicted) at {pipe.target_layers} -> {seg['map']}")  # fmt: skip
             if seg.get("in_distribution") is False:
                 print(f"  out of distribution (p = {seg['p_value']:.3g}): " + "; ".join(seg["reasons"]))
@@ -104,11 +104,12 @@ def cam(
             print("warning: no --checkpoint given; the network keeps its random initial weights")
         pipe = ImagePipeline.from_network(
             network, layer, network_args=network_args, checkpoint=checkpoint, a_min=a_min, a_max=a_max,
-            method=method, device=device, screen=screen, cam_options=options,
+            method=method or "gradcam", device=device, screen=screen, cam_options=options,
         )  # fmt: skip
     else:
         raise ValueError("give --bundle_root or --network")
     pipe.check_screen("classification")
+    method = pipe.method
     result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
     summary = pipe.summary(result)
     probs = result.probabilities
@@ -148,7 +149,7 @@ def screen_fit(
     Example:
         gamverify screen fit --bundle_root bundles/sos_staging --dataset_dir data/sos --out screen --alpha 0.05
     """
-    from monai_gamverify.screening import fit_screen
+    from monai_gamverify.apps.screening import fit_screen
 
     if isinstance(overrides, str):
         overrides = json.loads(overrides)
@@ -166,8 +167,8 @@ def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | 
         gamverify screen run --screen screen --images '[a.nii.gz, dicom_dir]' --out screen_out
         gamverify screen run --screen screen --images new_site_scans/ --out screen_out   # a folder: one dataset
     """
+    from monai_gamverify.apps.screening import run_screen
     from monai_gamverify.data.datalist import list_images
-    from monai_gamverify.screening import run_screen
 
     paths: list[str] = []
     for p in _paths(images):  # a folder: its image files and DICOM series (a folder of DICOM slices alone: one series)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_gamverify.screening.common import Observation, intensity_width
+from monai_gamverify.screening.common import ScreenRecord, intensity_width
 from monai_gamverify.screening.detectors import ClassMahalanobis, KNNDetector, RelativeMahalanobis, RobustScaler
 from monai_gamverify.screening.scores import (
     attention_features,
@@ -28,10 +29,10 @@ logger = logging.getLogger(__name__)
 
 def fit_observations(
     screen: Any,
-    observations: Sequence[Observation],
+    observations: Sequence[ScreenRecord],
     labels: Sequence[int] | None = None,
     *,
-    calibration: Sequence[Observation] | None = None,
+    calibration: Sequence[ScreenRecord] | None = None,
     calibration_fraction: float = 0.35,
     seed: int = 0,
     names: Sequence[str] | None = None,
@@ -65,13 +66,10 @@ def fit_observations(
             f"{n} usable images: too few to fit ({len(fit_idx)}, need 8) and calibrate ({n_cal}, need 1) a screen"
         )
     if (n_cal + 1) * screen.alpha < 1:
-        logger.warning(
-            "screen: %d calibration images: the smallest p-value is 1/%d = %.3f > alpha = %g, so only hard "
-            "failures can be rejected; use more images",
-            n_cal,
-            n_cal + 1,
-            1 / (n_cal + 1),
-            screen.alpha,
+        raise ValueError(
+            f"{n_cal} calibration images cannot reject anything at alpha = {screen.alpha:g}: the smallest conformal "
+            f"p-value is 1/(n_cal + 1) = {1 / (n_cal + 1):.3g}; give at least {math.ceil(1 / screen.alpha) - 1} "
+            "calibration images (calibration splits / datasets) or a larger alpha"
         )
     fit_obs = [obs[i] for i in fit_idx]
     active = screen.detectors
@@ -146,7 +144,7 @@ def fit_observations(
     return screen
 
 
-def _predicted(screen: Any, o: Observation) -> int:
+def _predicted(screen: Any, o: ScreenRecord) -> int:
     if o.logits is None:
         return 0
     lg = np.array(o.logits, dtype=np.float64)

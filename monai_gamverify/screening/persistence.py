@@ -16,7 +16,8 @@ from monai_gamverify.screening.detectors import ClassMahalanobis, KNNDetector, R
 
 __all__ = ["FORMAT_VERSION", "ScreenFileError", "screen_arrays", "screen_config", "save_screen", "load_screen"]
 
-FORMAT_VERSION = 2  # 2: the layout detector
+FORMAT_VERSION = 3  # 2: the layout detector; 3: the observation settings (read: 2 and 3)
+_READS = (2, 3)
 _JSON = "screen.json"
 _NPZ = "screen.npz"
 
@@ -104,6 +105,7 @@ def save_screen(screen: Any, directory: str | os.PathLike) -> Path:
         "n_fit": screen.n_fit_,
         "n_cal": screen.n_cal_,
         "seed": screen.seed_,
+        "observation": getattr(screen, "observation_", None),
         "arrays_sha256": _sha256_arrays(arrays),
     }
     content["content_sha256"] = _sha256_json(content)
@@ -136,7 +138,7 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
     recorded = content.pop("content_sha256", None)
     if recorded != _sha256_json(content):
         raise ScreenFileError(f"screen file {jpath} was modified after saving (SHA-256 of its content differs)")
-    if content.get("format_version") != FORMAT_VERSION:
+    if content.get("format_version") not in _READS:
         raise ScreenFileError(
             f"{jpath} has format version {content.get('format_version')}; this version reads {FORMAT_VERSION}: fit "
             "the screen again (`gamverify screen fit ...`)"
@@ -173,5 +175,6 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
         elif name.startswith("knn"):
             obj.detectors_[name] = KNNDetector.from_state(arrays, f"{name}__", obj.k)
     obj.n_fit_, obj.n_cal_, obj.seed_ = int(content["n_fit"]), int(content["n_cal"]), int(content["seed"])
+    obj.observation_ = content.get("observation")  # None in version 2 files: not checked
     obj.fitted_ = True
     return obj

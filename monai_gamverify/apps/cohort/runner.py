@@ -42,14 +42,7 @@ from monai_gamverify.apps.pipeline import ImagePipeline, ImageResult, decide_ver
 from monai_gamverify.data.datalist import DataError
 from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.io import save_map, write_json
-from monai_gamverify.visualize.cam import normalize_maps
-from monai_gamverify.visualize.segcam import (
-    bundle_activation,
-    bundle_segmentation_cam,
-    default_segmentation_label,
-    label_index,
-    predicted_mask,
-)
+from monai_gamverify.visualize.segcam import default_segmentation_label, label_index
 
 __all__ = ["run_cohort", "segmentation_labels", "CohortInterrupted", "CohortOutOfMemory"]
 
@@ -111,7 +104,7 @@ class _SegmentationResult:
     input: Any
     cams: dict[str, torch.Tensor]
     raw_image: Any = None
-    pending_screen: dict[str, Any] | None = None
+    pending_screen: Any = None
     in_distribution: bool | None = None
     p_value: float | None = None
     reasons: list[str] = field(default_factory=list)
@@ -192,28 +185,25 @@ class _Items:
         return row, res
 
     def _segmentation(self, item: dict, x: Any, raw: Any = None) -> tuple[dict, _SegmentationResult]:
-        """Seg-Grad-CAM of every requested label through the bundle's inferer (one forward and backward each); with
-        a screen, what it needs (:meth:`ImagePipeline.segmentation_screen_inputs`), judged later in a batch like a
-        classification item's (:meth:`screen`)."""
-        engine, bm = self.engine, self.engine.bundle
+        """The engine's observation of a segmentation item (:meth:`ImagePipeline.observe_loaded`: one pass through
+        the bundle's inferer, then the Seg-Grad-CAM of every requested label); with a screen, the observation is
+        judged later in a batch like a classification item's (:meth:`screen`)."""
+        engine = self.engine
         row: dict[str, Any] = {"id": item["id"], "image": item["image"]}
         if "label" in item:
             row["label"] = item["label"]
-        xb = x.unsqueeze(0).to(engine.device)
+        labels = [idx for idx, _ in self.seg_labels or []]
+        obs = engine.observe_loaded(x, raw, labels, source=item["image"])
         cams: dict[str, torch.Tensor] = {}
-        for idx, name in self.seg_labels or []:
-            with torch.inference_mode(False), torch.enable_grad():
-                raw_map, logits = bundle_segmentation_cam(
-                    bm, xb, idx, layer=engine.target_layers, method=engine.method, normalize=False
-                )
-            row[f"voxels_{name}"] = int(predicted_mask(logits, idx, bundle_activation(bm)).sum())
-            row[f"energy_{name}"] = float(attribution_energy(raw_map)[0])
-            cams[name] = normalize_maps(raw_map.float())[0].detach().cpu()
+        for (_, name), key in zip(self.seg_labels or [], obs.raw_maps):
+            row[f"voxels_{name}"] = obs.predicted_voxels[key]
+            row[f"energy_{name}"] = float(attribution_energy(obs.raw_maps[key][None])[0])
+            cams[name] = obs.cam_of(key)
             if self.save_maps:
                 row[f"map_{name}"] = f"maps/{item['id']}_{name}_cam.nii.gz"
-        res = _SegmentationResult(x.detach().cpu() if hasattr(x, "detach") else x, cams)
+        res = _SegmentationResult(obs.input, cams)
         if engine.screen is not None:
-            res.pending_screen, res.raw_image = engine.segmentation_screen_inputs(x), raw
+            res.pending_screen = obs
             row.update(in_distribution=None, p_value=None, reasons="", verdict=res.verdict)  # filled by screen()
         return row, res
 

@@ -1,6 +1,12 @@
 """THE single-image engine: every caller (``gamverify cam``, cohort runs, :class:`SuitabilityPipeline` and through it
 MONAI Label and MONAI Deploy, the demo) explains an image here, so a step changes in one place.
 
+:meth:`ImagePipeline.observe` is the ONE producer of per-image evidence (an :class:`Observation`: logits, the raw
+and normalised maps on the network's grid and on the input's, the pooled early features and head input recorded
+during the same forward pass, the image and its meta data); the screen, the verifier, the cohort, ``gamverify cam``,
+MONAI Label and Deploy all use it. A classifier on its whole input, a 2D network slice by slice on a volume and a
+segmentation bundle (Seg-Grad-CAM through its inferer) are its three strategies.
+
 One image goes through these steps, each a method of :class:`ImagePipeline`:
 
 1. :meth:`~ImagePipeline.load`: read the file (a DICOM series directory too) with the preprocessing's own loading
@@ -33,6 +39,7 @@ Example:
 from __future__ import annotations
 
 from monai_gamverify.apps.pipeline.engine import ImagePipeline
+from monai_gamverify.apps.pipeline.observation import Observation, preprocessing_hash, reader_policy
 from monai_gamverify.apps.pipeline.result import (
     VERDICTS,
     ImageResult,
@@ -48,6 +55,7 @@ from monai_gamverify.apps.pipeline.result import (
 __all__ = [
     "ImagePipeline",
     "ImageResult",
+    "Observation",
     "PreprocessingError",
     "VERDICTS",
     "decide_verdict",
@@ -55,5 +63,7 @@ __all__ = [
     "image_stem",
     "is_out_of_memory",
     "is_regression",
+    "preprocessing_hash",
+    "reader_policy",
     "simple_preprocessing",
 ]
