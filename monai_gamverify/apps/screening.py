@@ -27,7 +27,7 @@ from monai_gamverify.io import write_csv, write_json
 from monai_gamverify.screening.dataset import dataset_test
 from monai_gamverify.screening.screen import Screen
 
-__all__ = ["fit_screen", "load_screen_bundle", "run_screen", "screen_engine"]
+__all__ = ["fit_screen", "load_screen_bundle", "run_screen", "screen_engine", "screen_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,26 @@ def screen_engine(bundle: Any, screen: Screen, device: str | torch.device | None
         raise ValueError(f"bundle {bundle.root} declares no CAM layer (cam_layer): the engine needs one")
     return ImagePipeline.from_bundle(bundle, target_layers=layer, method=method, device=device, screen=screen,
                                      invert=False)  # fmt: skip
+
+
+def screen_record(engine: ImagePipeline, screen: Screen, item: Any) -> Any:
+    """What ``screen`` takes of the engine's observation of one image (:meth:`Screen.record`): the network runs only
+    when a detector needs it, the map only for the attention detector. An image that is read but that the model
+    cannot take (its preprocessing or geometry check fails: NaN voxels, a single slice into a 3D network) gets a
+    record whose hard failure rejects it.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        PreprocessingError: it cannot be read at all.
+    """
+    forward, cam = screen.needs_network, "attention" in screen.detectors
+    try:
+        return screen.record(engine.observe(item, cam=cam, forward=forward))
+    except PreprocessingError as err:
+        if err.raw_image is None:  # not readable: an error, not a judgement
+            raise
+        return screen.record_failure(err.raw_image, f"the bundle's preprocessing fails on this image: {err.cause}",
+                                     name=str(item))  # fmt: skip
 
 
 def fit_screen(
@@ -173,17 +193,14 @@ def fit_screen(
     if screen.window is None:  # one histogram range for every image: from the fit images as read
         screen.set_histogram_range(engine.load(e["image"])[0] for e in fit_items)
 
-    forward, cam = screen.needs_network, "attention" in screen.detectors
 
     def observe(items: list[dict]) -> list[Any]:
         out = []
         for e in items:
             try:
-                out.append(screen.record(engine.observe(e["image"], cam=cam, forward=forward)))
+                out.append(screen_record(engine, screen, e["image"]))  # a hard failure is left out by the fit
             except PreprocessingError as err:
-                if err.raw_image is None:
-                    raise ValueError(f"screen fit: cannot read {e['image']}: {err.cause}") from err
-                out.append(screen.record_failure(err.raw_image, err.cause, name=e["image"]))  # left out by fit
+                raise ValueError(f"screen fit: cannot read {e['image']}: {err.cause}") from err
         return out
 
     names = [e["image"] for e in fit_items + cal_items]
@@ -257,7 +274,6 @@ def run_screen(
     scr = screen if isinstance(screen, Screen) else Screen.load(screen)
     bm = bundle if bundle is not None else load_screen_bundle(scr, device)
     engine = screen_engine(bm, scr, device)
-    forward, cam = scr.needs_network, "attention" in scr.detectors
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
 
@@ -272,14 +288,7 @@ def run_screen(
 
     for path in images:
         try:
-            try:
-                rec = scr.record(engine.observe(path, cam=cam, forward=forward))
-            except PreprocessingError as err:
-                if err.raw_image is None:  # not readable: an error
-                    raise
-                rec = scr.record_failure(err.raw_image, f"the bundle's preprocessing fails on this image: {err.cause}",
-                                         name=str(path))  # fmt: skip
-            res = scr.score_observations([rec])[0]
+            res = scr.score_observations([screen_record(engine, scr, path)])[0]
         except Exception as err:  # noqa: BLE001 - one bad image never loses the others' rows
             if is_out_of_memory(err):
                 raise
