@@ -60,9 +60,7 @@ def _class_labels(items: Sequence[dict], seg: bool) -> list[int] | None:
 def screen_engine(bundle: Any, screen: Screen, device: str | torch.device | None = None) -> ImagePipeline:
     """The engine that observes images for ``screen``: the bundle's network, preprocessing, slice axis, and the
     screen's CAM layer and method (a screen fitted with other settings is refused at the first observation)."""
-    layer = screen.cam_layer
-    if layer is None and screen.task == "classification":
-        layer = getattr(bundle, "target_layer", None)
+    layer = screen.cam_layer or getattr(bundle, "target_layer", None)
     method = screen.cam_method if screen.cam_layer is not None else None
     if not layer:
         raise ValueError(f"bundle {bundle.root} declares no CAM layer (cam_layer): the engine needs one")
