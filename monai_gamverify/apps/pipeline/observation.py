@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -58,16 +59,24 @@ def preprocessing_hash(preprocessing: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def _default_reader_count() -> int:
+    """How many readers MONAI registers by default here (those whose packages import)."""
+    return len(LoadImage(image_only=True).readers)
+
+
 def reader_policy(preprocessing: Any) -> str:
-    """The image readers of a preprocessing's loading transform, in the order they are tried (``"default"`` when
-    MONAI chooses among all registered readers, ``"none"`` without a loading transform)."""
+    """The image readers a preprocessing's loading transform was given, in the order they are tried (``"default"``
+    when MONAI chooses among its registered readers, ``"none"`` without a loading transform); independent of which
+    optional reader packages are installed."""
     ts = list(preprocessing.transforms) if isinstance(preprocessing, Compose) else [preprocessing]
     for t in ts:
         loader = getattr(t, "_loader", t) if isinstance(t, LoadImaged) else t
         if isinstance(loader, LoadImage):
             if loader.auto_select:
                 return "default"
-            return ",".join(type(r).__name__ for r in reversed(loader.readers))  # the order they are tried
+            given = loader.readers[_default_reader_count() :]  # the readers given come after MONAI's defaults
+            return ",".join(type(r).__name__ for r in reversed(given))  # in the order they are tried
     return "none"
 
 
