@@ -70,11 +70,11 @@ import torch
 
 from monai_gamverify.bundle import declared_input
 from monai_gamverify.kplus1 import find_classifier_head
-from monai_gamverify.screening.calibration import fit_observations
+from monai_gamverify.screening.calibration import FITTED, fit_state
 from monai_gamverify.screening.common import DETECTORS, ScreenRecord
 from monai_gamverify.screening.detectors import bonferroni, conformal_pvalues, fisher_conformal
 from monai_gamverify.screening.messages import detector_messages, profile_messages
-from monai_gamverify.screening.persistence import load_screen, save_screen
+from monai_gamverify.screening.persistence import read_screen, save_screen
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
 from monai_gamverify.screening.recorder import PENULTIMATE
 from monai_gamverify.screening.scores import monotone, raw_scores, statistic
@@ -413,8 +413,7 @@ class Screen:
             settings = next((o.settings for o in obs + cal if getattr(o, "settings", None)), None)
         if names is None:
             names = [str(getattr(o, "image", f"image {i}")) for i, o in enumerate(obs + cal)]
-        self.observation_ = None if settings is None else {k: settings[k] for k in sorted(settings)}
-        return fit_observations(
+        state = fit_state(
             self,
             [self.record(o) for o in obs],
             labels,
@@ -423,6 +422,22 @@ class Screen:
             seed=seed,
             names=names,
         )
+        state["observation_"] = None if settings is None else {k: settings[k] for k in sorted(settings)}
+        self._set_fitted(state)
+        return self
+
+    def _set_fitted(self, state: Mapping[str, Any]) -> None:
+        """Set the fitted state (:data:`~monai_gamverify.screening.calibration.FITTED` and ``observation_``): the
+        one place the screen's state changes after construction (:meth:`fit`, :meth:`load`)."""
+        unknown = sorted(set(state) - set(FITTED) - {"observation_"})
+        if unknown:
+            raise ValueError(f"unknown screen state {unknown}")
+        for name in FITTED:  # a refit forgets what the previous fit had and this one has not (e.g. cam_ref_)
+            if name not in state and name in self.__dict__:
+                delattr(self, name)
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.fitted_ = True
 
     # ---------------------------------------------------------------------------------------------------- score
     def _check_fitted(self) -> None:
@@ -507,4 +522,7 @@ class Screen:
         Raises:
             ScreenFileError: the JSON or the arrays do not match their recorded SHA-256, or a file is missing.
         """
-        return load_screen(cls, directory)
+        config, state = read_screen(directory)
+        screen = cls(**config)
+        screen._set_fitted(state)
+        return screen
