@@ -279,3 +279,38 @@ def test_missing_image_and_dicom_series_directory(tmp_path):
     assert saved.shape == tuple(res.raw_image.shape[1:]) and sorted(saved.shape) == [8, 16, 18]
     np.testing.assert_allclose(saved.affine, np.asarray(res.raw_image.affine), atol=1e-4)
     assert sorted(np.round(np.abs(np.diag(saved.affine[:3, :3])), 3)) == [0.8, 0.9, 1.5]
+
+
+def test_observation_settings_and_the_screen_refusal():
+    """The preprocessing hash follows every setting of the transforms; a screen refuses observations made with
+    settings it was not fitted with, naming both."""
+    from monai_gamverify.apps.pipeline import preprocessing_hash, simple_preprocessing
+    from monai_gamverify.screening import Screen
+
+    assert preprocessing_hash(simple_preprocessing(3, -1000, 2000)) == preprocessing_hash(
+        simple_preprocessing(3, -1000, 2000)
+    )
+    assert preprocessing_hash(simple_preprocessing(3, -1000, 2000)) != preprocessing_hash(
+        simple_preprocessing(3, -1000, 1500)
+    )
+    pipe = ImagePipeline.from_network(_net(), "res4", device="cpu", a_min=-1000, a_max=2000)
+    fitted = pipe.observation_settings()
+    assert (
+        fitted["reader"] == "default" and fitted["slice_axis"] is None and fitted["class_policy"] == "predicted class"
+    )
+    screen = Screen(cam_layer="res4")
+    screen.observation_ = fitted
+    screen.check_settings(fitted)
+    other = ImagePipeline.from_network(_net(), "res4", device="cpu", a_min=-1000, a_max=1500).observation_settings()
+    with pytest.raises(ValueError, match=r"preprocessing '[0-9a-f]{16}' \(the screen was fitted with '[0-9a-f]{16}'\)"):
+        screen.check_settings(other)
+    with pytest.raises(ValueError, match=r"slice_axis 2 \(the screen was fitted with None\)"):
+        screen.check_settings({**fitted, "slice_axis": 2})
+    # without the attention detector, the CAM layer, method and class do not change the screen's evidence
+    no_attention = Screen(cam_layer=None)
+    no_attention.observation_ = fitted
+    no_attention.check_settings({**fitted, "method": "scorecam", "layer": "res2", "class_policy": "output 1"})
+    with pytest.raises(ValueError, match="method 'scorecam'"):
+        screen.check_settings({**fitted, "method": "scorecam"})
+    screen.observation_ = None  # a screen of an earlier version records no settings: not checked
+    screen.check_settings(other)

@@ -191,7 +191,6 @@ def fit_screen(
     if screen.window is None:  # one histogram range for every image: from the fit images as read
         screen.set_histogram_range(engine.load(e["image"])[0] for e in fit_items)
 
-
     def observe(items: list[dict]) -> list[Any]:
         out = []
         for e in items:

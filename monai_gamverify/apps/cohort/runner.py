@@ -299,7 +299,7 @@ def run_cohort(
     network_args: Mapping[str, Any] | str | None = None,
     checkpoint: str | os.PathLike | None = None,
     layer: str | None = None,
-    method: str = "gradcam",
+    method: str | None = None,
     preprocessing: Callable[[dict], dict] | None = None,
     a_min: float | None = None,
     a_max: float | None = None,
@@ -342,7 +342,7 @@ def run_cohort(
         network_args: keyword arguments of a named network (dict or JSON).
         checkpoint: weights file (``torch.load(weights_only=True)``); bundle default ``models/model.pt``.
         layer: CAM target layer (the engine's ``target_layers``; default: the bundle's declared layer).
-        method: ``gradcam``, ``gradcampp`` or ``scorecam``.
+        method: ``gradcam``, ``gradcampp`` or ``scorecam`` (default: the bundle's ``cam_method``, else Grad-CAM).
         preprocessing: dictionary transform replacing the default one (invertible for ``invert``).
         a_min: with ``a_max``, intensity window of the default preprocessing, mapped to [0, 1].
         a_max: see ``a_min``.
@@ -422,7 +422,8 @@ def run_cohort(
                 raise ValueError("no CAM target layer: pass layer= (names as in model.named_modules())")
             args = _json_arg(network_args, "network_args") if isinstance(network, str) else None
             engine = ImagePipeline.from_network(network, layer, network_args=args, checkpoint=checkpoint, a_min=a_min,
-                                                a_max=a_max, spatial_dims=spatial_dims, **common)  # fmt: skip
+                                                a_max=a_max, spatial_dims=spatial_dims,
+                                                **{**common, "method": method or "gradcam"})  # fmt: skip
             config.update(network=network if isinstance(network, str) else type(network).__name__, network_args=args)
         seg_labels = None
         if engine.bundle is not None and engine.bundle.task == "segmentation" and engine.slice_axis is None:
@@ -436,6 +437,7 @@ def run_cohort(
             raise ValueError("labels= is for segmentation bundles; this model is a classifier")
         engine.check_screen("classification" if seg_labels is None else "segmentation")
         config.update(
+            method=engine.method,
             segmentation_labels=None if seg_labels is None else [list(t) for t in seg_labels],
             layer=engine.target_layers,
             class_names=list(class_names or []) if bundle_root is None else engine.class_names,

@@ -28,6 +28,8 @@ def _describe(obj: Any, depth: int = 0) -> Any:
     """A JSON-able description of a transform: its class and its simple settings (nested transforms too)."""
     if isinstance(obj, _SIMPLE):
         return obj
+    if isinstance(obj, type | torch.dtype | np.dtype):  # float32 vs float16 matters
+        return str(obj)
     if isinstance(obj, (list, tuple)):
         return [_describe(v, depth + 1) for v in obj] if depth < 6 else "..."
     if isinstance(obj, Mapping):
