@@ -519,7 +519,9 @@ def run_cohort(
                     write_json({**rec, "config_hash": config_hash}, out / "errors" / f"{item['id']}.json")
                     errors.append(rec)
                     continue
-                if len(waiting) >= batch:
+                # a full batch, or an idle writer thread: it never waits while items do (no unoverlapped tail of a
+                # whole batch at the end); under load the batches fill up (one vectorised call each)
+                if len(waiting) >= batch or (pool is not None and all(f.done() for f in queue)):
                     flush()
             flush()
             while queue:

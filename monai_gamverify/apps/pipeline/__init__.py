@@ -12,10 +12,12 @@ One image goes through these steps, each a method of :class:`ImagePipeline`:
 1. :meth:`~ImagePipeline.load`: read the file (a DICOM series directory too) with the preprocessing's own loading
    transforms, then the rest of the preprocessing (a bundle's inference ``preprocessing``, or for a network given by
    name: channel first, checks, optional intensity window);
-2. :meth:`~ImagePipeline.explain`: ONE forward and backward pass giving the logits and the raw CAM of the explained
-   class (a 2D network on a volume: slice by slice, ``SliceAggregateInferer`` / ``SliceCAMd``), the attribution
-   energy of the raw map, the normalised map, the K+1 garbage rejection (``RejectGarbaged``'s rule) and, with a
-   ``screen``, the in-distribution test on the activations recorded during that same forward pass;
+2. :meth:`~ImagePipeline.observe`: ONE forward (+ backward) pass giving the logits, the raw CAM of the explained
+   class or label and the features recorded on the way (a 2D network on a volume: slice by slice,
+   ``SliceAggregateInferer`` / ``SliceCAMd``; a segmentation bundle: one no-grad pass through its inferer, then
+   Seg-Grad-CAM); :meth:`~ImagePipeline.explain` / :meth:`~ImagePipeline.result` add the attribution energy, the
+   normalised map, the K+1 garbage rejection (``RejectGarbaged``'s rule) and, with a ``screen``, its answer on that
+   observation (``screen.score(observation)``: statistics only, no second pass);
 3. :meth:`~ImagePipeline.verify`: the similarity features of a batch of maps against the reference map in one
    ``similarity_metrics`` call, the verifier's P(suitable) in one forest call, and the verdicts;
 4. :meth:`~ImagePipeline.on_input_grid` / :meth:`~ImagePipeline.write`: the map back on the input's grid (the one
@@ -34,6 +36,7 @@ Example:
     >>> result = pipe.run("case_001.nii.gz", out_dir="out", name="case_001_gradcam")
     >>> result.prediction_name, result.energy, result.files["map"]
     ('stage3', 1234.5, 'out/case_001_gradcam.nii.gz')
+    >>> obs = pipe.observe("case_001.nii.gz")  # the evidence alone: obs.logits, obs.cam, obs.cam_input, obs.features
 """
 
 from __future__ import annotations
