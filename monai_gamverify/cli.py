@@ -144,7 +144,7 @@ def screen_fit(
 ) -> str:
     """Fit an in-distribution screen for a bundle's model: detectors on the datalist's training list, conformal
     calibration on its validation list and ``--calibration_dirs`` (images the model never saw); see
-    ``monai_gamverify.screening.fit_screen`` and docs/screening.md.
+    ``monai_gamverify.apps.screening.fit_screen`` and docs/screening.md.
 
     Example:
         gamverify screen fit --bundle_root bundles/sos_staging --dataset_dir data/sos --out screen --alpha 0.05
@@ -177,13 +177,15 @@ def screen_run(screen: str, images: Any, out: str = "screen_out", device: str | 
         else:
             paths.append(p)
     df = run_screen(screen, paths, out, device=device, **kwargs)
-    n_out = int((~df["in_distribution"].astype(bool)).sum())
     d = df.attrs["dataset"]
+    errors = f", {len(d['errors'])} could not be screened (column error)" if d["errors"] else ""
+    head = f"{d['n']} image(s) screened, {d['n_rejected']} out of distribution{errors}; table: {out}/screen.csv"
+    if not d["n"]:
+        return head
     like = "like" if d["like_training_data"] else "NOT like"
     return (
-        f"{len(df)} image(s) screened, {n_out} out of distribution; table: {out}/screen.csv\n"
-        f"as one dataset: {like} the model's training data ({d['n_rejected']}/{d['n']} rejected, an in-distribution "
-        f"dataset shows {100 * d['expected_rate']:.0f} % on average; p = {d['p_value']:.3g})"
+        f"{head}\nas one dataset: {like} the model's training data ({d['n_rejected']}/{d['n']} rejected, an "
+        f"in-distribution dataset shows {100 * d['expected_rate']:.0f} % on average; p = {d['p_value']:.3g})"
     )
 
 

@@ -586,6 +586,11 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path, monkeypatch):
         json.loads((tmp_path / "out3" / "screen_summary.json").read_text())["errors"][1]["error"]
         == "RuntimeError: boom"
     )
+    from monai_gamverify import cli
+
+    said = cli.screen_run(str(tmp_path / "screen"), [str(paths[0]), str(broken)], out=str(tmp_path / "out4"))
+    assert said.startswith("1 image(s) screened, 0 out of distribution, 1 could not be screened (column error)")
+    assert "as one dataset: like the model's training data (0/1 rejected" in said
     # the same screen wired into the engine (`gamverify cam --screen`): the same p-values from the CAM's own forward
     # pass, and a constant volume is "out of distribution" before any model verdict
     from monai_gamverify import cli

@@ -1,5 +1,5 @@
 """The demo's in-distribution screen: fitted for the SOS reference model, run on SOS test, chin, CVM and noise
-volumes (``screening.fit_screen`` / ``run_screen``), with pictures of rejected inputs for the report."""
+volumes (``apps.screening.fit_screen`` / ``run_screen``), with pictures of rejected inputs for the report."""
 
 from __future__ import annotations
 
