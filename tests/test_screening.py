@@ -593,8 +593,6 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path, monkeypatch):
     assert "as one dataset: like the model's training data (0/1 rejected" in said
     # the same screen wired into the engine (`gamverify cam --screen`): the same p-values from the CAM's own forward
     # pass, and a constant volume is "out of distribution" before any model verdict
-    from monai_gamverify import cli
-
     kw = dict(bundle_root=str(SOS), overrides=json.dumps(TINY), checkpoint=str(ckpt), screen=str(tmp_path / "screen"))
     ok = cli.cam(str(tmp_path / "sos_new.nii.gz"), out=str(tmp_path / "cam"), **kw)
     assert ok["in_distribution"] is True and ok["verdict"] != "out of distribution"
