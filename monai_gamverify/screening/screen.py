@@ -222,7 +222,9 @@ class Screen:
         early = list(bundle.feature_layers) or list(getattr(bundle.network, "feature_layers", ()))
         image_fmt = bundle.metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
         modality = "CT" if str(image_fmt.get("format", "")).lower() == "hounsfield" else image_fmt.get("modality")
-        cam_method = bundle.parser.get_parsed_content("cam_method") if "cam_method" in bundle.parser else "gradcam"
+        # the engine's rule (ImagePipeline.from_bundle): the config's cam_method, else the metadata's, else Grad-CAM
+        cam_method = bundle.parser.get_parsed_content("cam_method") if "cam_method" in bundle.parser else None
+        cam_method = cam_method or bundle.metadata.get("gamverify", {}).get("cam_method") or "gradcam"
         roi = bundle.parser.get_parsed_content("roi_size") if "roi_size" in bundle.parser else None
         if roi is None and seg:  # model-zoo segmentation bundles declare the window size of their inferer
             roi = declared_input(bundle.metadata, bundle.parser)[1]

@@ -1,4 +1,9 @@
-"""The single-image engine :class:`ImagePipeline` (see :mod:`monai_gamverify.apps.pipeline`)."""
+"""The single-image engine :class:`ImagePipeline` (see :mod:`monai_gamverify.apps.pipeline`).
+
+Over 500 lines because it is the one engine every route shares: construction from a bundle or a network, the read,
+the observation (its strategies are in :mod:`~monai_gamverify.apps.pipeline.strategies`), the per-image rules, the
+batched features and verdicts, the files. Splitting these would spread one image's path over several modules.
+"""
 
 from __future__ import annotations
 
@@ -26,25 +31,20 @@ from monai_gamverify.apps.pipeline.result import (
     plain,
     simple_preprocessing,
 )
+from monai_gamverify.apps.pipeline.strategies import WholeInput, choose_strategy
 from monai_gamverify.bundle import BundleModel, geometry_problems, load_bundle, load_checkpoint, network_from_name
 from monai_gamverify.energy.attribution import attribution_energy
-from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
-from monai_gamverify.inferers import is_sliding_window
+from monai_gamverify.energy.workflow import SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
 from monai_gamverify.kplus1 import RejectGarbaged, find_classifier_head
 from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.screening import Screen
-from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
-from monai_gamverify.visualize.hooks import preserved_state
+from monai_gamverify.screening.recorder import FeatureRecorder
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.registry import cam_method, make_cam
 from monai_gamverify.visualize.segcam import (
-    box_mask,
-    bundle_activation,
     default_segmentation_label,
     label_index,
-    predicted_mask,
-    segmentation_cam,
 )
 
 __all__ = ["ImagePipeline"]
@@ -474,107 +474,14 @@ class ImagePipeline:
             check(obs.settings)
         if not forward:
             return obs
-        sliced = self.slicer is not None and x.ndim == 4  # (C, D, H, W) volume for a 2D network
-        if self.spatial_dims is not None and not sliced and task != "segmentation" and x.ndim - 1 != self.spatial_dims:
+        strategy = choose_strategy(self, x)
+        if self.spatial_dims is not None and isinstance(strategy, WholeInput) and x.ndim - 1 != self.spatial_dims:
             raise ValueError(
                 f"the network takes {self.spatial_dims}D inputs but the preprocessing gives {x.ndim - 1}D images "
                 f"({tuple(x.shape)})"
             )
-        xb = x.unsqueeze(0).to(self.device, dtype=torch.float32)
-        if task == "segmentation":
-            self._observe_segmentation(obs, xb, class_idx, box, cam)
-        elif sliced:
-            self._observe_slices(obs, xb, class_idx, cam)
-        else:
-            self._observe_whole(obs, xb, class_idx, cam)
+        strategy.observe(self, obs, x.unsqueeze(0).to(self.device, dtype=torch.float32), class_idx, box, cam)
         return obs
-
-    def _names(self, obs: Observation) -> None:
-        obs.class_names = self.names_for(int(obs.logits.numel())) if obs.task == "classification" else obs.class_names
-
-    def _observe_whole(self, obs: Observation, xb: torch.Tensor, class_idx: int | None, cam: bool) -> None:
-        """A network taking the whole input: the CAM's own forward pass gives logits and recorded features."""
-        with torch.inference_mode(False), torch.enable_grad(), self._recorder() as rec:
-            if cam:
-                res = self.cam.explain(xb, class_idx=class_idx, normalize=False)
-                raw_map, logits, explained = plain(res.maps), res.logits.float()[0], int(res.class_idx[0])
-            else:
-                with preserved_state(self.network), torch.no_grad():
-                    logits = plain(self.network(plain(xb))).float()[0]
-        obs.features = self._pooled(rec.activations)
-        obs.logits = logits.detach().cpu()
-        self._names(obs)
-        if cam:
-            obs.explained = [explained]
-            obs.raw_maps = {obs.class_names[explained]: raw_map[0].detach().cpu()}
-
-    def _observe_slices(self, obs: Observation, xb: torch.Tensor, class_idx: int | None, cam: bool) -> None:
-        """A 2D network on a volume: outputs (and recorded features) averaged over the slices, maps stacked back
-        into a volume (``SliceAggregateInferer`` / ``SliceCAMd``)."""
-        with torch.inference_mode(False), self._recorder("mean") as rec, preserved_state(self.network), torch.no_grad():
-            logits = SliceAggregateInferer(spatial_dim=self.slice_axis)(xb, self.network).float()[0]
-        obs.features = self._pooled(rec.activations)
-        obs.logits = logits.detach().cpu()
-        self._names(obs)
-        if not cam:
-            return
-        explained = int(logits.argmax()) if class_idx is None else int(class_idx)
-        if not 0 <= explained < logits.numel():
-            raise ValueError(f"class_idx {class_idx} out of range for {logits.numel()} outputs")
-        self.slicer.column = explained
-        with torch.inference_mode(False), torch.enable_grad():
-            raw_map = self.slicer.maps(xb[0])
-        obs.explained = [explained]
-        obs.raw_maps = {obs.class_names[explained]: raw_map.detach().cpu()}
-
-    def _observe_segmentation(self, obs: Observation, xb: torch.Tensor, labels: Any, box: Any, cam: bool) -> None:
-        """Seg-Grad-CAM through the bundle's inferer: one no-grad pass (logits, predicted masks, features averaged
-        over the inferer's windows), then each label's map of the sum of its logits over its mask (or ``box``)."""
-        bm = self.bundle
-        inferer = bm.inferer() if "inferer" in bm.parser else None
-        sliding = is_sliding_window(inferer)
-        act = bundle_activation(bm)
-        names = list(bm.class_names)
-        px = plain(xb)
-        with torch.inference_mode(False), self._recorder("mean") as rec, preserved_state(self.network), torch.no_grad():
-            logits = plain(inferer(px, self.network) if sliding or inferer is not None else self.network(px))
-        obs.features = self._pooled(rec.activations)
-        obs.logits = logits.detach().float().cpu()[0]
-        obs.class_names = names
-        todo = (
-            labels
-            if isinstance(labels, (list, tuple))
-            else [default_segmentation_label(bm) if labels is None else labels]
-        )
-        for lab in todo:
-            idx = label_index(lab, names)
-            if not 0 <= idx < logits.shape[1]:
-                raise ValueError(f"label {idx} out of range for a network with {logits.shape[1]} output channels")
-            label_name = names[idx] if idx < len(names) else str(idx)
-            mask = predicted_mask(logits, idx, act)
-            obs.predicted_voxels[label_name] = int(mask.sum())
-            obs.explained.append(idx)
-            if not cam:
-                continue
-            region = box_mask(tuple(xb.shape[2:]), box, 1).to(xb.device) if box is not None else mask
-            if not bool(region.any()):
-                logger.warning("label %s: %s: its map is zero", label_name,
-                               "empty box" if box is not None else "not predicted anywhere")  # fmt: skip
-            with torch.inference_mode(False), torch.enable_grad():
-                maps, _ = segmentation_cam(
-                    self.network, xb, self.target_layers, idx, inferer=inferer, mask=region, normalize=False,
-                    activation=act, class_names=names, cam=self.cam,
-                )  # fmt: skip
-            obs.raw_maps[label_name] = plain(maps)[0].detach().float().cpu()
-
-    @staticmethod
-    def _pooled(acts: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Recorded activations as 1D float64 arrays (pooled early layers (2C,), the head's input (D,))."""
-        out = {}
-        for k, v in acts.items():
-            t = torch.as_tensor(v).detach().double().cpu()
-            out[k] = t.reshape(1, -1)[0].numpy() if k == PENULTIMATE else t.reshape(-1).numpy()
-        return out
 
     def _inverse(self, cam: torch.Tensor, x: Any) -> tuple[torch.Tensor, Any]:
         return self.on_input_grid(SimpleNamespace(cam=cam, input=x))
