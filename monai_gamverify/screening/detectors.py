@@ -282,17 +282,23 @@ def conformal_pvalues(
     return np.where(np.isnan(s), np.nan, p)
 
 
+_TINY = float(np.finfo(np.float64).tiny)
+
+
 def tail_extended(p: Any, beyond: Any, t: Any, t_max: Any, scale: float) -> np.ndarray:
     """Rank p-values with an exponential tail beyond the calibration set: where ``beyond`` (the statistic ``t``
     exceeds every calibration statistic, largest ``t_max``), ``p * exp(-(t - t_max) / scale)``; elsewhere ``p``.
 
+    The result stays above 0 (the smallest positive float): ``p = 0`` is kept for hard failures.
+
     Example:
         >>> tail_extended(np.array([0.05, 0.05]), np.array([True, True]), np.array([3.0, 30.0]), 2.0, 2.0)
-        array([3.03265330e-02, 4.15880036e-08])
+        array([3.0326533e-02, 4.1576436e-08])
     """
     p = np.asarray(p, dtype=np.float64)
     excess = np.clip(np.nan_to_num(np.asarray(t, dtype=np.float64) - t_max, nan=0.0), 0.0, None)
-    return np.where(np.asarray(beyond, dtype=bool), p * np.exp(-excess / float(scale)), p)
+    tail = np.maximum(p * np.exp(-excess / float(scale)), _TINY)  # > 0: p = 0 means a hard failure
+    return np.where(np.asarray(beyond, dtype=bool), tail, p)
 
 
 def bonferroni(pvalues: Any, axis: int = -1) -> np.ndarray:
