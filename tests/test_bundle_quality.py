@@ -331,7 +331,7 @@ def test_screen_fit_and_run_on_the_slice_wise_bundle(tmp_path):
     from monai_gamverify.apps.screening import fit_screen, run_screen
     from monai_gamverify.bundle import load_bundle
 
-    make_cohort("quality", n=32, size=32, seed=1, out_dir=tmp_path / "q", progress=False)
+    make_cohort("quality", n=24, size=32, seed=1, out_dir=tmp_path / "q", progress=False)
     tiny = {"image_size": 16, "networks#small_cnn#width": 4}
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
