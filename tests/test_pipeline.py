@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_gamverify.apps.pipeline import ImagePipeline, decide_verdict
+from monai_gamverify.apps.pipeline import ImagePipeline, PreprocessingError, decide_verdict
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.energy import SliceAggregateInferer, SliceCAMd, attribution_energy
 from monai_gamverify.io.grid import invert_to_input
@@ -245,24 +245,42 @@ def test_batched_features_equal_one_call_per_map(tmp_path):
 
 
 def test_missing_image_and_dicom_series_directory(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
 
     net = _net()
     pipe = ImagePipeline.from_network(net, "res4", device="cpu")
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         pipe.run(tmp_path / "nope.nii.gz")
-    series, study = generate_uid(), generate_uid()
+    study = generate_uid()
     vol = (_volume((8, 16, 18)) * 100 + 1000).astype(np.uint16)  # 8 slices of 16 x 18
     d = tmp_path / "series"
     d.mkdir()
+    write_series(d, generate_uid(), study, vol)
+    res = pipe.run(d, tmp_path / "out", name="series")  # a directory: not refused by an is_file() check
+    saved = nib.load(res.files["map"])
+    assert saved.shape == tuple(res.raw_image.shape[1:]) and sorted(saved.shape) == [8, 16, 18]
+    np.testing.assert_allclose(saved.affine, np.asarray(res.raw_image.affine), atol=1e-4)
+    assert sorted(np.round(np.abs(np.diag(saved.affine[:3, :3])), 3)) == [0.8, 0.9, 1.5]
+    # two series in one folder: refused (io.load_image's policy), never the first one ITK happens to list
+    pytest.importorskip("itk")
+    write_series(d, generate_uid(), study, vol, prefix="t")
+    with pytest.raises(PreprocessingError, match="holds 2 DICOM series"):
+        pipe.observe(d)
+
+
+def write_series(d: Path, series: str, study: str, vol: np.ndarray, prefix: str = "s") -> None:
+    """One DICOM file per slice of ``vol`` in ``d`` (pydicom), series ``series``."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     for k in range(vol.shape[0]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(d / f"s{k:02d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds = FileDataset(str(d / f"{prefix}{k:02d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
         ds.Rows, ds.Columns = vol.shape[1], vol.shape[2]
@@ -273,12 +291,7 @@ def test_missing_image_and_dicom_series_directory(tmp_path):
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = vol[k].tobytes()
-        ds.save_as(str(d / f"s{k:02d}.dcm"), enforce_file_format=True)
-    res = pipe.run(d, tmp_path / "out", name="series")  # a directory: not refused by an is_file() check
-    saved = nib.load(res.files["map"])
-    assert saved.shape == tuple(res.raw_image.shape[1:]) and sorted(saved.shape) == [8, 16, 18]
-    np.testing.assert_allclose(saved.affine, np.asarray(res.raw_image.affine), atol=1e-4)
-    assert sorted(np.round(np.abs(np.diag(saved.affine[:3, :3])), 3)) == [0.8, 0.9, 1.5]
+        ds.save_as(str(d / f"{prefix}{k:02d}.dcm"), enforce_file_format=True)
 
 
 def test_observation_settings_and_the_screen_refusal():

@@ -36,6 +36,7 @@ from monai_gamverify.bundle import BundleModel, geometry_problems, load_bundle, 
 from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.energy.workflow import SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
+from monai_gamverify.io.dicom import dicom_series
 from monai_gamverify.kplus1 import RejectGarbaged, find_classifier_head
 from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.screening import Screen
@@ -326,6 +327,17 @@ class ImagePipeline:
                 raise FileNotFoundError(f"image file not found: {p}")
             raw, name = None, str(p)
             data["image"] = str(p)
+            if p.is_dir():  # the policy of io.load_image: a folder of several DICOM series is ambiguous, refuse it
+                try:
+                    series = dicom_series(p)
+                except ImportError:  # no ITK: the bundle's reader decides (and names its own error)
+                    series = {}
+                if len(series) > 1:
+                    raise PreprocessingError(
+                        name,
+                        f"the directory holds {len(series)} DICOM series {sorted(series)}: give the directory of one "
+                        "series (io.load_image(path, series_uid=...) reads one of several)",
+                    )
         try:
             if raw is None and self._rest is None:
                 return None, self._check(self.preprocessing(data)["image"], name)
