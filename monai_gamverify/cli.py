@@ -98,7 +98,7 @@ def cam(
         label: segmentation bundles: the label to explain, by name (the bundle's ``channel_def``) or output channel
             index; the target is the sum of its logits over its predicted mask (Seg-Grad-CAM), explained through the
             bundle's inferer (a ``SlidingWindowInferer`` explains window by window). Default for a segmentation
-            bundle: channel 1.
+            bundle: its first foreground channel (``segcam.default_segmentation_label``).
         box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
         screen: a saved in-distribution screen (``gamverify screen fit``): the summary gets ``in_distribution``,
             ``p_value`` and ``reasons``, and the verdict is ``out of distribution`` before any model verdict.
@@ -111,10 +111,10 @@ def cam(
     from monai_gamverify.apps.pipeline import ImagePipeline, image_stem
     from monai_gamverify.visualize.registry import cam_method
 
-    method = cam_method(method) if method else None  # None: the bundle's cam_method (gradcam for a named network)
+    method = None if method is None else cam_method(method)
     options = {k: v for k, v in (("top_k", top_k), ("max_memory_mb", max_memory_mb)) if v is not None}
-    if options and method != "scorecam":
-        raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; give --method scorecam (got {method})")
+    if options and method not in (None, "scorecam"):
+        raise ValueError(f"--top_k / --max_memory_mb are Score-CAM options; --method is {method}")
     if bundle_root is not None:
         extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
         pipe = ImagePipeline.from_bundle(
@@ -131,7 +131,7 @@ def cam(
             from monai_gamverify.apps.pipeline.segmentation import explain_segmentation
 
             region = json.loads(box) if isinstance(box, str) else box
-            seg = explain_segmentation(pipe, image, out, 1 if label is None else label, box=region)
+            seg = explain_segmentation(pipe, image, out, label, box=region)
             print(f"{image_stem(image)}: {pipe.method} map of label {seg['label']} ({seg['predicted_voxels']} voxels "
                   f"predicted) at {pipe.target_layers} -> {seg['map']}")  # fmt: skip
             if seg.get("in_distribution") is False:
@@ -149,7 +149,8 @@ def cam(
     else:
         raise ValueError("give --bundle_root or --network")
     pipe.check_screen("classification")
-    result = pipe.run(image, out, name=f"{image_stem(image)}_{pipe.method}", class_idx=class_idx)
+    method = pipe.method
+    result = pipe.run(image, out, name=f"{image_stem(image)}_{method}", class_idx=class_idx)
     summary = pipe.summary(result)
     probs = result.probabilities
     print(
@@ -181,7 +182,7 @@ def screen_fit(
 ) -> str:
     """Fit an in-distribution screen for a bundle's model: detectors on the datalist's training list, conformal
     calibration on its validation list and ``--calibration_dirs`` (images the model never saw); see
-    ``monai_gamverify.screening.fit_screen`` and docs/screening.md.
+    ``monai_gamverify.apps.screening.fit_screen`` and docs/screening.md.
 
     Args:
         bundle_root: the MONAI bundle directory.
@@ -204,7 +205,7 @@ def screen_fit(
     Example:
         gamverify screen fit --bundle_root bundles/sos_staging --dataset_dir data/sos --out screen --alpha 0.05
     """
-    from monai_gamverify.screening import fit_screen
+    from monai_gamverify.apps.screening import fit_screen
 
     if isinstance(overrides, str):
         overrides = json_dict(overrides, "--overrides")
@@ -251,8 +252,8 @@ def screen_run(
         gamverify screen run --screen screen --images a.nii.gz dicom_dir --out screen_out
         gamverify screen run --screen screen --images new_site_scans/ --out screen_out   # a folder: one dataset
     """
+    from monai_gamverify.apps.screening import run_screen
     from monai_gamverify.data.datalist import list_images
-    from monai_gamverify.screening import run_screen
 
     paths: list[str] = []
     for p in as_list(images):  # a folder: its image files and DICOM series (a folder of DICOM slices alone: one series)
@@ -261,13 +262,15 @@ def screen_run(
         else:
             paths.append(p)
     df = run_screen(screen, paths, out, device=device, on_error=on_error)
-    n_out = int((~df["in_distribution"].astype(bool)).sum())
     d = df.attrs["dataset"]
+    errors = f", {len(d['errors'])} could not be screened (column error)" if d["errors"] else ""
+    head = f"{d['n']} image(s) screened, {d['n_rejected']} out of distribution{errors}; table: {out}/screen.csv"
+    if not d["n"]:
+        return head
     like = "like" if d["like_training_data"] else "NOT like"
     return (
-        f"{len(df)} image(s) screened, {n_out} out of distribution; table: {out}/screen.csv\n"
-        f"as one dataset: {like} the model's training data ({d['n_rejected']}/{d['n']} rejected, an in-distribution "
-        f"dataset shows {100 * d['expected_rate']:.0f} % on average; p = {d['p_value']:.3g})"
+        f"{head}\nas one dataset: {like} the model's training data ({d['n_rejected']}/{d['n']} rejected, an "
+        f"in-distribution dataset shows {100 * d['expected_rate']:.0f} % on average; p = {d['p_value']:.3g})"
     )
 
 

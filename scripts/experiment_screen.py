@@ -41,20 +41,14 @@ from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter
 
 from monai_gamverify.apps.demo import MODELS, bundles_dir, demo_settings, shipped_weights
+from monai_gamverify.apps.pipeline import PreprocessingError
+from monai_gamverify.apps.screening import fit_screen, screen_engine, screen_record
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.data.synthetic import generate, make_cohort
 from monai_gamverify.io import write_csv
 from monai_gamverify.metrics.ood import energy_score, msp_score, ood_metrics
-from monai_gamverify.screening import (
-    DETECTORS,
-    PENULTIMATE,
-    FeatureRecorder,
-    conformal_pvalues,
-    fit_screen,
-    preprocessing_after_loading,
-    read_image,
-)
+from monai_gamverify.screening import DETECTORS, PENULTIMATE, FeatureRecorder, conformal_pvalues
 from monai_gamverify.visualize.hooks import preserved_state
 
 NEAR = ("chin", "cvm", "quality", "sos_rot30", "sos_1mm")
@@ -189,16 +183,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             device="cpu",
         )
         models[key] = load_bundle(root, checkpoint=weights[name], device="cpu", overrides=spec["overrides"])
-    pre = preprocessing_after_loading(models["ref"])
+    engines = {key: screen_engine(models[key], screens[key], "cpu") for key in models}  # read + preprocess + observe
+
+    def pre_of(item):  # the bundle's preprocessing of a path or an image as read, by the engine
+        return engines["ref"].load(item)[1]
+
     roi = list(models["ref"].parser.get_parsed_content("roi_size"))
     # calibration scores of the single baselines: the same calibration images as the screen of their model
     cal = {"msp": [], "energy": [], "kplus1": []}
     for i in screens["ref"].calibration_index_:
-        lg, _ = _baseline_logits(models["ref"].network, pre(read_image(cal_paths[i])), roi)
+        lg, _ = _baseline_logits(models["ref"].network, pre_of(cal_paths[i]), roi)
         cal["msp"].append(-float(msp_score(torch.as_tensor(lg[None]))[0]))
         cal["energy"].append(-float(energy_score(torch.as_tensor(lg[None]))[0]))
     for i in screens["kplus1"].calibration_index_:
-        lg, _ = _baseline_logits(models["kplus1"].network, pre(read_image(cal_paths[i])), roi)
+        lg, _ = _baseline_logits(models["kplus1"].network, pre_of(cal_paths[i]), roi)
         cal["kplus1"].append(float(torch.softmax(torch.as_tensor(lg), 0)[screens["kplus1"].garbage_index]))
     cal["mahalanobis"] = list(screens["ref"].cal_scores_[:, DETECTORS.index("maha_penultimate")])
     rows = []
@@ -207,19 +205,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for name, item in items:
             row: dict = {"source": source, "image": name}
             try:
-                raw = read_image(item) if isinstance(item, str) else item
-            except (FileNotFoundError, ValueError) as err:
+                x = pre_of(item)
+            except PreprocessingError as err:  # the baselines cannot score what the bundle's preprocessing refuses
+                x = None
+                if err.raw_image is None:  # not readable at all
+                    row.update(error=str(err), screen_ref=np.inf, screen_kplus1=np.inf, screen_ref_reject=True)
+                    row.update(screen_kplus1_reject=True, reasons=str(err))
+                    rows.append(row)
+                    continue
+            except FileNotFoundError as err:
                 row.update(error=str(err), screen_ref=np.inf, screen_kplus1=np.inf, screen_ref_reject=True)
                 row.update(screen_kplus1_reject=True, reasons=str(err))
                 rows.append(row)
                 continue
-            try:
-                x = pre(raw)
-            except Exception:  # the baselines cannot score what the bundle's preprocessing refuses
-                x = None
             for key in ("ref", "kplus1"):
                 bm, scr = models[key], screens[key]
-                res = scr.score_observations([scr.observe_image(bm.network, raw, pre)])[0]
+                res = scr.score_observations([screen_record(engines[key], scr, item)])[0]
                 stat = res["statistic"] if np.isfinite(res["statistic"]) else np.inf
                 row[f"screen_{key}"] = stat
                 row[f"screen_{key}_reject"] = not res["in_distribution"]

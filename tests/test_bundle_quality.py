@@ -323,3 +323,23 @@ def test_multi_gpu_config_torchrun_gloo_cpu(trained, cohort, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # DDP unwrapped when saved
+
+
+def test_screen_fit_and_run_on_the_slice_wise_bundle(tmp_path):
+    """`gamverify screen fit` on the shipped cbct_quality bundle (a 2D regressor applied slice by slice, list labels):
+    the engine observes whole volumes (features averaged over the slices), one class, and the screen runs."""
+    from monai_gamverify.apps.screening import fit_screen, run_screen
+    from monai_gamverify.bundle import load_bundle
+
+    make_cohort("quality", n=24, size=32, seed=1, out_dir=tmp_path / "q", progress=False)
+    tiny = {"image_size": 16, "networks#small_cnn#width": 4}
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    torch.save(load_bundle(BUNDLE, overrides=tiny, require_weights=False).network.state_dict(), tmp_path / "w.pt")
+    screen = fit_screen(BUNDLE, tmp_path / "q", tmp_path / "screen", tiny, alpha=0.2, checkpoint=tmp_path / "w.pt",
+                        calibration_splits=["validation", "test"])  # fmt: skip
+    assert screen.spatial_dims == 3 and screen.observation_["slice_axis"] == 2 and screen.n_cal_ >= 4
+    assert {"maha_penultimate", "knn_early", "attention"} <= set(screen.detectors)
+    items = json.loads((tmp_path / "q" / "datalist.json").read_text())["test"][:2]
+    df = run_screen(tmp_path / "screen", [str(tmp_path / "q" / e["image"]) for e in items], tmp_path / "run")
+    assert len(df) == 2 and not df["error"].astype(bool).any() and df["p_value"].between(0, 1).all()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_gamverify.apps.pipeline import ImagePipeline, decide_verdict
+from monai_gamverify.apps.pipeline import ImagePipeline, PreprocessingError, decide_verdict
 from monai_gamverify.bundle import load_bundle
 from monai_gamverify.energy import SliceAggregateInferer, SliceCAMd, attribution_energy
 from monai_gamverify.io.grid import invert_to_input
@@ -143,48 +143,25 @@ def test_map_on_input_grid_equals_invertd_and_keeps_the_affine(tmp_path):
     assert nib.load(flat.files["map"]).shape == (16, 16, 16)
 
 
-class _LayerScreen:
-    """A minimal screen: names its layers, records what the engine gives it, answers with a fixed verdict."""
+class _FixedScreen:
+    """A minimal screen (the engine's protocol): names the layers it wants recorded, keeps the observations it is
+    given, answers with a fixed verdict."""
 
-    layers = ["res2"]
+    early_layers = ["res2"]
+    head = "head"
 
     def __init__(self, in_distribution: bool) -> None:
         self.ok, self.calls = in_distribution, []
 
-    def score(self, image, *, tensor, logits, activations, cam):
-        self.calls.append({"image": image, "tensor": tensor, "logits": logits, "acts": activations, "cam": cam})
+    def score(self, observation):
+        self.calls.append(observation)
         return {"in_distribution": self.ok, "p_value": 0.5 if self.ok else 0.001, "reasons": [] if self.ok else ["x"]}
 
 
-class _RecorderScreen(_LayerScreen):
-    """The trust-screen API: ``recorder(network)`` returns a context manager with ``activations``."""
-
-    layers = None
-
-    class _Rec:
-        def __init__(self, net):
-            self.net, self.activations, self.handle = net, {}, None
-
-        def __enter__(self):
-            def hook(m, i, o):
-                self.activations.setdefault("stem", o.detach().clone())
-
-            self.handle = self.net.stem.register_forward_hook(hook)
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.remove()
-
-    def recorder(self, network):
-        return self._Rec(network)
-
-
-@pytest.mark.parametrize("kind", ["layers", "recorder"])
-def test_screen_uses_the_cam_forward_pass_and_decides_first(tmp_path, kind):
+def test_screen_uses_the_cam_forward_pass_and_decides_first(tmp_path):
     net = _net(out=4)
     path = _save(tmp_path, _volume(), AFFINE)
-    layer = "res2" if kind == "layers" else "stem"
-    screen = _LayerScreen(False) if kind == "layers" else _RecorderScreen(False)
+    screen = _FixedScreen(False)
     forwards = []
     handle = net.register_forward_pre_hook(lambda m, i: forwards.append(1))
     try:
@@ -193,17 +170,56 @@ def test_screen_uses_the_cam_forward_pass_and_decides_first(tmp_path, kind):
         res = pipe.run(path)
     finally:
         handle.remove()
-    assert len(forwards) == 1  # the activations come from the CAM's own forward pass
-    call = screen.calls[0]
-    x = call["tensor"].unsqueeze(0)
-    want = record_activations(net, x, layer)[layer]
-    torch.testing.assert_close(call["acts"][layer], want)
-    assert call["image"].shape == (1, 16, 18, 14) and torch.equal(call["cam"], res.cam)
+    assert len(forwards) == 1  # the features come from the CAM's own forward pass
+    obs = screen.calls[0]
+    x = obs.input.unsqueeze(0)
+    want = record_activations(net, x, "res2")["res2"].double().flatten(2)
+    pooled = torch.cat([want.mean(-1), want.std(-1, unbiased=False)], 1)[0].numpy()
+    np.testing.assert_allclose(obs.features["res2"], pooled, rtol=1e-5, atol=1e-7)
+    assert obs.raw_image.shape == (1, 16, 18, 14) and torch.equal(obs.cam, res.cam)
     assert res.in_distribution is False and res.p_value == 0.001 and res.reasons == ["x"]
     assert res.rejected  # K+1 rejects too, but the screen's verdict comes first
     assert res.verdict == "out of distribution"
     screen.ok = True
     assert pipe.run(path).verdict == "rejected"
+
+
+def test_observe_against_independent_references(tmp_path):
+    """ImagePipeline.observe: logits of a plain forward, the raw map of GradCAM, the head input of a hook, the early
+    layer pooled by numpy, the map on the input grid equal to the written NIfTI, the image's affine."""
+    net = _net(out=3)
+    path = _save(tmp_path, _volume(), AFFINE)
+    pipe = ImagePipeline.from_network(net, "res4", device="cpu", feature_layers=["stem"], head="head")
+    obs = pipe.observe(str(path))
+    x = torch.as_tensor(nib.load(str(path)).get_fdata(), dtype=torch.float32)[None, None]
+    with torch.no_grad():
+        logits = net(x)[0]
+    np.testing.assert_allclose(obs.logits.numpy(), logits.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(obs.probabilities.numpy(), logits.softmax(0).numpy(), rtol=1e-5, atol=1e-7)
+    assert obs.prediction == int(logits.argmax()) == obs.explained_class and obs.task == "classification"
+    raw = GradCAM(net, "res4")(x, normalize=False)
+    np.testing.assert_allclose(obs.raw_map.numpy(), raw[0].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(obs.cam.numpy(), normalize_maps(raw)[0].numpy(), atol=1e-6)
+    assert obs.energy == pytest.approx(float(raw.double().sum()), rel=1e-6)
+    heads = []
+    handle = net.head.register_forward_pre_hook(lambda m, i: heads.append(i[0].detach().double()))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(obs.features["penultimate"], heads[0][0].numpy(), rtol=1e-5, atol=1e-7)
+    stem = record_activations(net, x, "stem")["stem"][0].double().numpy().reshape(4, -1)
+    np.testing.assert_allclose(obs.features["stem"], np.r_[stem.mean(1), stem.std(1)], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(obs.affine), nib.load(str(path)).affine)
+    res = pipe.run(path, tmp_path / "out", name="case")  # the written map is the observation's map on the input grid
+    np.testing.assert_allclose(nib.load(res.files["map"]).get_fdata(), obs.cam_input[0].numpy(), atol=1e-6)
+    assert set(obs.settings) == {"reader", "layer", "method", "class_policy", "slice_axis", "preprocessing"}
+    # an item dict and the image as read give the same observation; forward=False reads and preprocesses only
+    again = pipe.observe({"image": str(path)})
+    torch.testing.assert_close(again.logits, obs.logits)
+    bare = pipe.observe(str(path), forward=False)
+    assert bare.logits is None and bare.raw_maps == {} and bare.input.shape == (1, 16, 18, 14)
 
 
 def test_verdict_order():
@@ -229,24 +245,42 @@ def test_batched_features_equal_one_call_per_map(tmp_path):
 
 
 def test_missing_image_and_dicom_series_directory(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    pytest.importorskip("pydicom")
+    from pydicom.uid import generate_uid
 
     net = _net()
     pipe = ImagePipeline.from_network(net, "res4", device="cpu")
     with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
         pipe.run(tmp_path / "nope.nii.gz")
-    series, study = generate_uid(), generate_uid()
+    study = generate_uid()
     vol = (_volume((8, 16, 18)) * 100 + 1000).astype(np.uint16)  # 8 slices of 16 x 18
     d = tmp_path / "series"
     d.mkdir()
+    write_series(d, generate_uid(), study, vol)
+    res = pipe.run(d, tmp_path / "out", name="series")  # a directory: not refused by an is_file() check
+    saved = nib.load(res.files["map"])
+    assert saved.shape == tuple(res.raw_image.shape[1:]) and sorted(saved.shape) == [8, 16, 18]
+    np.testing.assert_allclose(saved.affine, np.asarray(res.raw_image.affine), atol=1e-4)
+    assert sorted(np.round(np.abs(np.diag(saved.affine[:3, :3])), 3)) == [0.8, 0.9, 1.5]
+    # two series in one folder: refused (io.load_image's policy), never the first one ITK happens to list
+    pytest.importorskip("itk")
+    write_series(d, generate_uid(), study, vol, prefix="t")
+    with pytest.raises(PreprocessingError, match="holds 2 DICOM series"):
+        pipe.observe(d)
+
+
+def write_series(d: Path, series: str, study: str, vol: np.ndarray, prefix: str = "s") -> None:
+    """One DICOM file per slice of ``vol`` in ``d`` (pydicom), series ``series``."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     for k in range(vol.shape[0]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(d / f"s{k:02d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds = FileDataset(str(d / f"{prefix}{k:02d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
         ds.Rows, ds.Columns = vol.shape[1], vol.shape[2]
@@ -257,9 +291,39 @@ def test_missing_image_and_dicom_series_directory(tmp_path):
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = vol[k].tobytes()
-        ds.save_as(str(d / f"s{k:02d}.dcm"), enforce_file_format=True)
-    res = pipe.run(d, tmp_path / "out", name="series")  # a directory: not refused by an is_file() check
-    saved = nib.load(res.files["map"])
-    assert saved.shape == tuple(res.raw_image.shape[1:]) and sorted(saved.shape) == [8, 16, 18]
-    np.testing.assert_allclose(saved.affine, np.asarray(res.raw_image.affine), atol=1e-4)
-    assert sorted(np.round(np.abs(np.diag(saved.affine[:3, :3])), 3)) == [0.8, 0.9, 1.5]
+        ds.save_as(str(d / f"{prefix}{k:02d}.dcm"), enforce_file_format=True)
+
+
+def test_observation_settings_and_the_screen_refusal():
+    """The preprocessing hash follows every setting of the transforms; a screen refuses observations made with
+    settings it was not fitted with, naming both."""
+    from monai_gamverify.apps.pipeline import preprocessing_hash, simple_preprocessing
+    from monai_gamverify.screening import Screen
+
+    assert preprocessing_hash(simple_preprocessing(3, -1000, 2000)) == preprocessing_hash(
+        simple_preprocessing(3, -1000, 2000)
+    )
+    assert preprocessing_hash(simple_preprocessing(3, -1000, 2000)) != preprocessing_hash(
+        simple_preprocessing(3, -1000, 1500)
+    )
+    pipe = ImagePipeline.from_network(_net(), "res4", device="cpu", a_min=-1000, a_max=2000)
+    fitted = pipe.observation_settings()
+    assert (
+        fitted["reader"] == "default" and fitted["slice_axis"] is None and fitted["class_policy"] == "predicted class"
+    )
+    screen = Screen(cam_layer="res4")
+    screen.observation_ = fitted
+    screen.check_settings(fitted)
+    other = ImagePipeline.from_network(_net(), "res4", device="cpu", a_min=-1000, a_max=1500).observation_settings()
+    with pytest.raises(ValueError, match=r"preprocessing '[0-9a-f]{16}' \(the screen was fitted with '[0-9a-f]{16}'\)"):
+        screen.check_settings(other)
+    with pytest.raises(ValueError, match=r"slice_axis 2 \(the screen was fitted with None\)"):
+        screen.check_settings({**fitted, "slice_axis": 2})
+    # without the attention detector, the CAM layer, method and class do not change the screen's evidence
+    no_attention = Screen(cam_layer=None)
+    no_attention.observation_ = fitted
+    no_attention.check_settings({**fitted, "method": "scorecam", "layer": "res2", "class_policy": "output 1"})
+    with pytest.raises(ValueError, match="method 'scorecam'"):
+        screen.check_settings({**fitted, "method": "scorecam"})
+    screen.observation_ = None  # a screen of an earlier version records no settings: not checked
+    screen.check_settings(other)

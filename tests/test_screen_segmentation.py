@@ -12,20 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.inferers import SimpleInferer, SlidingWindowInferer
+from monai.inferers import SlidingWindowInferer
 
 from monai_gamverify import cli
 from monai_gamverify.apps.cohort import run_cohort
+from monai_gamverify.apps.pipeline import ImagePipeline
+from monai_gamverify.apps.screening import fit_screen, run_screen, screen_engine, screen_record
 from monai_gamverify.bundle import load_bundle
-from monai_gamverify.screening import (
-    FeatureRecorder,
-    Screen,
-    fit_screen,
-    preprocessing_after_loading,
-    read_image,
-    run_screen,
-)
-from tests._zoo_bundles import write_seg_bundle
+from monai_gamverify.screening import FeatureRecorder, Screen
+from tests._zoo_bundles import SEG_NET, write_seg_bundle
 
 SHAPE = (24, 22, 20)
 AFFINE = np.diag([-0.8, 0.8, 1.2, 1.0])
@@ -101,9 +96,10 @@ def test_from_bundle_detectors_and_no_model_pass(seg):
     # profile + layout only: fitted and scored without a single forward pass
     handle = bm.network.register_forward_pre_hook(_no_forward)
     try:
-        pre = preprocessing_after_loading(bm)
-        screen.fit(bm.network, seg["train"], preprocess=pre, calibration=seg["cal"], inferer=bm.inferer())
-        obs = screen.observe_image(bm.network, read_image(seg["new"][0]), pre, inferer=bm.inferer())
+        engine = screen_engine(bm, screen)
+        screen.fit([screen_record(engine, screen, f) for f in seg["train"]],
+                   calibration=[screen_record(engine, screen, f) for f in seg["cal"]])  # fmt: skip
+        obs = screen_record(engine, screen, seg["new"][0])
     finally:
         handle.remove()
     assert obs.early is None and obs.logits is None and obs.profile.layout is not None
@@ -127,35 +123,37 @@ def test_early_features_are_the_mean_over_the_sliding_windows(seg):
     inferer = bm.inferer()
     assert isinstance(inferer, SlidingWindowInferer) and list(inferer.roi_size) == [16, 16, 16]
     x = torch.rand(1, 32, 16, 16)
+    pipe = ImagePipeline.from_bundle(bm, screen=screen, invert=False)
     calls = []
     handle = net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
-        out, acts = screen.record(net, x, inferer)
+        obs = pipe.observe_loaded(x, cam=False)
     finally:
         handle.remove()
-    assert tuple(out.shape) == (1, 2, 32, 16, 16) and calls == [2, 1]  # 3 windows, sw_batch_size 2
+    assert tuple(obs.logits.shape) == (2, 32, 16, 16) and calls == [2, 1]  # 3 windows, sw_batch_size 2
     # independent reference: overlap 0.5 puts the windows at 0, 8 and 16 along the first axis; each window's channel
     # means and stds, averaged with equal weight
     with torch.no_grad():
         ref = np.mean([_pooled(layer(x[None, :, s : s + 16])) for s in (0, 8, 16)], axis=0)
         whole = _pooled(layer(x[None]))
-    np.testing.assert_allclose(acts["model.0"].numpy()[0], ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(obs.features["model.0"], ref, rtol=1e-5, atol=1e-7)
     assert not np.allclose(ref, whole, rtol=1e-3)  # the window average is not the whole-volume forward
-    # without a sliding window: one whole-input forward
-    for plain in (None, SimpleInferer()):
-        _, acts = screen.record(net, x, plain)
-        np.testing.assert_allclose(acts["model.0"].numpy()[0], whole, rtol=1e-5, atol=1e-7)
+    # the Seg-Grad-CAM passes do not change the recorded features (they come from the one no-grad pass)
+    with_cam = pipe.observe_loaded(x)
+    np.testing.assert_allclose(with_cam.features["model.0"], ref, rtol=1e-5, atol=1e-7)
+    assert with_cam.raw_maps and with_cam.explained == [1]  # the default label: the first foreground channel
 
 
 # ------------------------------------------------------------------------------------------------ fit and score
 def test_fit_score_save_load(seg, tmp_path):
     bm = load_bundle(seg["root"], overrides=EARLY)
-    pre, inferer = preprocessing_after_loading(bm), bm.inferer()
     screen = Screen.from_bundle(bm)
-    screen.fit(bm.network, seg["train"], preprocess=pre, calibration=seg["cal"], inferer=inferer)
+    engine = screen_engine(bm, screen)
+    screen.fit([screen_record(engine, screen, f) for f in seg["train"]],
+               calibration=[screen_record(engine, screen, f) for f in seg["cal"]])  # fmt: skip
     assert (screen.n_fit_, screen.n_cal_) == (20, 20)
     files = seg["new"] + list(seg["odd"].values())
-    obs = [screen.observe_image(bm.network, read_image(f), pre, inferer=inferer) for f in files]
+    obs = [screen_record(engine, screen, f) for f in files]
     assert all(o.early is not None and o.early.shape == (8,) for o in obs[:10])  # 4 channels: means and stds
     rows = screen.score_observations(obs)
     accepted = [r["in_distribution"] for r in rows[:10]]
@@ -205,3 +203,21 @@ def test_fit_screen_run_screen_cam_and_cohort_agree(seg, tmp_path):
     # a screen made for a classifier is refused, naming the mismatch
     with pytest.raises(ValueError, match="fitted for a classification model but it is used with a segmentation"):
         run_cohort(files, tmp_path / "co2", bundle_root=root, screen=Screen(), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "single"])
+def test_cam_default_label_follows_the_output_activation(tmp_path, kind):
+    """`gamverify cam` on a segmentation bundle without --label explains the first foreground channel (as the cohort,
+    MONAI Label and Deploy do): channel 0 of a sigmoid (multi-label) or single-channel output, never a hard-coded 1."""
+    root = write_seg_bundle(tmp_path / "b", fmt="json", net={**SEG_NET, "out_channels": 1 if kind == "single" else 2})
+    cfg = json.loads((root / "configs" / "inference.json").read_text())
+    cfg["postprocessing"]["transforms"] = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True}]
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg))
+    if kind == "single":
+        meta = json.loads((root / "configs" / "metadata.json").read_text())
+        meta["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "tumour"}
+        (root / "configs" / "metadata.json").write_text(json.dumps(meta))
+    image = _save(ct_volume(3, (16, 16, 16)), tmp_path / "ct.nii.gz")
+    out = cli.cam(str(image), out=str(tmp_path / "cam"), bundle_root=str(root))
+    assert out["label_index"] == 0 and out["label"] == ("tumour" if kind == "single" else "background")
+    assert nib.load(out["map"]).shape == (16, 16, 16)

@@ -16,6 +16,8 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
+from monai_gamverify.apps.pipeline import ImagePipeline, PreprocessingError, simple_preprocessing
+from monai_gamverify.apps.screening import fit_screen, run_screen, screen_record
 from monai_gamverify.data.synthetic import generate, make_cohort
 from monai_gamverify.metrics.ood import extract_features
 from monai_gamverify.networks import SmallCNN
@@ -23,7 +25,6 @@ from monai_gamverify.screening import (
     PENULTIMATE,
     ClassMahalanobis,
     FeatureRecorder,
-    ImageReadError,
     KNNDetector,
     RelativeMahalanobis,
     Screen,
@@ -31,12 +32,9 @@ from monai_gamverify.screening import (
     bonferroni,
     conformal_pvalues,
     fisher_conformal,
-    fit_screen,
     intensity_window_of,
     pool_features,
     profile_image,
-    read_image,
-    run_screen,
 )
 from monai_gamverify.screening.profile import layout_moments, otsu_threshold
 from monai_gamverify.visualize.cam import GradCAM, ScoreCAM
@@ -144,6 +142,24 @@ def test_conformal_false_rejection_rate_at_most_alpha(n_cal):
     assert np.mean(fisher) <= alpha + 4 * fse and np.mean(fisher) > 0.5 * exact
 
 
+def _tail_p(cal_stats: np.ndarray, stat: float, n1: int, scale: float = 2.0) -> float:
+    """Rank p-value among n1 - 1 calibration statistics, and beyond them all exp(-excess / scale) / n1."""
+    n_ge = int(np.sum(cal_stats >= stat - 1e-12))
+    return (1 + n_ge) / n1 if n_ge else float(np.exp(-(stat - cal_stats.max()) / scale) / n1)
+
+
+def test_conformal_tail_extension():
+    """Beyond every calibration score the p-value keeps falling with the excess on the z scale; elsewhere (and for
+    every alpha >= 1 / (n + 1)) it is the rank p-value."""
+    cal = np.random.default_rng(0).normal(size=19)
+    s = np.array([0.0, cal.max() + 0.1, cal.max() + 1.0, cal.max() + 10.0, np.nan])
+    rank = conformal_pvalues(cal, s)
+    p = conformal_pvalues(cal, s, 2 * cal, 2 * s)
+    assert p[0] == rank[0] and np.isnan(p[4]) and rank[1] == rank[2] == rank[3] == 1 / 20
+    np.testing.assert_allclose(p[1:4], np.exp(-2 * (s[1:4] - cal.max())) / 20)
+    assert 1 / 20 > p[1] > p[2] > p[3] > 0
+
+
 def test_fisher_conformal_brute_force_and_power():
     rng = np.random.default_rng(1)
     cal, test = rng.normal(size=(25, 3)), rng.normal(size=(6, 3))
@@ -158,7 +174,7 @@ def test_fisher_conformal_brute_force_and_power():
             ps = [(1 + np.sum(others[:, j] >= pool[i, j])) / 26 if not np.isnan(pool[i, j]) else 1.0 for j in range(3)]
             stats.append(-2 * np.sum(np.log(ps)))
         want_t.append(stats[-1])
-        want_p.append((1 + np.sum(np.asarray(stats[:-1]) >= stats[-1])) / 26)
+        want_p.append(_tail_p(np.asarray(stats[:-1]), stats[-1], 26))
     p, t = fisher_conformal(cal, test)
     np.testing.assert_allclose(t, want_t)
     np.testing.assert_allclose(p, want_p)
@@ -178,7 +194,7 @@ def test_fisher_conformal_brute_force_and_power():
                 stat += 2 * max(0.0, zpool[i, j] - np.nanmax(zo[:, j]))
             stats.append(stat)
         want_t.append(stats[-1])
-        want_p.append((1 + np.sum(np.asarray(stats[:-1]) >= stats[-1] - 1e-12)) / 26)
+        want_p.append(_tail_p(np.asarray(stats[:-1]), stats[-1], 26))
     p, t = fisher_conformal(cal, test, zc, zt)
     np.testing.assert_allclose(t, want_t)
     np.testing.assert_allclose(p, want_p)
@@ -188,7 +204,12 @@ def test_fisher_conformal_brute_force_and_power():
     for i in (0, 29_999, 59_999):
         one_p, one_t = fisher_conformal(cal, many[i : i + 1], 2 * cal + 1, 2 * many[i : i + 1] + 1)
         assert block_p[i] == one_p[0] and block_t[i] == pytest.approx(one_t[0])
-    assert p[1] == pytest.approx(1 / 26)  # the smallest p-value n = 25 calibration images allow
+    assert p[1] < 1 / 26  # beyond every calibration image: below the rank floor, by its excess
+    plain, _ = fisher_conformal(cal, test, zc, zt, tail=False)
+    assert plain[1] == pytest.approx(1 / 26) and plain[0] == pytest.approx(p[0])  # the rank p-value otherwise
+    # the rejections at any alpha >= 1 / (n + 1) are those of the rank p-value
+    for alpha in (1 / 26, 0.05, 0.1, 0.5):
+        np.testing.assert_array_equal(p <= alpha, plain <= alpha)
     with pytest.raises(ValueError, match="same m"):
         fisher_conformal(cal, test[:, :2])
 
@@ -285,21 +306,32 @@ def _new_screen(**kwargs) -> Screen:
     return Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", modality="CT", k=3, **kwargs)
 
 
+def _engine(net: SmallCNN, screen: Screen | None = None) -> ImagePipeline:
+    """The engine that observes images for the screen: the window of _pre as the preprocessing."""
+    pre = simple_preprocessing(a_min=WINDOW[0], a_max=WINDOW[1])
+    return ImagePipeline(net, "res4", preprocessing=pre, screen=screen, feature_layers=["stem"], head="head")
+
+
+def _records(screen: Screen, net: SmallCNN, images: list) -> list:
+    engine = _engine(net, screen)
+    return [screen_record(engine, screen, im) for im in images]
+
+
 @pytest.fixture(scope="module")
 def cohort_obs() -> tuple[SmallCNN, list, np.ndarray, list, np.ndarray]:
-    """64 SOS volumes (24^3) observed once through an untrained SmallCNN (profile, features, logits, Grad-CAM)."""
+    """64 SOS volumes (24^3) observed once by the engine through an untrained SmallCNN (profile, features, logits,
+    Grad-CAM)."""
     torch.manual_seed(0)
     cohort = generate("sos", n=64, size=24, seed=0)
     imgs = [_mt(a, cohort.affine) for a in cohort.images]
     net = SmallCNN(3, 1, 5, width=4).eval()
-    observer = _new_screen()
-    return net, imgs, cohort.affine, [observer.observe_image(net, im, _pre) for im in imgs], cohort.labels
+    return net, imgs, cohort.affine, [_engine(net).observe(im) for im in imgs], cohort.labels
 
 
 @pytest.fixture(scope="module")
 def fitted(cohort_obs) -> tuple[Screen, SmallCNN, list, np.ndarray]:
     net, imgs, affine, obs, labels = cohort_obs
-    screen = _new_screen().fit_observations(obs, labels, calibration_fraction=0.35, seed=0)
+    screen = _new_screen().fit(obs, labels, calibration_fraction=0.35, seed=0)
     return screen, net, imgs, affine
 
 
@@ -308,29 +340,57 @@ def observations(cohort_obs) -> list:
     return cohort_obs[3]
 
 
-def test_screen_engine_call_equals_observe_image(fitted):
+def test_engine_with_a_screen_against_independent_references(fitted):
+    """ImagePipeline with the screen (what `gamverify cam --screen` and the cohort run) against the detectors
+    recomputed from scratch: the early layer pooled by numpy and a k-NN of scikit-learn, the head input of MONAI's
+    feature extractor and scipy's Mahalanobis distance; the combined p-value ranked against the calibration set."""
     screen, net, imgs, _ = fitted
+    pipe = _engine(net, screen)
     raw = imgs[0]
-    x = _pre(raw)
-    with screen.recorder(net) as rec:
-        res = GradCAM(net, "res4").explain(x[None])
-    engine = screen.score(raw, tensor=x, logits=res.logits[0], activations=rec.activations, cam=res.maps[0])
-    direct = screen.score_observations([screen.observe_image(net, raw, _pre)])[0]
-    assert engine.keys() == direct.keys()
-    for key, value in engine.items():
-        if isinstance(value, float):
-            assert value == pytest.approx(direct[key], nan_ok=True), key
-    assert {"in_distribution", "p_value", "reasons", "score_knn_early", "p_attention"} <= set(engine)
+    res = pipe.run(raw)
+    row = res.screen
+    assert row == screen.score(pipe.observe(raw))  # the engine's answer is the screen's on the engine's observation
+    x = _pre(raw)[None]
+    stem = record_activations(net, x, "stem")["stem"][0].double().numpy().reshape(4, -1)
+    early = np.r_[stem.mean(1), stem.std(1)]
+    bank = screen.detectors_["knn_early"].bank
+    nn_ = NearestNeighbors(n_neighbors=3, metric="cosine").fit(bank)
+    cos_d, _ = nn_.kneighbors(early[None])
+    assert row["score_knn_early"] == pytest.approx(float(np.sqrt(2 * cos_d[0, -1])), rel=1e-5)
+    feats = extract_features(net, x)[0][0].double().numpy()
+    det = screen.detectors_["maha_penultimate"].det
+    vi = det.precision_.numpy()
+    want = min(mahalanobis(feats, m, vi) ** 2 for m in det.means_.numpy())
+    assert row["score_maha_penultimate"] == pytest.approx(want, rel=1e-5)
+    cal = screen.cal_scores_[:, 5 + 2]  # knn_early's column (DETECTORS order)
+    assert row["p_knn_early"] == pytest.approx((1 + np.sum(cal >= row["score_knn_early"])) / (screen.n_cal_ + 1))
+    assert res.in_distribution == row["in_distribution"] and res.p_value == row["p_value"]
+    assert {"in_distribution", "p_value", "reasons", "score_knn_early", "p_attention"} <= set(row)
     assert screen.n_cal_ == 22 and (screen.n_cal_ + 1) * 0.05 >= 1
 
 
-def test_screen_rejects_far_ood_with_reasons_and_accepts_new_sos(fitted):
+def test_screen_false_rejection_rate_binomial_bound(observations, cohort_obs):
+    """Exchangeable images (one cohort, a random permutation each draw): the screen's false-rejection rate at alpha
+    is at most alpha. One held-out image per draw (independent trials), so the count of rejections is
+    Binomial(draws, rate <= alpha): it must stay below the binomial's 0.999 quantile at alpha (a p-value computed
+    against the fit images, or any other broken calibration, rejects far more)."""
+    from scipy.stats import binom
+
+    labels = cohort_obs[4]
+    records = [_new_screen().record(o) for o in observations]
+    draws, alpha, rejected = 150, 0.05, 0
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        perm = rng.permutation(len(records))
+        fit, cal, test = perm[:40], perm[40:63], perm[63]  # 23 calibration images: rate floor(0.05 * 24) / 24
+        screen = _new_screen().fit([records[i] for i in fit], labels[fit], calibration=[records[i] for i in cal])
+        rejected += not screen.score_observations([records[test]])[0]["in_distribution"]
+    assert rejected <= binom.ppf(0.999, draws, alpha), rejected
+
+
+def test_screen_rejects_far_ood_with_reasons_and_tail(fitted):
     screen, net, _, affine = fitted
-    fresh = generate("sos", n=20, size=24, seed=99)
-    rows = screen.score_observations([screen.observe_image(net, _mt(a, affine), _pre) for a in fresh.images])
-    # the guarantee is marginal over calibration draws: with 22 calibration images one screen's false-rejection rate
-    # varies (Beta(1, 22) around 1/23); this screen's split measured 0.31 on 64 fresh SOS, other splits 0.02-0.13
-    assert np.mean([r["in_distribution"] for r in rows]) >= 0.6
+    fresh = generate("sos", n=4, size=24, seed=99)
     rng = np.random.default_rng(0)
     odd = {
         "noise": rng.normal(0, 800, (24, 24, 24)),
@@ -338,15 +398,32 @@ def test_screen_rejects_far_ood_with_reasons_and_accepts_new_sos(fitted):
         "constant": np.full((24, 24, 24), 40.0),
         "nan": np.where(rng.random((24, 24, 24)) < 0.01, np.nan, fresh.images[0]),
     }
-    out = {k: screen.score_observations([screen.observe_image(net, _mt(v, affine), _pre)])[0] for k, v in odd.items()}
+    out = {
+        k: r
+        for k, r in zip(odd, screen.score_observations(_records(screen, net, [_mt(v, affine) for v in odd.values()])))
+    }
     for name, r in out.items():
         assert not r["in_distribution"], name
         assert r["reasons"] and all(isinstance(s, str) for s in r["reasons"]), name
     assert out["constant"]["p_value"] == 0.0 and "constant volume" in out["constant"]["reasons"][0]
     assert "NaN" in out["nan"]["reasons"][0]
-    assert out["noise"]["p_value"] <= 1 / (screen.n_cal_ + 1) + 1e-12
-    spaced = screen.score_observations([screen.observe_image(net, _mt(fresh.images[1], np.diag([4, 4, 4, 1])), _pre)])
+    floor = 1 / (screen.n_cal_ + 1)
+    assert out["noise"]["p_value"] < floor  # beyond every calibration image: below the rank floor
+    # the tail is real: the further beyond every calibration image, the smaller the p-value
+    spacings = (4.0, 8.0, 16.0)
+    spaced = screen.score_observations(
+        _records(screen, net, [_mt(fresh.images[1], np.diag([s, s, s, 1])) for s in spacings])
+    )
     assert any("spacing 4 x 4 x 4 mm is outside the training range" in s for s in spaced[0]["reasons"])
+    ps = [r["p_value"] for r in spaced]
+    assert floor > ps[0] > ps[1] > ps[2] > 0, ps
+    assert spaced[0]["p_profile"] > spaced[1]["p_profile"] > spaced[2]["p_profile"]
+
+
+def test_fit_refuses_too_few_calibration_images(observations):
+    with pytest.raises(ValueError, match=r"18 calibration images cannot reject anything at alpha = 0.05"):
+        _new_screen().fit(observations[:40], calibration=observations[40:58])
+    _new_screen().fit(observations[:40], calibration=observations[40:59])  # 19: 1/20 = alpha, it can reject
 
 
 def test_save_load_round_trip_and_tampering(fitted, observations, tmp_path):
@@ -381,13 +458,13 @@ def test_save_load_round_trip_and_tampering(fitted, observations, tmp_path):
 def test_screen_with_a_subset_of_detectors(fitted, observations, tmp_path):
     _, net, imgs, _ = fitted
     screen = Screen(window=WINDOW, early_layers=["stem"], head="head", cam_layer="res4", use=["knn_penultimate"])
-    screen.fit_observations(observations[:40], calibration=observations[40:], seed=0)
+    screen.fit(observations[:40], calibration=observations[40:], seed=0)
     assert screen.detectors == ["knn_penultimate"] and screen.n_cal_ == 24
-    row = Screen.load(screen.save(tmp_path / "k")).score_observations([screen.observe_image(net, imgs[0], _pre)])[0]
+    row = Screen.load(screen.save(tmp_path / "k")).score_observations(_records(screen, net, imgs[:1]))[0]
     assert [k for k in row if k.startswith("p_") and k != "p_value"] == ["p_knn_penultimate"]
     # one detector: the combined p-value is that detector's conformal p-value
     assert row["p_value"] == pytest.approx(row["p_knn_penultimate"])
-    const = screen.score_observations([screen.observe_image(net, _mt(np.zeros((24,) * 3), np.eye(4)), _pre)])[0]
+    const = screen.score_observations(_records(screen, net, [_mt(np.zeros((24,) * 3), np.eye(4))]))[0]
     assert not const["in_distribution"] and "constant volume" in const["reasons"][0]
     with pytest.raises(ValueError, match="unknown detector"):
         Screen(use=["magic"])
@@ -417,22 +494,25 @@ def _write_dicom_series(vol: np.ndarray, spacing: tuple[float, float, float], ou
 def test_read_dicom_series_and_single_file(tmp_path):
     vol = (np.arange(16 * 20 * 24).reshape(16, 20, 24) % 300 - 100).astype(np.int16)
     files = _write_dicom_series(vol, (0.8, 0.9, 1.5), tmp_path / "series")
-    img = read_image(tmp_path / "series")
+    engine = _engine(SmallCNN(3, 1, 5, width=4).eval())  # the screen reads with the engine: one reader policy
+    img = engine.load(tmp_path / "series")[0]
     assert tuple(img.shape) == (1, 24, 20, 16)
     np.testing.assert_allclose(img.pixdim.numpy(), [0.8, 0.9, 1.5], rtol=1e-5)
     np.testing.assert_array_equal(img[0].numpy(), vol.transpose(2, 1, 0))
-    one = read_image(files[3])
-    assert tuple(one.shape) == (1, 24, 20, 1)
-    np.testing.assert_array_equal(one[0, ..., 0].numpy(), vol[3].T)
+    with pytest.raises(PreprocessingError, match="shorter than 2") as one:  # read, but no volume for a 3D network
+        engine.load(files[3])
+    assert tuple(one.value.raw_image.shape) == (1, 24, 20, 1)
+    np.testing.assert_array_equal(one.value.raw_image[0, ..., 0].numpy(), vol[3].T)
     with pytest.raises(FileNotFoundError, match="nope.nii"):
-        read_image(tmp_path / "nope.nii.gz")
+        engine.load(tmp_path / "nope.nii.gz")
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ImageReadError, match="broken.nii.gz"):
-        read_image(bad)
+    with pytest.raises(PreprocessingError, match="broken.nii.gz") as err:
+        engine.load(bad)
+    assert err.value.raw_image is None  # not readable at all: an error, never a judgement
 
 
-def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
+def test_fit_screen_and_run_screen_on_a_bundle(tmp_path, monkeypatch):
     torch.manual_seed(0)
     summary = make_cohort("sos", n=48, size=24, seed=0, out_dir=tmp_path / "sos", progress=False)
     make_cohort("sos", n=24, size=24, seed=1, out_dir=tmp_path / "sos_more", progress=False)
@@ -450,6 +530,14 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     # fitted on the training list, calibrated on the validation list + every item of the extra cohort
     assert screen.n_fit_ == summary["splits"]["training"]
     assert screen.n_cal_ == summary["splits"]["validation"] + 24
+    # one split given as a string is that split (never its characters); too few calibration images are refused
+    args = (SOS, tmp_path / "sos", tmp_path / "screen_val", json.dumps(TINY))
+    val = fit_screen(*args, alpha=0.2, checkpoint=ckpt, calibration_splits="validation")
+    assert (val.n_fit_, val.n_cal_) == (summary["splits"]["training"], summary["splits"]["validation"])
+    with pytest.raises(ValueError, match=r"calibration images cannot reject anything at alpha = 0.05"):
+        fit_screen(*args, checkpoint=ckpt, calibration_splits="validation")
+    with pytest.raises(ValueError, match=r"has no list\(s\) \['valdation'\]"):
+        fit_screen(*args, checkpoint=ckpt, calibration_splits="valdation")
     vol = generate("sos", n=1, size=24, seed=5).images[0]
     aff = np.diag([40 / 24] * 3 + [1.0])
     nib.save(nib.Nifti1Image(vol.astype(np.int16), aff), str(tmp_path / "sos_new.nii.gz"))
@@ -471,13 +559,40 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     assert "orientation LPS was not seen in training" in str(table["notes"][5]) + str(table["reasons"][5])
     assert "single slice" in table["reasons"][2]
     assert "constant volume" in table["reasons"][3]
-    assert "image not found" in table["reasons"][4] and "gone.nii" in table["reasons"][4]
+    # a missing file is an error, not a rejection: no verdict, left out of the dataset test, listed
+    assert "not found" in table["error"][4] and "gone.nii" in table["error"][4]
+    assert pd.isna(table["in_distribution"][4]) and table["error"].fillna("").astype(bool).sum() == 1
+    assert df.attrs["dataset"]["n"] == 5 and [e["image"] for e in df.attrs["dataset"]["errors"]] == [str(paths[4])]
     with pytest.raises(FileNotFoundError, match="gone.nii"):
         run_screen(tmp_path / "screen", [tmp_path / "gone.nii"], tmp_path / "out2", on_error="raise")
-    # the same screen wired into the engine (`gamverify cam --screen`): the same p-values from the CAM's own forward
-    # pass, and a constant volume is "out of distribution" before any model verdict
+    # an unreadable file and any other failure of one image: the other rows are written, the failures listed
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    real = ImagePipeline.observe
+
+    def flaky(self, item, *args, **kwargs):
+        if str(item).endswith("sos_lps.nii.gz"):
+            raise RuntimeError("boom")
+        return real(self, item, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ImagePipeline, "observe", flaky)
+        part = run_screen(tmp_path / "screen", [paths[0], broken, paths[5]], tmp_path / "out3")
+    again = pd.read_csv(tmp_path / "out3" / "screen.csv")
+    assert len(again) == 3 and bool(again["in_distribution"][0]) and again["p_value"][0] == table["p_value"][0]
+    assert "broken.nii.gz" in again["error"][1] and again["error"][2] == "RuntimeError: boom"
+    assert part.attrs["dataset"]["n"] == 1 and part.attrs["dataset"]["like_training_data"]
+    assert (
+        json.loads((tmp_path / "out3" / "screen_summary.json").read_text())["errors"][1]["error"]
+        == "RuntimeError: boom"
+    )
     from monai_gamverify import cli
 
+    said = cli.screen_run(str(tmp_path / "screen"), [str(paths[0]), str(broken)], out=str(tmp_path / "out4"))
+    assert said.startswith("1 image(s) screened, 0 out of distribution, 1 could not be screened (column error)")
+    assert "as one dataset: like the model's training data (0/1 rejected" in said
+    # the same screen wired into the engine (`gamverify cam --screen`): the same p-values from the CAM's own forward
+    # pass, and a constant volume is "out of distribution" before any model verdict
     kw = dict(bundle_root=str(SOS), overrides=json.dumps(TINY), checkpoint=str(ckpt), screen=str(tmp_path / "screen"))
     ok = cli.cam(str(tmp_path / "sos_new.nii.gz"), out=str(tmp_path / "cam"), **kw)
     assert ok["in_distribution"] is True and ok["verdict"] != "out of distribution"
@@ -485,6 +600,23 @@ def test_fit_screen_and_run_screen_on_a_bundle(tmp_path):
     const = cli.cam(str(tmp_path / "const.nii.gz"), out=str(tmp_path / "cam"), **kw)
     assert const["in_distribution"] is False and const["verdict"] == "out of distribution"
     assert any("constant volume" in r for r in const["reasons"])
+    # the screen records what its observations were made with; another CAM method, layer or class is refused
+    saved = json.loads((tmp_path / "screen" / "screen.json").read_text())["observation"]
+    assert (
+        saved["method"] == "gradcam"
+        and saved["layer"] == screen.cam_layer
+        and saved["class_policy"] == "predicted class"
+    )
+    new = str(tmp_path / "sos_new.nii.gz")
+    with pytest.raises(ValueError, match=r"method 'gradcampp' \(the screen was fitted with 'gradcam'\)"):
+        cli.cam(new, out=str(tmp_path / "cam"), method="gradcampp", **kw)
+    with pytest.raises(ValueError, match=r"layer 'res2' \(the screen was fitted with 'res4'\)"):
+        cli.cam(new, out=str(tmp_path / "cam"), layer="res2", **kw)
+    with pytest.raises(ValueError, match=r"class_policy 'output 2' \(the screen was fitted with 'predicted class'\)"):
+        cli.cam(new, out=str(tmp_path / "cam"), class_idx=2, **kw)
+    # without --method the bundle's declared cam_method is used (the CLI has no default of its own)
+    pp = dict(kw, overrides=json.dumps({**TINY, "cam_method": "gradcampp"}), screen=None)
+    assert cli.cam(new, out=str(tmp_path / "cam_pp"), **pp)["method"] == "gradcampp"
     # a cohort judges its items in batches (writer thread): the same answers as one image at a time
     from monai_gamverify.apps.cohort import run_cohort
 
@@ -503,12 +635,14 @@ def test_screen_without_window_or_cam(cohort_obs):
     without a CAM layer (plain forward): still fits, scores and rejects noise."""
     net, imgs, affine, _, labels = cohort_obs
     screen = Screen(window=None, head="head", cam_layer=None, k=3)
-    screen.fit(net, imgs[:44], labels[:44], preprocess=_pre, calibration=imgs[44:])
+    engine = _engine(net, screen)
+    obs = [engine.observe(im, cam=False) for im in imgs]
+    screen.fit(obs[:44], labels[:44], calibration=obs[44:])
     assert screen.detectors == ["profile", "layout", "maha_penultimate", "rmaha_penultimate", "knn_penultimate"]
     assert screen.hist_range_ is not None and screen.hist_ref_.size == 16 and screen.intensity_width_ > 0
     noise = _mt(np.random.default_rng(1).normal(0, 800, (24, 24, 24)), affine)
-    row = screen.score_observations([screen.observe_image(net, noise, _pre)])[0]
-    assert not row["in_distribution"] and row["p_value"] <= 1 / 21 + 1e-12
+    row = screen.score_observations(_records(screen, net, [noise]))[0]
+    assert not row["in_distribution"] and row["p_value"] < 1 / 21
 
 
 def test_dataset_test_beta_binomial_against_scipy_and_coverage():

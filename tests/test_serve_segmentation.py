@@ -83,8 +83,8 @@ class _RejectAll:
 
     task, needs_network = "segmentation", False
 
-    def score(self, image, *, tensor=None, activations=None, **_):
-        assert image is not None and tensor is not None
+    def score(self, observation):
+        assert observation.raw_image is not None and observation.input is not None  # the engine's observation
         return {"in_distribution": False, "p_value": 0.004, "reasons": ["spacing is outside the training range"]}
 
 

@@ -1,8 +1,11 @@
-"""Fitting and conformal calibration of a screen (:meth:`monai_gamverify.screening.Screen.fit_observations`)."""
+"""Fitting and conformal calibration of a screen (:meth:`monai_gamverify.screening.Screen.fit`): computes the fitted
+state, which the screen sets on itself (:meth:`~monai_gamverify.screening.Screen._set_fitted`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_gamverify.screening.common import Observation, intensity_width
+from monai_gamverify.screening.common import ScreenRecord, intensity_width
 from monai_gamverify.screening.detectors import ClassMahalanobis, KNNDetector, RelativeMahalanobis, RobustScaler
 from monai_gamverify.screening.scores import (
     attention_features,
@@ -21,22 +24,44 @@ from monai_gamverify.screening.scores import (
     statistic,
 )
 
-__all__ = ["fit_observations"]
+__all__ = ["FITTED", "fit_state"]
+
+#: the fitted state of a screen (attributes set by ``Screen.fit`` and ``Screen.load``, nowhere else)
+FITTED = (
+    "detectors_",
+    "cam_ref_",
+    "hist_range_",
+    "hist_ref_",
+    "intensity_width_",
+    "profile_scaler_",
+    "profile_min_",
+    "profile_max_",
+    "orientations_",
+    "score_scaler_",
+    "cal_scores_",
+    "cal_stat_",
+    "n_fit_",
+    "n_cal_",
+    "seed_",
+    "calibration_index_",
+)
 
 logger = logging.getLogger(__name__)
 
 
-def fit_observations(
+def fit_state(
     screen: Any,
-    observations: Sequence[Observation],
+    observations: Sequence[ScreenRecord],
     labels: Sequence[int] | None = None,
     *,
-    calibration: Sequence[Observation] | None = None,
+    calibration: Sequence[ScreenRecord] | None = None,
     calibration_fraction: float = 0.35,
     seed: int = 0,
     names: Sequence[str] | None = None,
-) -> Any:
-    """:meth:`monai_gamverify.screening.Screen.fit_observations`: fit and calibrate ``screen``; returns it."""
+) -> dict[str, Any]:
+    """The fitted state of ``screen`` (name -> value, :data:`FITTED`) from its records: detectors fitted on the fit
+    part, scales, calibration scores. ``screen`` itself is not changed (the work is done on a shallow copy)."""
+    screen = copy.copy(screen)  # a scratch copy: the scores below need the state fitted so far
     n_given = len(observations)
     obs = list(observations) + list(calibration or [])
     names = list(names) if names is not None else [f"image {i}" for i in range(len(obs))]
@@ -65,13 +90,10 @@ def fit_observations(
             f"{n} usable images: too few to fit ({len(fit_idx)}, need 8) and calibrate ({n_cal}, need 1) a screen"
         )
     if (n_cal + 1) * screen.alpha < 1:
-        logger.warning(
-            "screen: %d calibration images: the smallest p-value is 1/%d = %.3f > alpha = %g, so only hard "
-            "failures can be rejected; use more images",
-            n_cal,
-            n_cal + 1,
-            1 / (n_cal + 1),
-            screen.alpha,
+        raise ValueError(
+            f"{n_cal} calibration images cannot reject anything at alpha = {screen.alpha:g}: the smallest conformal "
+            f"p-value is 1/(n_cal + 1) = {1 / (n_cal + 1):.3g}; give at least {math.ceil(1 / screen.alpha) - 1} "
+            "calibration images (calibration splits / datasets) or a larger alpha"
         )
     fit_obs = [obs[i] for i in fit_idx]
     active = screen.detectors
@@ -141,12 +163,11 @@ def fit_observations(
     # positions (in the observations given) of the calibration images, for comparisons calibrated the same way
     # (``calibration`` given: positions in it), for comparisons calibrated on the same images
     screen.calibration_index_ = np.asarray(keep)[cal_idx] - (n_given if calibration is not None else 0)
-    screen.fitted_ = True
     logger.info("screen fitted: %d fit, %d calibration images, detectors %s", len(fit_idx), len(cal_idx), active)
-    return screen
+    return {k: getattr(screen, k) for k in FITTED if hasattr(screen, k)}
 
 
-def _predicted(screen: Any, o: Observation) -> int:
+def _predicted(screen: Any, o: ScreenRecord) -> int:
     if o.logits is None:
         return 0
     lg = np.array(o.logits, dtype=np.float64)

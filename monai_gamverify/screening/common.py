@@ -1,4 +1,4 @@
-"""What the screen's modules share: the detector names, the :class:`Observation` of one image, small helpers."""
+"""What the screen's modules share: the detector names, the :class:`ScreenRecord` of one image, small helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scipy.spatial.distance import jensenshannon
 
 from monai_gamverify.screening.profile import DataProfile
 
-__all__ = ["DETECTORS", "Observation", "js_distance", "intensity_width"]
+__all__ = ["DETECTORS", "ScreenRecord", "js_distance", "intensity_width"]
 
 DETECTORS = (
     "profile",
@@ -28,8 +28,8 @@ DETECTORS = (
 
 
 @dataclass
-class Observation:
-    """What the screen uses of one image (everything comes from the one forward pass the engine runs anyway).
+class ScreenRecord:
+    """What the screen uses of one image: its data profile and what it takes of the engine's observation.
 
     Attributes:
         profile: the data profile (with the preprocessed tensor's statistics when it was given).

@@ -101,7 +101,7 @@ def detector_messages(screen: Any, raw: np.ndarray, pvals: np.ndarray, z: np.nda
         if np.isnan(pvals[j]) or pvals[j] > screen.alpha:
             continue
         extra = f", p(garbage) = {raw[j]:.2f}" if d == "kplus1" else ""
-        msgs.append(f"{_DESCRIPTION[d]} (p = {pvals[j]:.3f}{extra})")
+        msgs.append(f"{_DESCRIPTION[d]} (p = {pvals[j]:.3g}{extra})")  # far beyond: e.g. p = 2.1e-08
     if not msgs and np.isfinite(z).any():
         j = int(np.nanargmax(np.where(np.isnan(z), -np.inf, z)))
         msgs.append(f"combined evidence; most atypical: {_DESCRIPTION[DETECTORS[j]]} (z = {z[j]:.1f})")

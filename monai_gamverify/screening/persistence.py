@@ -14,9 +14,10 @@ import numpy as np
 from monai_gamverify.io import atomic_path
 from monai_gamverify.screening.detectors import ClassMahalanobis, KNNDetector, RelativeMahalanobis, RobustScaler
 
-__all__ = ["FORMAT_VERSION", "ScreenFileError", "screen_arrays", "screen_config", "save_screen", "load_screen"]
+__all__ = ["FORMAT_VERSION", "ScreenFileError", "screen_arrays", "screen_config", "save_screen", "read_screen"]
 
-FORMAT_VERSION = 2  # 2: the layout detector
+FORMAT_VERSION = 3  # 2: the layout detector; 3: the observation settings (read: 2 and 3)
+_READS = (2, 3)
 _JSON = "screen.json"
 _NPZ = "screen.npz"
 
@@ -104,6 +105,7 @@ def save_screen(screen: Any, directory: str | os.PathLike) -> Path:
         "n_fit": screen.n_fit_,
         "n_cal": screen.n_cal_,
         "seed": screen.seed_,
+        "observation": getattr(screen, "observation_", None),
         "arrays_sha256": _sha256_arrays(arrays),
     }
     content["content_sha256"] = _sha256_json(content)
@@ -115,9 +117,9 @@ def save_screen(screen: Any, directory: str | os.PathLike) -> Path:
     return out
 
 
-def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
-    """:meth:`monai_gamverify.screening.Screen.load`: an instance of ``cls`` from a screen written by
-    :func:`save_screen`; refuse a missing, malformed or modified file.
+def read_screen(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, fitted state)`` of a screen written by :func:`save_screen`, for
+    :meth:`monai_gamverify.screening.Screen.load`; refuse a missing, malformed or modified file.
 
     Raises:
         ScreenFileError: the JSON or the arrays do not match their recorded SHA-256, or a file is missing.
@@ -136,7 +138,7 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
     recorded = content.pop("content_sha256", None)
     if recorded != _sha256_json(content):
         raise ScreenFileError(f"screen file {jpath} was modified after saving (SHA-256 of its content differs)")
-    if content.get("format_version") != FORMAT_VERSION:
+    if content.get("format_version") not in _READS:
         raise ScreenFileError(
             f"{jpath} has format version {content.get('format_version')}; this version reads {FORMAT_VERSION}: fit "
             "the screen again (`gamverify screen fit ...`)"
@@ -151,27 +153,35 @@ def load_screen(cls: Any, directory: str | os.PathLike) -> Any:
     cfg = content["config"]
     if cfg.get("window") is not None:
         cfg["window"] = tuple(cfg["window"])
-    obj = cls(**cfg)
-    obj.cal_scores_, obj.cal_stat_ = arrays["cal_scores"], arrays["cal_stat"]
-    obj.score_scaler_ = RobustScaler()
-    obj.score_scaler_.median_, obj.score_scaler_.scale_ = arrays["score_median"], arrays["score_scale"]
-    obj.profile_scaler_ = RobustScaler()
-    obj.profile_scaler_.median_, obj.profile_scaler_.scale_ = arrays["profile_median"], arrays["profile_scale"]
-    obj.profile_min_, obj.profile_max_ = arrays["profile_min"], arrays["profile_max"]
-    obj.hist_ref_ = arrays["hist_ref"]
-    obj.hist_range_ = None if content["hist_range"] is None else tuple(content["hist_range"])
-    obj.orientations_ = list(content["orientations"])
-    obj.intensity_width_ = float(content["intensity_width"])
-    if "cam_ref" in arrays:
-        obj.cam_ref_ = arrays["cam_ref"]
-    obj.detectors_ = {}
+    score_scaler, profile_scaler = RobustScaler(), RobustScaler()
+    score_scaler.median_, score_scaler.scale_ = arrays["score_median"], arrays["score_scale"]
+    profile_scaler.median_, profile_scaler.scale_ = arrays["profile_median"], arrays["profile_scale"]
+    reg, k = float(cfg.get("reg", 1e-3)), int(cfg.get("k", 5))
+    detectors: dict[str, Any] = {}
     for name in content["detectors"]:
         if name.startswith("maha") or name in ("attention", "layout"):
-            obj.detectors_[name] = ClassMahalanobis.from_state(arrays, f"{name}__", obj.reg)
+            detectors[name] = ClassMahalanobis.from_state(arrays, f"{name}__", reg)
         elif name.startswith("rmaha"):
-            obj.detectors_[name] = RelativeMahalanobis.from_state(arrays, f"{name}__", obj.reg)
+            detectors[name] = RelativeMahalanobis.from_state(arrays, f"{name}__", reg)
         elif name.startswith("knn"):
-            obj.detectors_[name] = KNNDetector.from_state(arrays, f"{name}__", obj.k)
-    obj.n_fit_, obj.n_cal_, obj.seed_ = int(content["n_fit"]), int(content["n_cal"]), int(content["seed"])
-    obj.fitted_ = True
-    return obj
+            detectors[name] = KNNDetector.from_state(arrays, f"{name}__", k)
+    state: dict[str, Any] = {
+        "cal_scores_": arrays["cal_scores"],
+        "cal_stat_": arrays["cal_stat"],
+        "score_scaler_": score_scaler,
+        "profile_scaler_": profile_scaler,
+        "profile_min_": arrays["profile_min"],
+        "profile_max_": arrays["profile_max"],
+        "hist_ref_": arrays["hist_ref"],
+        "hist_range_": None if content["hist_range"] is None else tuple(content["hist_range"]),
+        "orientations_": list(content["orientations"]),
+        "intensity_width_": float(content["intensity_width"]),
+        "detectors_": detectors,
+        "n_fit_": int(content["n_fit"]),
+        "n_cal_": int(content["n_cal"]),
+        "seed_": int(content["seed"]),
+        "observation_": content.get("observation"),  # None in version 2 files: not checked
+    }
+    if "cam_ref" in arrays:
+        state["cam_ref_"] = arrays["cam_ref"]
+    return cfg, state

@@ -172,6 +172,38 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _percentiles(values: np.ndarray, qs: Any, is_sorted: bool = False) -> np.ndarray:
+    """``np.percentile(values, qs)`` (its default linear interpolation, the same formula) from one sort: numpy's sort
+    of float32 is vectorised, several times faster than the selection ``np.percentile`` runs for seven q's."""
+    s = values if is_sorted else np.sort(values)
+    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (s.size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, s.size - 1)
+    t = pos - lo
+    a, b = s[lo].astype(np.float64), s[hi].astype(np.float64)
+    diff = b - a
+    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)  # numpy's _lerp
+
+
+class _Counts:
+    """Fractions of values below / above a level: from the sorted values (two binary searches) when they are all
+    of them, else by comparison with every value."""
+
+    def __init__(self, values: np.ndarray, sorted_sample: np.ndarray) -> None:
+        self.values, self.s = values, sorted_sample
+        self.exact = sorted_sample.size == values.size
+
+    def below(self, level: float) -> float:
+        if self.exact:
+            return float(np.searchsorted(self.s, level, side="left") / self.s.size)
+        return float(np.mean(self.values < level))
+
+    def above(self, level: float) -> float:
+        if self.exact:
+            return float((self.s.size - np.searchsorted(self.s, level, side="right")) / self.s.size)
+        return float(np.mean(self.values > level))
+
+
 def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
     """Otsu's threshold of a set of values (the algorithm of ``skimage.filters.threshold_otsu``: ``nbins``-bin
     histogram over the value range, the bin centre maximising the between-class variance).
@@ -277,13 +309,15 @@ def profile_image(
     # order statistics and the histogram of a large volume from a fixed stride of its voxels (deterministic; the
     # percentiles of 256^3 voxels from 2^18 of them move by well under a percent of the range, at 1/60 of the cost)
     sample = values[:: max(1, -(-values.size // MAX_SAMPLE))]
-    pct = np.percentile(sample, PERCENTILES)
+    ordered = np.sort(sample)
+    pct = _percentiles(ordered, PERCENTILES, is_sorted=True)
+    counts = _Counts(values, ordered)
     percentiles = {f"p{q}": float(v) for q, v in zip(PERCENTILES, pct)}
     frac_below = frac_inside = frac_above = None
     if window is not None:
         a_min, a_max = float(window[0]), float(window[1])
-        frac_below = float(np.mean(values < a_min))
-        frac_above = float(np.mean(values > a_max))
+        frac_below = counts.below(a_min)
+        frac_above = counts.above(a_max)
         frac_inside = 1.0 - frac_below - frac_above
         if frac_below == 1.0 and vmin != vmax:
             failures.append(
@@ -293,10 +327,10 @@ def profile_image(
             failures.append(
                 f"every voxel lies above the intensity window [{a_min:g}, {a_max:g}]: the model sees a constant"
             )
-        fg = float(np.mean(values > a_min + FOREGROUND_LEVEL * (a_max - a_min)))
+        fg = counts.above(a_min + FOREGROUND_LEVEL * (a_max - a_min))
         rng = hist_range or (a_min, a_max)
     else:
-        fg = float(np.mean(values > otsu_threshold(sample))) if vmin != vmax else 0.0
+        fg = counts.above(otsu_threshold(sample)) if vmin != vmax else 0.0
         rng = hist_range or (percentiles["p1"], percentiles["p99"])
     lo, hi = float(rng[0]), float(rng[1])
     if not hi > lo:
@@ -377,10 +411,11 @@ def attach_tensor(profile: DataProfile, tensor: Any) -> DataProfile:
     Example:
         >>> attach_tensor(profile_image(img, (-1000, 2000)), preprocess(img)).windowed_std
     """
-    t = _as_numpy(tensor).astype(np.float64, copy=False).reshape(-1)
-    finite = t[np.isfinite(t)]
-    profile.windowed_mean = float(finite.mean()) if finite.size else float("nan")
-    profile.windowed_std = float(finite.std()) if finite.size else float("nan")
+    t = _as_numpy(tensor).reshape(-1)  # float32 stays float32; the sums below in float64
+    mask = np.isfinite(t)
+    finite = t if mask.all() else t[mask]
+    profile.windowed_mean = float(finite.mean(dtype=np.float64)) if finite.size else float("nan")
+    profile.windowed_std = float(finite.std(dtype=np.float64)) if finite.size else float("nan")
     if finite.size != t.size:
         profile.hard_failures.append("the preprocessed image contains NaN or infinite values")
     elif profile.windowed_std == 0.0 and not profile.hard_failures:

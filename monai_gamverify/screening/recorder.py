@@ -4,7 +4,8 @@
 features) and keeps what the **first** forward pass after entering (or :meth:`FeatureRecorder.reset`) produced; the
 later passes of Score-CAM (masked inputs) are ignored. With ``reduce="mean"`` (pooled early layers only) it averages
 the pooled activations of every sample of every pass instead: the windows a ``SlidingWindowInferer`` cuts from one
-volume, each with equal weight. Hooks are removed on exit, whatever happens.
+volume or the slices a 2D network sees of a volume, each with equal weight (the head's input too). Hooks are removed
+on exit, whatever happens.
 ``visualize.hooks`` records the last call of a layer's *output*; this recorder needs the first call and a
 module's *input*, hence this small helper.
 
@@ -41,8 +42,8 @@ class FeatureRecorder:
             the screen uses, :func:`~monai_gamverify.screening.detectors.pool_features` with ``moments=2``) instead
             of a whole copy: a copy of a 16-channel stem output of a 256^3 volume takes 1 GiB.
         reduce: ``"first"``: the first forward pass; ``"mean"`` (needs ``pool``): the mean of the pooled rows of every
-            pass (a segmentation network run window by window: (1, 2C), the average over the windows). The head's
-            input is always the first pass's.
+            pass (a segmentation network run window by window: (1, 2C), the average over the windows; a 2D network
+            run slice by slice: the head's input averaged over the slices too).
 
     Attributes:
         activations: dict name -> tensor from the first forward pass since entering or :meth:`reset`.
@@ -84,7 +85,15 @@ class FeatureRecorder:
         return hook
 
     def _head_hook(self, module: nn.Module, inputs: tuple) -> None:
-        if PENULTIMATE not in self.activations and inputs and isinstance(inputs[0], torch.Tensor):
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        if self.reduce == "mean":  # a 2D head applied slice by slice: the mean head input over every slice
+            rows = inputs[0].detach().double().reshape(inputs[0].shape[0], -1).cpu()
+            total, count = self._sums.get(PENULTIMATE, (0.0, 0))
+            total, count = rows.sum(0, keepdim=True) + total, count + rows.shape[0]
+            self._sums[PENULTIMATE] = (total, count)
+            self.activations[PENULTIMATE] = total / count
+        elif PENULTIMATE not in self.activations:
             self.activations[PENULTIMATE] = inputs[0].detach().clone()
 
     def __enter__(self) -> FeatureRecorder:

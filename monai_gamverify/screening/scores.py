@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_gamverify.metrics.similarity import DEFAULT_METRICS, similarity_metrics
-from monai_gamverify.screening.common import DETECTORS, Observation, js_distance
+from monai_gamverify.screening.common import DETECTORS, ScreenRecord, js_distance
 
 __all__ = ["profile_matrix", "attention_grid", "attention_features", "raw_scores", "monotone", "statistic"]
 
@@ -21,7 +21,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def profile_matrix(screen: Any, obs: Sequence[Observation]) -> np.ndarray:
+def profile_matrix(screen: Any, obs: Sequence[ScreenRecord]) -> np.ndarray:
     rows = []
     for o in obs:
         v = o.profile.vector()
@@ -52,7 +52,7 @@ def attention_features(screen: Any, cams: torch.Tensor) -> np.ndarray:
     return np.stack([sims[m].detach().cpu().double().numpy() for m in DEFAULT_METRICS], axis=1)
 
 
-def raw_scores(screen: Any, obs: Sequence[Observation], loo: bool = False) -> np.ndarray:
+def raw_scores(screen: Any, obs: Sequence[ScreenRecord], loo: bool = False) -> np.ndarray:
     """(N, len(DETECTORS)) anomaly scores; NaN where a detector is inactive or its input is missing."""
     n = len(obs)
     out = np.full((n, len(DETECTORS)), np.nan)

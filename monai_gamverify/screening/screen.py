@@ -30,23 +30,30 @@ detector scores (medians and MADs from the fit part, after a fixed monotone tran
 probability <= alpha (exchangeability with the calibration images), whatever the detectors' dependence. Fisher pools
 evidence: a detector that is noisy in distribution does not swamp one that separates well, as it does in a maximum
 (30-degree rotated SOS: AUROC 0.97 with Fisher vs 0.88 with ``maxz``, ``docs/screening.md``). ``fisher`` and
-``maxz`` need only ``n_cal >= 1/alpha - 1`` calibration images to be able to reject; Bonferroni needs ``n_cal >=
-m/alpha - 1``.
+``maxz`` need only ``n_cal >= 1/alpha - 1`` calibration images to be able to reject (:meth:`Screen.fit` refuses
+fewer); Bonferroni needs ``n_cal >= m/alpha - 1``.
+**Tail extension.** An image whose statistic exceeds every calibration image's gets ``p = exp(-(T - max T_cal) / s)
+/ (n_cal + 1)`` (``s = 2`` for Fisher's chi-square-like statistic, 1 for a z-score; the per-detector p-values
+likewise in robust z units, :func:`~monai_gamverify.screening.detectors.tail_extended`): a far out-of-distribution
+image gets a smaller p-value than one barely beyond, and the rejections at ``alpha >= 1/(n_cal + 1)`` are those of
+the rank p-value (the guarantee is unchanged).
 Hard failures of the profile (NaN, constant, wrong dimensionality or channels, a single slice, a window that turns
 the image into a constant) reject regardless, with ``p_value = 0``.
 
 **Segmentation models** (``task="segmentation"``, e.g. a model-zoo UNet with a ``SlidingWindowInferer``) have no
 classifier head, garbage class or class-level CAM: their screen uses ``profile`` and ``layout``, plus the early-layer
-detectors when the bundle declares ``feature_layers``. Only then is the network run (no gradient, through the
-bundle's inferer: :meth:`Screen.record`); the early features are the channel means and stds of each window the
-inferer cuts, averaged over the windows.
+detectors when the bundle declares ``feature_layers`` (the channel means and stds of each window the inferer cuts,
+averaged over the windows, recorded by the engine during its no-grad pass).
+
+The screen runs no model: the engine (``ImagePipeline.observe``) reads, preprocesses and runs the network once, and
+the screen does statistics over its observations (:meth:`Screen.fit`, :meth:`Screen.score`). A fitted screen records
+the observation settings (reader, CAM layer and method, class policy, slice axis, preprocessing hash) and refuses
+observations made otherwise (:meth:`Screen.check_settings`).
 
 Example:
-    >>> screen = Screen.from_bundle(bm).fit(bm.network, train_files, labels)
-    >>> raw = read_image("new.nii.gz"); x = pre(raw)
-    >>> with screen.recorder(bm.network) as rec:        # the engine's one forward (+ backward) pass
-    ...     res = cam.explain(x[None])
-    >>> screen.score(raw, tensor=x, logits=res.logits[0], activations=rec.activations, cam=res.maps[0])
+    >>> pipe = ImagePipeline.from_bundle("bundles/sos_staging", screen=Screen.from_bundle(bm))
+    >>> pipe.screen.fit([pipe.observe(f) for f in train_files], labels, calibration=[pipe.observe(f) for f in cal])
+    >>> pipe.screen.score(pipe.observe("new.nii.gz"))
     {'in_distribution': True, 'p_value': 0.41, 'reasons': [], ...}
 """
 
@@ -54,27 +61,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from monai_gamverify.bundle import declared_input
 from monai_gamverify.kplus1 import find_classifier_head
-from monai_gamverify.screening.calibration import fit_observations
-from monai_gamverify.screening.common import DETECTORS, Observation
-from monai_gamverify.screening.detectors import bonferroni, conformal_pvalues, fisher_conformal, pool_features
+from monai_gamverify.screening.calibration import FITTED, fit_state
+from monai_gamverify.screening.common import DETECTORS, ScreenRecord
+from monai_gamverify.screening.detectors import bonferroni, conformal_pvalues, fisher_conformal
 from monai_gamverify.screening.messages import detector_messages, profile_messages
-from monai_gamverify.screening.persistence import load_screen, save_screen
+from monai_gamverify.screening.persistence import read_screen, save_screen
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
-from monai_gamverify.screening.reading import read_image
-from monai_gamverify.screening.recorder import PENULTIMATE, FeatureRecorder
+from monai_gamverify.screening.recorder import PENULTIMATE
 from monai_gamverify.screening.scores import monotone, raw_scores, statistic
-from monai_gamverify.visualize.hooks import preserved_state
-from monai_gamverify.visualize.registry import make_cam
 
 __all__ = ["Screen", "COMBINE", "TASKS"]
 
@@ -115,11 +118,11 @@ class Screen:
             features are computed.
         use: the detectors to combine (default: every one the model allows); hard failures always apply.
         task: ``"classification"`` or ``"segmentation"`` (no head, no garbage class, no CAM; early features
-            averaged over the inferer's windows, see :meth:`record`).
+            averaged over the inferer's windows).
 
     Example:
         >>> screen = Screen(window=(-1000, 2000), early_layers=["stem"], head="head", cam_layer="res4")
-        >>> screen.fit(net, images, labels, preprocess=pre, seed=0)
+        >>> screen.fit([engine.observe(f) for f in files], labels, seed=0)
     """
 
     def __init__(
@@ -219,7 +222,9 @@ class Screen:
         early = list(bundle.feature_layers) or list(getattr(bundle.network, "feature_layers", ()))
         image_fmt = bundle.metadata.get("network_data_format", {}).get("inputs", {}).get("image", {})
         modality = "CT" if str(image_fmt.get("format", "")).lower() == "hounsfield" else image_fmt.get("modality")
-        cam_method = bundle.parser.get_parsed_content("cam_method") if "cam_method" in bundle.parser else "gradcam"
+        # the engine's rule (ImagePipeline.from_bundle): the config's cam_method, else the metadata's, else Grad-CAM
+        cam_method = bundle.parser.get_parsed_content("cam_method") if "cam_method" in bundle.parser else None
+        cam_method = cam_method or bundle.metadata.get("gamverify", {}).get("cam_method") or "gradcam"
         roi = bundle.parser.get_parsed_content("roi_size") if "roi_size" in bundle.parser else None
         if roi is None and seg:  # model-zoo segmentation bundles declare the window size of their inferer
             roi = declared_input(bundle.metadata, bundle.parser)[1]
@@ -255,43 +260,31 @@ class Screen:
         preprocessed tensor)."""
         return any(d not in _NO_MODEL for d in self._active())
 
-    def recorder(self, model: nn.Module) -> FeatureRecorder:
-        """A :class:`FeatureRecorder` for this screen's layers (early layers pooled as the screen uses them): enter it
-        around the engine's forward pass. A segmentation screen averages the pooled activations over every pass
-        (``reduce="mean"``: the windows of a sliding window)."""
-        if self.task == "segmentation":
-            return FeatureRecorder(model, self.early_layers, None, pool=True, reduce="mean")
-        return FeatureRecorder(model, self.early_layers, self.head, pool=True)
+    @property
+    def setting_keys(self) -> tuple[str, ...]:
+        """The observation settings this screen's scores depend on: always the reader, the slice axis and the
+        preprocessing; with the attention detector also the CAM layer, method and class policy."""
+        keys = ("reader", "slice_axis", "preprocessing")
+        return keys + (("layer", "method", "class_policy") if "attention" in self._active() else ())
 
-    def record(
-        self, network: nn.Module, tensor: Any, inferer: Any = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One no-grad pass of a preprocessed (C, *spatial) tensor through ``network`` with :meth:`recorder` entered.
+    def check_settings(self, settings: Mapping[str, Any]) -> None:
+        """Refuse observations made with other settings than the screen was fitted with (the p-values would be
+        meaningless); a screen that records no settings (fitted from records) is not checked.
 
-        With an ``inferer`` (a bundle's ``SlidingWindowInferer``) the network runs as the bundle runs it, window by
-        window; a segmentation screen's early features are then the channel means and standard deviations of each
-        window's activations, **averaged over all windows** with equal weight (the first window alone would describe
-        one corner of the volume, often air). Without one (or with any other inferer), one whole-input forward.
-
-        Args:
-            network: the model (eval mode for the pass, its state restored).
-            tensor: (C, *spatial) preprocessed image (a batch axis is added).
-            inferer: the bundle's inferer (``bundle.inferer()``) or ``None``.
-
-        Returns:
-            ``(output, activations)``: the (1, ...) output (stitched by the inferer) and the recorded features.
-
-        Example:
-            >>> logits, acts = screen.record(bm.network, x, bm.inferer())
-            >>> screen.score(raw, tensor=x, activations=acts)
+        Raises:
+            ValueError: naming each differing setting, the screen's value and the observation's.
         """
-        device = next((p.device for p in network.parameters()), torch.device("cpu"))
-        t = tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
-        xb = t[None].to(device=device, dtype=torch.float32)
-        with self.recorder(network) as rec, preserved_state(network), torch.no_grad():
-            out = inferer(xb, network) if inferer is not None and callable(inferer) else network(xb)
-        out = out.as_tensor() if hasattr(out, "as_tensor") else out
-        return out, rec.activations
+        fitted = getattr(self, "observation_", None)
+        if not fitted:
+            return
+        diff = [k for k in self.setting_keys if k in fitted and k in settings and fitted[k] != settings[k]]
+        if diff:
+            parts = [f"{k} {settings[k]!r} (the screen was fitted with {fitted[k]!r})" for k in diff]
+            raise ValueError(
+                "the screen was fitted on observations made with other settings: this one uses "
+                + "; ".join(parts)
+                + ". Use the screen's settings or fit a screen for these (gamverify screen fit)"
+            )
 
     def profile(self, image: Any, tensor: Any = None, name: str | None = None) -> DataProfile:
         """The data profile of a raw channel-first image (hard failures decided here, before any model pass)."""
@@ -307,95 +300,61 @@ class Screen:
             attach_tensor(prof, tensor)
         return prof
 
-    def observe(
-        self,
-        image: Any = None,
-        *,
-        tensor: Any = None,
-        logits: Any = None,
-        activations: dict[str, Any] | None = None,
-        cam: Any = None,
-        profile: DataProfile | None = None,
-    ) -> Observation:
-        """Turn what the engine has for one image into an :class:`Observation` (no model call).
+    def record(self, observation: Any) -> ScreenRecord:
+        """What the screen takes of an engine :class:`~monai_gamverify.apps.pipeline.Observation` (no model call):
+        the data profile of the image as read (with the preprocessed tensor's statistics and layout), the pooled
+        head input and early-layer features recorded during its forward pass, its logits (classifier) and its
+        normalised map (attention detector).
 
         Args:
-            image: raw channel-first image (``MetaTensor``); not needed when ``profile`` is given.
-            tensor: the preprocessed (C, *spatial) tensor the model saw.
-            logits: (K,) or (1, K) output.
-            activations: dict from :meth:`recorder` (layer name -> (1, C, *spatial), ``"penultimate"`` -> (1, D)).
-            cam: normalised CAM (1, *spatial) or (1, 1, *spatial) in [0, 1].
-            profile: a profile already computed by :meth:`profile`.
+            observation: an object with ``raw_image``, ``input``, ``features`` (dict), ``logits`` and ``cam``
+                (``ImagePipeline.observe``); a :class:`ScreenRecord` is returned as it is.
         """
-        if profile is None:
-            if image is None:
-                raise ValueError("observe needs the raw image or its profile")
-            profile = self.profile(image, tensor)
-        elif tensor is not None and profile.windowed_std is None and not profile.hard_failures:
-            attach_tensor(profile, tensor)
-        obs = Observation(profile)
+        if isinstance(observation, ScreenRecord):
+            return observation
+        raw = observation.raw_image
+        if raw is None:
+            raise ValueError(
+                f"{observation.image}: the screen profiles the image as read, but the preprocessing does not separate "
+                "its loading (LoadImaged / EnsureChannelFirstd first)"
+            )
+        profile = self.profile(raw, observation.input, name=str(observation.image))
+        rec = ScreenRecord(profile)
         if profile.hard_failures:
-            return obs
-        acts = activations or {}
-        if PENULTIMATE in acts:
-            obs.penultimate = pool_features(torch.as_tensor(acts[PENULTIMATE]).reshape(1, -1))[0]
-        if self.early_layers and all(n in acts for n in self.early_layers):
-            parts = [pool_features(_batch1(acts[n]), moments=2)[0] for n in self.early_layers]
-            obs.early = np.concatenate(parts)
-        if logits is not None:
-            obs.logits = _as_np(logits).reshape(-1)
-        if cam is not None:
-            c = torch.as_tensor(cam).detach().cpu().float()
-            c = c.as_tensor() if hasattr(c, "as_tensor") else c
-            while c.ndim < self.spatial_dims + 2:
+            return rec
+        feats = observation.features or {}
+        if PENULTIMATE in feats:
+            rec.penultimate = np.asarray(feats[PENULTIMATE], dtype=np.float64).reshape(-1)
+        if self.early_layers and all(n in feats for n in self.early_layers):
+            rec.early = np.concatenate([np.asarray(feats[n], dtype=np.float64).reshape(-1) for n in self.early_layers])
+        if observation.logits is not None and self.task == "classification":
+            rec.logits = _as_np(observation.logits).reshape(-1)
+        if self.cam_layer is not None and observation.cam is not None:
+            c = observation.cam
+            c = (c.as_tensor() if hasattr(c, "as_tensor") else torch.as_tensor(c)).detach().cpu().float()
+            while c.ndim < self.spatial_dims + 1:
                 c = c.unsqueeze(0)
-            obs.cam = c[0]
-        return obs
+            rec.cam = c
+        return rec
 
-    def observe_image(
-        self,
-        network: nn.Module,
-        image: Any,
-        preprocess: Callable[[Any], torch.Tensor] | None = None,
-        cam: Any = None,
-        inferer: Any = None,
-    ) -> Observation:
-        """Read (a path), profile, preprocess and run ``network`` once (CAM forward/backward with the recorder).
+    def record_failure(self, image: Any, failure: str, name: str | None = None) -> ScreenRecord:
+        """The record of an image that was read but that the model cannot take (its preprocessing or geometry check
+        fails): its profile's hard failures, else ``failure``; such an image is rejected with ``p_value = 0``."""
+        profile = self.profile(image, name=name)
+        if not profile.hard_failures:
+            profile.hard_failures.append(failure)
+        return ScreenRecord(profile)
 
-        A hard failure of the profile, or a preprocessing that fails, returns before the model is called; so does a
-        screen whose detectors need no model pass (:attr:`needs_network`). A segmentation screen runs the network
-        through ``inferer`` (:meth:`record`); a classification screen ignores it (its CAM sees the whole input).
-        """
-        img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
-        prof = self.profile(img)
-        if prof.hard_failures:
-            return Observation(prof)
-        try:
-            x = (preprocess or (lambda t: torch.as_tensor(t, dtype=torch.float32)))(img)
-        except Exception as err:  # the bundle's transforms refuse it: a reason, not a crash
-            prof.hard_failures.append(f"the bundle's preprocessing fails on this image: {type(err).__name__}: {err}")
-            return Observation(prof)
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        attach_tensor(prof, x)
-        if prof.hard_failures:
-            return Observation(prof)
-        if not self.needs_network:
-            return self.observe(tensor=x, profile=prof)
-        if self.task == "segmentation":  # no logits kept: a (K, *spatial) output is nothing the detectors use
-            _, acts = self.record(network, x, inferer)
-            return self.observe(tensor=x, activations=acts, profile=prof)
-        device = next((p.device for p in network.parameters()), torch.device("cpu"))
-        xb = x[None].to(device=device, dtype=torch.float32)
-        maps = None
-        with self.recorder(network) as rec:
-            if self.cam_layer is not None:
-                engine = cam if cam is not None else _make_cam(network, self.cam_layer, self.cam_method)
-                res = engine.explain(xb)
-                logits, maps = res.logits, res.maps
-            else:
-                with preserved_state(network), torch.no_grad():
-                    logits = network(xb)
-        return self.observe(tensor=x, logits=logits, activations=rec.activations, cam=maps, profile=prof)
+    def set_histogram_range(self, images: Iterable[Any]) -> None:
+        """Without an intensity window, one histogram range for all images: the median 1st-99th percentile range of
+        ``images`` (raw channel-first images, e.g. the fit images as read); call before :meth:`record`."""
+        profs = [self.profile(i) for i in images]
+        good = [p for p in profs if not p.hard_failures] or profs
+        if not good:
+            raise ValueError("no image to set the histogram range from")
+        p1 = float(np.median([p.percentiles["p1"] for p in good]))
+        p99 = float(np.median([p.percentiles["p99"] for p in good]))
+        self.hist_range_ = (p1, p99 if p99 > p1 else p1 + 1.0)
 
     # ---------------------------------------------------------------------------------------------- detectors
     def _active(self) -> list[str]:
@@ -413,99 +372,100 @@ class Screen:
     # ------------------------------------------------------------------------------------------------------ fit
     def fit(
         self,
-        network: nn.Module,
-        images: Sequence[Any],
+        observations: Sequence[Any],
         labels: Sequence[int] | None = None,
         *,
-        preprocess: Callable[[Any], torch.Tensor] | None = None,
         calibration: Sequence[Any] | None = None,
         calibration_fraction: float = 0.35,
         seed: int = 0,
-        inferer: Any = None,
+        names: Sequence[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Screen:
-        """Fit the detectors on in-distribution images and calibrate them on held-out in-distribution images.
+        """Fit the detectors on in-distribution observations and calibrate them on held-out ones.
 
         The calibration images must be exchangeable with the images the screen will judge: **not** images the model
         was trained on (its features are tighter on those, and a screen calibrated on them rejects too many new
         in-distribution images). Give them as ``calibration`` (e.g. a validation split plus unseen images of the
-        same source); without it, a seeded random part of ``images`` is held out, which is valid only when the
-        model never saw ``images``.
+        same source); without it, a seeded random part of ``observations`` is held out, which is valid only when the
+        model never saw those images.
 
         Args:
-            network: the model (eval mode is set for the passes and restored).
-            images: paths (any format :func:`read_image` reads) or raw channel-first ``MetaTensor`` s.
+            observations: the engine's observations (``ImagePipeline.observe``) or :class:`ScreenRecord` s (from
+                :meth:`record`).
             labels: class of every image (class-conditional Mahalanobis); ``None``: the model's predictions.
-            preprocess: raw image -> the tensor the model sees (e.g. :func:`preprocessing_after_loading`).
-            calibration: held-out in-distribution images for the conformal calibration (``None``: a random part
-                of ``images``).
-            calibration_fraction: share of ``images`` held out when ``calibration`` is ``None``.
+            calibration: held-out in-distribution observations (``None``: a random part of ``observations``).
+            calibration_fraction: share of ``observations`` held out when ``calibration`` is ``None``.
             seed: seed of the fit/calibration split.
-            inferer: a segmentation bundle's inferer (``bundle.inferer()``), see :meth:`observe_image`.
+            names: image names for messages.
+            settings: the observation settings (``ImagePipeline.observation_settings``); saved with the screen and
+                compared with every observation it judges (default: those of the first observation that has them).
 
         Returns:
             self.
-        """
-        cam = _make_cam(network, self.cam_layer, self.cam_method) if self.cam_layer is not None else None
-        if self.window is None:  # one histogram range for all images: the median 1st-99th percentile range
-            profs = [self.profile(read_image(i) if isinstance(i, (str, os.PathLike)) else i) for i in images]
-            good = [p for p in profs if not p.hard_failures] or profs
-            p1 = float(np.median([p.percentiles["p1"] for p in good]))
-            p99 = float(np.median([p.percentiles["p99"] for p in good]))
-            self.hist_range_ = (p1, p99 if p99 > p1 else p1 + 1.0)
-        obs = [self.observe_image(network, img, preprocess, cam, inferer) for img in images]
-        cal = None
-        if calibration is not None:
-            cal = [self.observe_image(network, i, preprocess, cam, inferer) for i in calibration]
-        everything = list(images) + list(calibration or [])
-        names = [str(i) if isinstance(i, (str, os.PathLike)) else f"image {j}" for j, i in enumerate(everything)]
-        return self.fit_observations(
-            obs, labels, calibration=cal, calibration_fraction=calibration_fraction, seed=seed, names=names
-        )
 
-    def fit_observations(
-        self,
-        observations: Sequence[Observation],
-        labels: Sequence[int] | None = None,
-        *,
-        calibration: Sequence[Observation] | None = None,
-        calibration_fraction: float = 0.35,
-        seed: int = 0,
-        names: Sequence[str] | None = None,
-    ) -> Screen:
-        """:meth:`fit` from observations the caller already made (e.g. during the engine's passes)."""
-        return fit_observations(
+        Raises:
+            ValueError: too few images, or too few calibration images to reject anything at ``alpha``.
+        """
+        obs, cal = list(observations), list(calibration or [])
+        if self.window is None and not hasattr(self, "hist_range_"):
+            raws = [o.raw_image for o in obs + cal if not isinstance(o, ScreenRecord) and o.raw_image is not None]
+            if raws:
+                self.set_histogram_range(raws)
+        if settings is None:
+            settings = next((o.settings for o in obs + cal if getattr(o, "settings", None)), None)
+        if names is None:
+            names = [str(getattr(o, "image", f"image {i}")) for i, o in enumerate(obs + cal)]
+        state = fit_state(
             self,
-            observations,
+            [self.record(o) for o in obs],
             labels,
-            calibration=calibration,
+            calibration=None if calibration is None else [self.record(o) for o in cal],
             calibration_fraction=calibration_fraction,
             seed=seed,
             names=names,
         )
+        state["observation_"] = None if settings is None else {k: settings[k] for k in sorted(settings)}
+        self._set_fitted(state)
+        return self
+
+    def _set_fitted(self, state: Mapping[str, Any]) -> None:
+        """Set the fitted state (:data:`~monai_gamverify.screening.calibration.FITTED` and ``observation_``): the
+        one place the screen's state changes after construction (:meth:`fit`, :meth:`load`)."""
+        unknown = sorted(set(state) - set(FITTED) - {"observation_"})
+        if unknown:
+            raise ValueError(f"unknown screen state {unknown}")
+        for name in FITTED:  # a refit forgets what the previous fit had and this one has not (e.g. cam_ref_)
+            if name not in state and name in self.__dict__:
+                delattr(self, name)
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.fitted_ = True
 
     # ---------------------------------------------------------------------------------------------------- score
     def _check_fitted(self) -> None:
         if not self.fitted_:
             raise RuntimeError("the screen is not fitted: call fit() or Screen.load()")
 
-    def score_observations(self, observations: Sequence[Observation]) -> list[dict[str, Any]]:
-        """Verdicts for several observations (see :meth:`score`)."""
+    def score_observations(self, observations: Sequence[Any]) -> list[dict[str, Any]]:
+        """Verdicts for several observations (engine observations or records; see :meth:`score`), in one vectorised
+        call (the same numbers as one call each)."""
         self._check_fitted()
-        obs = list(observations)
+        obs = [self.record(o) for o in observations]
         raw = raw_scores(self, obs)
         pvals = np.full_like(raw, np.nan)
+        z = self.score_scaler_.transform(monotone(raw))
+        z_cal = self.score_scaler_.transform(monotone(self.cal_scores_))
         for j in range(len(DETECTORS)):
             cal = self.cal_scores_[:, j]
-            if np.isfinite(cal).all() and cal.size:
-                pvals[:, j] = conformal_pvalues(cal, raw[:, j])
-        z = self.score_scaler_.transform(monotone(raw))
+            if np.isfinite(cal).all() and cal.size:  # beyond every calibration image: smaller the further (z units)
+                pvals[:, j] = conformal_pvalues(cal, raw[:, j], z_cal[:, j], z[:, j])
         if self.combine == "fisher":
-            z_cal = self.score_scaler_.transform(monotone(self.cal_scores_))
             combined, stat = fisher_conformal(self.cal_scores_, raw, z_cal, z)
         else:
             stat = statistic(self, raw)
-            if self.combine == "maxz":
-                combined = conformal_pvalues(self.cal_stat_[np.isfinite(self.cal_stat_)], stat)
+            if self.combine == "maxz":  # the statistic is a robust z-score already: its own tail scale
+                cal_stat = self.cal_stat_[np.isfinite(self.cal_stat_)]
+                combined = conformal_pvalues(cal_stat, stat, cal_stat, stat)
             else:
                 combined = bonferroni(pvals, axis=1)
         rows = []
@@ -532,33 +492,19 @@ class Screen:
             rows.append(row)
         return rows
 
-    def score(
-        self,
-        image: Any = None,
-        *,
-        tensor: Any = None,
-        logits: Any = None,
-        activations: dict[str, Any] | None = None,
-        cam: Any = None,
-        profile: DataProfile | None = None,
-    ) -> dict[str, Any]:
-        """The verdict for one image from what the engine already computed (no model call here).
+    def score(self, observation: Any) -> dict[str, Any]:
+        """The verdict for one image from the engine's observation of it (no model call here).
 
         Args:
-            image: raw channel-first image (``MetaTensor``, native units).
-            tensor: the preprocessed tensor the model saw.
-            logits: the model's output for it.
-            activations: :attr:`FeatureRecorder.activations` of the same forward pass (:meth:`recorder`).
-            cam: its normalised CAM.
-            profile: the profile from :meth:`profile` (when the engine checked hard failures first).
+            observation: ``ImagePipeline.observe``'s :class:`~monai_gamverify.apps.pipeline.Observation` (or a
+                :class:`ScreenRecord`).
 
         Returns:
             ``{"in_distribution", "p_value", "reasons", "notes", "statistic", "score_<detector>",
-            "p_<detector>"}``; a detector whose input was not given gets NaN (the combined p-value is then
-            conservative: it ranks a maximum over fewer detectors against the full calibration statistic).
+            "p_<detector>"}``; a detector whose input is missing gets NaN (the combined p-value is then
+            conservative).
         """
-        obs = self.observe(image, tensor=tensor, logits=logits, activations=activations, cam=cam, profile=profile)
-        return self.score_observations([obs])[0]
+        return self.score_observations([observation])[0]
 
     # ----------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> Path:
@@ -578,13 +524,7 @@ class Screen:
         Raises:
             ScreenFileError: the JSON or the arrays do not match their recorded SHA-256, or a file is missing.
         """
-        return load_screen(cls, directory)
-
-
-def _batch1(x: Any) -> torch.Tensor:
-    t = torch.as_tensor(x).detach()
-    return t if t.ndim >= 2 and t.shape[0] == 1 else t[None]
-
-
-def _make_cam(network: nn.Module, layer: str, method: str) -> Any:
-    return make_cam(network, layer, method)
+        config, state = read_screen(directory)
+        screen = cls(**config)
+        screen._set_fitted(state)
+        return screen

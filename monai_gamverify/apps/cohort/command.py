@@ -53,7 +53,7 @@ def cohort_parser(prog: str = "gamverify cohort") -> argparse.ArgumentParser:
     ap.add_argument("--network_args", help="network keyword arguments as JSON")
     ap.add_argument("--checkpoint", help="weights file (torch.load weights_only=True)")
     ap.add_argument("--layer", help="CAM target layer (default: the bundle's cam_layer)")
-    ap.add_argument("--method", default="gradcam", help="gradcam, gradcampp (gradcam++) or scorecam")
+    ap.add_argument("--method", default=None, help="gradcam, gradcampp (gradcam++) or scorecam (default: the bundle's)")
     ap.add_argument("--a_min", type=float, help="intensity window lower bound (network mode)")
     ap.add_argument("--a_max", type=float, help="intensity window upper bound (network mode)")
     ap.add_argument("--spatial_dims", type=int, default=3, help="spatial axes expected (network mode, default 3)")

@@ -43,14 +43,7 @@ from monai_gamverify.apps.pipeline import ImagePipeline, ImageResult, decide_ver
 from monai_gamverify.data.datalist import DataError
 from monai_gamverify.energy.attribution import attribution_energy
 from monai_gamverify.io import save_map, write_json
-from monai_gamverify.visualize.cam import normalize_maps
-from monai_gamverify.visualize.segcam import (
-    bundle_activation,
-    bundle_segmentation_cam,
-    default_segmentation_label,
-    label_index,
-    predicted_mask,
-)
+from monai_gamverify.visualize.segcam import default_segmentation_label, label_index
 
 __all__ = ["run_cohort", "segmentation_labels", "CohortInterrupted", "CohortOutOfMemory"]
 
@@ -112,7 +105,7 @@ class _SegmentationResult:
     input: Any
     cams: dict[str, torch.Tensor]
     raw_image: Any = None
-    pending_screen: dict[str, Any] | None = None
+    pending_screen: Any = None
     in_distribution: bool | None = None
     p_value: float | None = None
     reasons: list[str] = field(default_factory=list)
@@ -193,28 +186,25 @@ class _Items:
         return row, res
 
     def _segmentation(self, item: dict, x: Any, raw: Any = None) -> tuple[dict, _SegmentationResult]:
-        """Seg-Grad-CAM of every requested label through the bundle's inferer (one forward and backward each); with
-        a screen, what it needs (:meth:`ImagePipeline.segmentation_screen_inputs`), judged later in a batch like a
-        classification item's (:meth:`screen`)."""
-        engine, bm = self.engine, self.engine.bundle
+        """The engine's observation of a segmentation item (:meth:`ImagePipeline.observe_loaded`: one pass through
+        the bundle's inferer, then the Seg-Grad-CAM of every requested label); with a screen, the observation is
+        judged later in a batch like a classification item's (:meth:`screen`)."""
+        engine = self.engine
         row: dict[str, Any] = {"id": item["id"], "image": item["image"]}
         if "label" in item:
             row["label"] = item["label"]
-        xb = x.unsqueeze(0).to(engine.device)
+        labels = [idx for idx, _ in self.seg_labels or []]
+        obs = engine.observe_loaded(x, raw, labels, source=item["image"])
         cams: dict[str, torch.Tensor] = {}
-        for idx, name in self.seg_labels or []:
-            with torch.inference_mode(False), torch.enable_grad():
-                raw_map, logits = bundle_segmentation_cam(
-                    bm, xb, idx, layer=engine.target_layers, method=engine.method, normalize=False
-                )
-            row[f"voxels_{name}"] = int(predicted_mask(logits, idx, bundle_activation(bm)).sum())
-            row[f"energy_{name}"] = float(attribution_energy(raw_map)[0])
-            cams[name] = normalize_maps(raw_map.float())[0].detach().cpu()
+        for (_, name), key in zip(self.seg_labels or [], obs.raw_maps):
+            row[f"voxels_{name}"] = obs.predicted_voxels[key]
+            row[f"energy_{name}"] = float(attribution_energy(obs.raw_maps[key][None])[0])
+            cams[name] = obs.cam_of(key)
             if self.save_maps:
                 row[f"map_{name}"] = f"maps/{item['id']}_{name}_cam.nii.gz"
-        res = _SegmentationResult(x.detach().cpu() if hasattr(x, "detach") else x, cams)
+        res = _SegmentationResult(obs.input, cams)
         if engine.screen is not None:
-            res.pending_screen, res.raw_image = engine.segmentation_screen_inputs(x), raw
+            res.pending_screen = obs
             row.update(in_distribution=None, p_value=None, reasons="", verdict=res.verdict)  # filled by screen()
         return row, res
 
@@ -310,7 +300,7 @@ def run_cohort(
     network_args: Mapping[str, Any] | str | None = None,
     checkpoint: str | os.PathLike | None = None,
     layer: str | None = None,
-    method: str = "gradcam",
+    method: str | None = None,
     preprocessing: Callable[[dict], dict] | None = None,
     a_min: float | None = None,
     a_max: float | None = None,
@@ -353,7 +343,7 @@ def run_cohort(
         network_args: keyword arguments of a named network (dict or JSON).
         checkpoint: weights file (``torch.load(weights_only=True)``); bundle default ``models/model.pt``.
         layer: CAM target layer (the engine's ``target_layers``; default: the bundle's declared layer).
-        method: ``gradcam``, ``gradcampp`` or ``scorecam``.
+        method: ``gradcam``, ``gradcampp`` or ``scorecam`` (default: the bundle's ``cam_method``, else Grad-CAM).
         preprocessing: dictionary transform replacing the default one (invertible for ``invert``).
         a_min: with ``a_max``, intensity window of the default preprocessing, mapped to [0, 1].
         a_max: see ``a_min``.
@@ -433,7 +423,8 @@ def run_cohort(
                 raise ValueError("no CAM target layer: pass layer= (names as in model.named_modules())")
             args = _json_arg(network_args, "network_args") if isinstance(network, str) else None
             engine = ImagePipeline.from_network(network, layer, network_args=args, checkpoint=checkpoint, a_min=a_min,
-                                                a_max=a_max, spatial_dims=spatial_dims, **common)  # fmt: skip
+                                                a_max=a_max, spatial_dims=spatial_dims,
+                                                **{**common, "method": method or "gradcam"})  # fmt: skip
             config.update(network=network if isinstance(network, str) else type(network).__name__, network_args=args)
         seg_labels = None
         if engine.bundle is not None and engine.bundle.task == "segmentation" and engine.slice_axis is None:
@@ -447,6 +438,7 @@ def run_cohort(
             raise ValueError("labels= is for segmentation bundles; this model is a classifier")
         engine.check_screen("classification" if seg_labels is None else "segmentation")
         config.update(
+            method=engine.method,
             segmentation_labels=None if seg_labels is None else [list(t) for t in seg_labels],
             layer=engine.target_layers,
             class_names=list(class_names or []) if bundle_root is None else engine.class_names,
@@ -528,7 +520,9 @@ def run_cohort(
                     write_json({**rec, "config_hash": config_hash}, out / "errors" / f"{item['id']}.json")
                     errors.append(rec)
                     continue
-                if len(waiting) >= batch:
+                # a full batch, or an idle writer thread: it never waits while items do (no unoverlapped tail of a
+                # whole batch at the end); under load the batches fill up (one vectorised call each)
+                if len(waiting) >= batch or (pool is not None and all(f.done() for f in queue)):
                     flush()
             flush()
             while queue:

@@ -1,5 +1,5 @@
 """The demo's in-distribution screen: fitted for the SOS reference model, run on SOS test, chin, CVM and noise
-volumes (``screening.fit_screen`` / ``run_screen``), with pictures of rejected inputs for the report."""
+volumes (``apps.screening.fit_screen`` / ``run_screen``), with pictures of rejected inputs for the report."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pandas as pd
 import torch
 
 from monai_gamverify.apps.demo.settings import MODELS, DemoSettings, bundles_dir
+from monai_gamverify.apps.screening import fit_screen, run_screen
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.data.synthetic import make_cohort
 from monai_gamverify.io import load_image, write_csv
-from monai_gamverify.screening import dataset_test, fit_screen, run_screen
+from monai_gamverify.screening import dataset_test
 from monai_gamverify.visualize.plots import overlay_png
 
 __all__ = ["screen_stage", "model_screens", "SCREEN_SOURCES", "SCREENED_MODELS"]
@@ -127,7 +128,8 @@ def model_screens(
             rows.append({"model": name, "trained_on": kind, "n": len(paths), **empty, "note": str(err)})
             continue
         judged = run_screen(target, paths, target, device=device)
-        test = dataset_test(judged["in_distribution"].astype(bool).tolist(), n_cal=screen.n_cal_, alpha=screen.alpha)
+        read = judged[judged["error"].fillna("") == ""]  # unreadable files are errors, not rejections
+        test = dataset_test(read["in_distribution"].astype(bool).tolist(), n_cal=screen.n_cal_, alpha=screen.alpha)
         rows.append({"model": name, "trained_on": kind, **test, "note": ""})
     table = pd.DataFrame(rows)
     write_csv(table, out / "model_screens.csv")

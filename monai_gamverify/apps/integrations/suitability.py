@@ -29,12 +29,7 @@ import torch
 
 from monai_gamverify.apps.pipeline import VERDICTS, ImagePipeline, decide_verdict, image_stem
 from monai_gamverify.io import save_map, save_nifti
-from monai_gamverify.visualize.segcam import (
-    bundle_activation,
-    bundle_segmentation_cam,
-    default_segmentation_label,
-    label_index,
-)
+from monai_gamverify.visualize.segcam import bundle_activation, default_segmentation_label, label_index
 
 __all__ = ["SuitabilityPipeline", "VERDICTS", "image_stem"]
 
@@ -215,23 +210,10 @@ class SuitabilityPipeline:
             raise ValueError("segment() is for segmentation bundles; this bundle is a classifier (use run())")
         engine, bm = self.engine, self.bundle
         names = list(bm.class_names)
-        raw, x = engine.load(image)
         out: dict[str, Any] = {"image": str(image), "task": "segmentation"}
-        screen = None
-        if explain and engine.screen is not None:  # is this image like the data the model was made for?
-            screen = engine.screen.score(raw, **engine.segmentation_screen_inputs(x))
-        xb = x.unsqueeze(0).to(engine.device)
-        if explain:
-            idx = label_index(self.label if label is None else label, names)
-            with torch.inference_mode(False), torch.enable_grad():
-                maps, logits = bundle_segmentation_cam(bm, xb, idx, layer=engine.target_layers, method=engine.method)
-            cam = maps[0].detach().cpu()
-        else:
-            inferer = bm.inferer() if "inferer" in bm.parser else None
-            plain_x = xb.as_tensor() if hasattr(xb, "as_tensor") else xb
-            with torch.inference_mode():
-                logits = inferer(plain_x, bm.network) if inferer is not None else bm.network(plain_x)
-        logits = (logits.as_tensor() if hasattr(logits, "as_tensor") else logits).detach().float().cpu()[0]
+        # the engine's one observation: read, preprocessing, the inferer's pass and (explain) the label's CAM
+        obs = engine.observe(image, class_idx=self.label if label is None else label, cam=explain)
+        x, logits = obs.input, obs.logits
         sigmoid = bundle_activation(bm) == "sigmoid"
         probs = logits.sigmoid() if sigmoid else logits.softmax(0)
         probs_in, ref = engine.on_input_grid(SimpleNamespace(cam=probs, input=x))
@@ -251,7 +233,9 @@ class SuitabilityPipeline:
         )
         if not explain:
             return out
-        cam_in, cam_ref = engine.on_input_grid(SimpleNamespace(cam=cam, input=x))
+        idx, cam = obs.explained_class, obs.cam
+        cam_in, cam_ref = obs.on_input_grid()
+        screen = None if engine.screen is None else engine.screen.score(obs)  # is it like the model's data?
         features = p_suitable = None
         if engine.reference is not None:
             feats = engine.features([cam])[0]

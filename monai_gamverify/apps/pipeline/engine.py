@@ -1,12 +1,17 @@
-"""The single-image engine :class:`ImagePipeline` (see :mod:`monai_gamverify.apps.pipeline`)."""
+"""The single-image engine :class:`ImagePipeline` (see :mod:`monai_gamverify.apps.pipeline`).
+
+Over 500 lines because it is the one engine every route shares: construction from a bundle or a network, the read,
+the observation (its strategies are in :mod:`~monai_gamverify.apps.pipeline.strategies`), the per-image rules, the
+batched features and verdicts, the files. Splitting these would spread one image's path over several modules.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,6 +19,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirst, EnsureChannelFirstd, LoadImage, LoadImaged
 from torch import nn
 
+from monai_gamverify.apps.pipeline.observation import Observation, preprocessing_hash, reader_policy
 from monai_gamverify.apps.pipeline.result import (
     ImageResult,
     PreprocessingError,
@@ -25,17 +31,22 @@ from monai_gamverify.apps.pipeline.result import (
     plain,
     simple_preprocessing,
 )
+from monai_gamverify.apps.pipeline.strategies import WholeInput, choose_strategy
 from monai_gamverify.bundle import BundleModel, geometry_problems, load_bundle, load_checkpoint, network_from_name
 from monai_gamverify.energy.attribution import attribution_energy
-from monai_gamverify.energy.workflow import SliceAggregateInferer, SliceCAMd
+from monai_gamverify.energy.workflow import SliceCAMd
 from monai_gamverify.io import save_map, to_input_grid, write_json
-from monai_gamverify.kplus1 import RejectGarbaged
+from monai_gamverify.io.dicom import dicom_series
+from monai_gamverify.kplus1 import RejectGarbaged, find_classifier_head
 from monai_gamverify.metrics.similarity import ALL_METRICS, DEFAULT_METRICS, similarity_metrics
 from monai_gamverify.screening import Screen
-from monai_gamverify.visualize.cam import normalize_maps
-from monai_gamverify.visualize.hooks import LayerHooks
+from monai_gamverify.screening.recorder import FeatureRecorder
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.registry import cam_method, make_cam
+from monai_gamverify.visualize.segcam import (
+    default_segmentation_label,
+    label_index,
+)
 
 __all__ = ["ImagePipeline"]
 
@@ -64,13 +75,15 @@ class ImagePipeline:
         garbage_index: index of the garbage class; ``None``: the class named ``"garbage"`` if there is one.
         garbage_threshold: also reject when P(garbage) reaches it (``None``: argmax only).
         screen: optional in-distribution screen: a saved :class:`~monai_gamverify.screening.Screen` directory, or an
-            object with ``score(image, *, tensor, logits, activations,
-            cam) -> {"in_distribution", "p_value", "reasons", ...}`` and either ``recorder(network)`` (a context
-            manager whose ``activations`` dict is filled during the forward pass) or ``layers`` (names recorded
-            here with ``visualize.hooks.LayerHooks``). The activations come from the CAM's own forward pass.
+            object with ``score(observation) -> {"in_distribution", "p_value", "reasons", ...}`` (optionally
+            ``score_observations``, ``early_layers`` and ``head``: recorded during the CAM's own forward pass,
+            ``check_settings(settings)``: refuse observations unlike those it was fitted on).
         invert: put maps back on the input's grid (``False``: keep the preprocessed grid).
         device: where the network runs (default: where its parameters are).
         cam_options: extra arguments of the CAM class (e.g. Score-CAM's ``top_k``, ``max_memory_mb``).
+        feature_layers: early layers whose pooled activations every observation records (channel means and
+            standard deviations; a screen's early layers are added).
+        head: the classifier head whose input every observation records (``"penultimate"``; a screen's head wins).
 
     Example:
         >>> pipe = ImagePipeline(net, "layer4", class_names=["a", "b"])
@@ -97,6 +110,8 @@ class ImagePipeline:
         invert: bool = True,
         device: str | torch.device | None = None,
         cam_options: Mapping[str, Any] | None = None,
+        feature_layers: Sequence[str] = (),
+        head: str | None = None,
     ) -> None:
         if not isinstance(target_layers, str) or not target_layers:
             raise ValueError(f"target_layers must be one layer name (a string), got {target_layers!r}")
@@ -136,6 +151,9 @@ class ImagePipeline:
                 if unknown:
                     raise ValueError(f"the verifier uses feature(s) {unknown} that are not similarity metrics")
                 self.metrics += [c for c in used if c not in self.metrics]
+        self.feature_layers = list(feature_layers)
+        self.head = head
+        self._settings: dict[str, Any] | None = None
         self._loader, self._rest = self._split(self.preprocessing)
 
     # ------------------------------------------------------------------ constructors
@@ -193,6 +211,12 @@ class ImagePipeline:
         inputs = bm.metadata.get("network_data_format", {}).get("inputs", {})
         shape = next(iter(inputs.values()), {}).get("spatial_shape") if inputs else None
         kwargs.setdefault("slice_axis", bm.slice_axis(3))  # a 2D network on volumes (e.g. cbct_quality)
+        kwargs.setdefault("feature_layers", list(bm.feature_layers) or list(getattr(bm.network, "feature_layers", ())))
+        if "head" not in kwargs and not (bm.task == "segmentation" and kwargs["slice_axis"] is None):
+            try:
+                kwargs["head"] = find_classifier_head(bm.network)[0]
+            except ValueError:  # no linear head: no penultimate features
+                kwargs["head"] = None
         pipe = cls(bm.network, layer, preprocessing=pre, method=method, class_names=names or bm.class_names,
                    regression=is_regression(bm.metadata), device=device, **kwargs)  # fmt: skip
         pipe.bundle = bm
@@ -289,7 +313,8 @@ class ImagePipeline:
 
         Raises:
             FileNotFoundError: the path does not exist.
-            PreprocessingError: it cannot be read or transformed (the message names the file and the cause).
+            PreprocessingError: it cannot be read or transformed (the message names the file and the cause; its
+                ``raw_image`` is the image as read when only a later step failed).
         """
         data = {k: v for k, v in (extra or {}).items() if k not in ("id", "image")}
         if isinstance(image, torch.Tensor):
@@ -302,6 +327,17 @@ class ImagePipeline:
                 raise FileNotFoundError(f"image file not found: {p}")
             raw, name = None, str(p)
             data["image"] = str(p)
+            if p.is_dir():  # the policy of io.load_image: a folder of several DICOM series is ambiguous, refuse it
+                try:
+                    series = dicom_series(p)
+                except ImportError:  # no ITK: the bundle's reader decides (and names its own error)
+                    series = {}
+                if len(series) > 1:
+                    raise PreprocessingError(
+                        name,
+                        f"the directory holds {len(series)} DICOM series {sorted(series)}: give the directory of one "
+                        "series (io.load_image(path, series_uid=...) reads one of several)",
+                    )
         try:
             if raw is None and self._rest is None:
                 return None, self._check(self.preprocessing(data)["image"], name)
@@ -313,12 +349,16 @@ class ImagePipeline:
         except Exception as err:  # readers and transforms raise many types: name the file and the first cause
             if is_out_of_memory(err):
                 raise
-            raise PreprocessingError(name, error_message(err)) from err
-        out = self._check(out, name)
+            raise PreprocessingError(name, error_message(err), raw_image=raw) from err
+        try:
+            out = self._check(out, name)
+        except PreprocessingError as err:
+            err.raw_image = raw
+            raise
         if self.bundle is not None:  # one slice into a 3D network, fewer voxels than the total stride, channels
             problems = geometry_problems(out, self.bundle)
             if problems:
-                raise PreprocessingError(name, "the image does not suit the network: " + "; ".join(problems))
+                raise PreprocessingError(name, "the image does not suit the network: " + "; ".join(problems), raw)
         return raw, out
 
     @staticmethod
@@ -327,14 +367,138 @@ class ImagePipeline:
             raise PreprocessingError(name, f"the preprocessing gave a {type(x).__name__}, not a tensor")
         return x.float() if x.dtype != torch.float32 else x
 
-    # ------------------------------------------------------------------ 2 explain
-    def _recorder(self) -> Any:
-        if self.screen is None:
-            return contextlib.nullcontext(None)
-        if hasattr(self.screen, "recorder"):
-            return self.screen.recorder(self.network)
-        return LayerHooks(self.network, list(self.screen.layers), keep_copy=True)
+    # ------------------------------------------------------------------ 2 observe
+    @property
+    def task(self) -> str:
+        """``"segmentation"`` for a segmentation bundle explained through its inferer (Seg-Grad-CAM), else
+        ``"classification"`` (a classifier or regressor; a 2D one on volumes slice by slice)."""
+        seg = self.bundle is not None and self.bundle.task == "segmentation" and self.slice_axis is None
+        return "segmentation" if seg else "classification"
 
+    def observation_settings(self, class_idx: Any = None) -> dict[str, Any]:
+        """The settings an observation depends on (recorded by a screen when it is fitted, compared when it is
+        applied): ``reader`` (the loading transform's readers), ``layer``, ``method``, ``class_policy`` (which
+        output the map explains), ``slice_axis`` and ``preprocessing`` (:func:`preprocessing_hash`)."""
+        if self.task == "segmentation":
+            labels = class_idx if isinstance(class_idx, (list, tuple)) else [class_idx]
+            names = list(self.bundle.class_names)
+            idx = [
+                label_index(default_segmentation_label(self.bundle) if lab is None else lab, names) for lab in labels
+            ]
+            policy = "label " + ",".join(str(i) for i in idx)
+        else:
+            policy = "predicted class" if class_idx is None else f"output {int(class_idx)}"
+        if self._settings is None:
+            self._settings = {
+                "reader": reader_policy(self.preprocessing),
+                "preprocessing": preprocessing_hash(self.preprocessing),
+            }
+        return {
+            "reader": self._settings["reader"],
+            "layer": self.target_layers,
+            "method": self.method,
+            "class_policy": policy,
+            "slice_axis": self.slice_axis,
+            "preprocessing": self._settings["preprocessing"],
+        }
+
+    def _recorder(self, reduce: str = "first") -> FeatureRecorder:
+        """The features recorded during the forward pass: the engine's ``feature_layers`` and the screen's early
+        layers (pooled), and the classifier head's input (``"penultimate"``)."""
+        layers = list(dict.fromkeys([*self.feature_layers, *(getattr(self.screen, "early_layers", None) or [])]))
+        head = getattr(self.screen, "head", None) or self.head
+        if self.task == "segmentation":
+            head = None
+        return FeatureRecorder(self.network, layers, head, pool=True, reduce=reduce)
+
+    def observe(
+        self,
+        item: str | os.PathLike | Mapping[str, Any] | torch.Tensor,
+        class_idx: Any = None,
+        *,
+        box: Sequence[Sequence[int]] | None = None,
+        cam: bool = True,
+        forward: bool = True,
+    ) -> Observation:
+        """Everything the package knows about one image, from one read, one preprocessing and one forward (+ backward)
+        pass: THE producer of per-image evidence (the screen, the verifier, the cohort, ``gamverify cam``, MONAI Label
+        and Deploy use it).
+
+        Args:
+            item: a file or DICOM series directory, a dict with ``"image"`` (a datalist entry; its other keys go to
+                the preprocessing), or an already loaded channel-first ``MetaTensor``.
+            class_idx: classification: the output column explained (default: the predicted one); segmentation: the
+                label(s) explained, names or channels (default: the first foreground channel,
+                ``segcam.default_segmentation_label``).
+            box: segmentation: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid, the region of the target
+                instead of the predicted mask.
+            cam: compute the maps (``False``: the forward pass only, no backward).
+            forward: run the network (``False``: read and preprocess only).
+
+        Returns:
+            :class:`Observation`.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            PreprocessingError: it cannot be read or preprocessed (``raw_image`` holds the image when the read
+                succeeded and a later transform failed).
+
+        Example:
+            >>> obs = ImagePipeline.from_bundle("bundles/sos_staging").observe("case_001.nii.gz")
+            >>> obs.prediction, obs.cam.shape, obs.cam_input.shape, obs.features["penultimate"].shape
+        """
+        extra = None
+        if isinstance(item, Mapping):
+            if "image" not in item:
+                raise ValueError(f"an item dict needs an 'image' entry, got keys {sorted(item)}")
+            extra, item = item, item["image"]
+        raw, x = self.load(item, extra=extra)
+        source = str(item) if not isinstance(item, torch.Tensor) else None
+        return self.observe_loaded(x, raw, class_idx, source=source, box=box, cam=cam, forward=forward)
+
+    def observe_loaded(
+        self,
+        x: Any,
+        raw_image: Any = None,
+        class_idx: Any = None,
+        *,
+        source: str | None = None,
+        box: Sequence[Sequence[int]] | None = None,
+        cam: bool = True,
+        forward: bool = True,
+    ) -> Observation:
+        """:meth:`observe` of an image already read and preprocessed by :meth:`load` (``x``: (C, *spatial))."""
+        name = source or str(getattr(x, "meta", {}).get("filename_or_obj", "image"))
+        task = self.task
+        if task == "segmentation" and box is None and class_idx is None:
+            class_idx = default_segmentation_label(self.bundle)
+        obs = Observation(
+            image=name,
+            task=task,
+            raw_image=raw_image,
+            input=x.detach().cpu() if hasattr(x, "detach") else x,
+            regression=self.regression,
+            settings=self.observation_settings(class_idx),
+            inverse=self._inverse,
+        )
+        check = getattr(self.screen, "check_settings", None)
+        if check is not None:
+            check(obs.settings)
+        if not forward:
+            return obs
+        strategy = choose_strategy(self, x)
+        if self.spatial_dims is not None and isinstance(strategy, WholeInput) and x.ndim - 1 != self.spatial_dims:
+            raise ValueError(
+                f"the network takes {self.spatial_dims}D inputs but the preprocessing gives {x.ndim - 1}D images "
+                f"({tuple(x.shape)})"
+            )
+        strategy.observe(self, obs, x.unsqueeze(0).to(self.device, dtype=torch.float32), class_idx, box, cam)
+        return obs
+
+    def _inverse(self, cam: torch.Tensor, x: Any) -> tuple[torch.Tensor, Any]:
+        return self.on_input_grid(SimpleNamespace(cam=cam, input=x))
+
+    # ------------------------------------------------------------------ 2b the result of one image
     def explain(
         self,
         x: Any,
@@ -343,48 +507,33 @@ class ImagePipeline:
         source: str | None = None,
         defer_screen: bool = False,
     ) -> ImageResult:
-        """One forward and backward pass: logits, raw CAM, energy, normalised map, K+1 and the screen.
+        """:meth:`observe_loaded` then the per-image rules: energy, normalised map, K+1 and the screen.
 
         Args:
             x: preprocessed (C, *spatial) image (from :meth:`load`).
             raw_image: the image as loaded (for the screen's data profile).
             class_idx: output column to explain (default: the predicted one).
             source: name of the image in the result (default: the ``MetaTensor``'s file name).
-            defer_screen: keep what the screen needs (pooled features, logits, map) and let :meth:`screen_results`
-                judge many results in one vectorised call later (e.g. in a cohort's writer thread, overlapping the
-                next forward pass); the result has no screen answer until then.
+            defer_screen: keep the observation and let :meth:`screen_results` judge many results in one vectorised
+                call later (e.g. in a cohort's writer thread, overlapping the next forward pass).
 
         Returns:
             :class:`ImageResult` (``features``/``p_suitable`` filled by :meth:`verify`).
         """
-        sliced = self.slicer is not None and x.ndim == 4  # (C, D, H, W) volume for a 2D network
-        if self.spatial_dims is not None and not sliced and x.ndim - 1 != self.spatial_dims:
-            raise ValueError(
-                f"the network takes {self.spatial_dims}D inputs but the preprocessing gives {x.ndim - 1}D images "
-                f"({tuple(x.shape)})"
-            )
-        xb = x.unsqueeze(0).to(self.device, dtype=torch.float32)
-        with torch.inference_mode(False), torch.enable_grad(), self._recorder() as rec:
-            if not sliced:
-                res = self.cam.explain(xb, class_idx=class_idx, normalize=False)
-                raw_map, logits, explained = plain(res.maps), res.logits.float()[0], int(res.class_idx[0])
-            else:  # a 2D network on a volume: outputs averaged over the slices, maps stacked back into a volume
-                with torch.no_grad():
-                    logits = SliceAggregateInferer(spatial_dim=self.slice_axis)(xb, self.network).float()[0]
-                explained = int(logits.argmax()) if class_idx is None else int(class_idx)
-                if not 0 <= explained < logits.numel():
-                    raise ValueError(f"class_idx {class_idx} out of range for {logits.numel()} outputs")
-                self.slicer.column = explained
-                raw_map = self.slicer.maps(xb[0]).unsqueeze(0)
+        obs = self.observe_loaded(x, raw_image, class_idx, source=source)
+        return self.result(obs, defer_screen=defer_screen)
+
+    def result(self, obs: Observation, defer_screen: bool = False) -> ImageResult:
+        """The :class:`ImageResult` of a classification observation: energy, normalised map, K+1 and the screen."""
+        if obs.task != "classification":
+            raise ValueError("result() is for classification observations; a segmentation's maps are obs.cams")
+        raw_map = obs.raw_map[None]
         energy = float(attribution_energy(raw_map)[0])
-        norm = normalize_maps(raw_map.float())  # over the whole image: slices keep their relative weight
-        logits = logits.detach().cpu()
-        names = self.names_for(int(logits.numel()))
-        probs = logits.softmax(0).tolist() if logits.numel() > 1 and not self.regression else None
-        pred = int(logits.argmax())
-        name = source or str(getattr(x, "meta", {}).get("filename_or_obj", "image"))
-        result = ImageResult(name, logits, names, probs, pred, explained, energy, norm[0].detach().cpu(),
-                             x.detach().cpu() if hasattr(x, "detach") else x, raw_image)  # fmt: skip
+        logits, names = obs.logits, obs.class_names
+        probs = obs.probabilities.tolist() if obs.probabilities is not None else None
+        result = ImageResult(obs.image, logits, names, probs, int(obs.prediction), int(obs.explained_class), energy,
+                             obs.cam, obs.input, obs.raw_image)  # fmt: skip
+        result.observation = obs
         if self.garbage_index is not None:
             rej = RejectGarbaged("pred", garbage_index=self.garbage_index, threshold=self.garbage_threshold)
             out = rej.reject(logits)
@@ -397,32 +546,21 @@ class ImagePipeline:
                 "best_real_prob": float(out["best_real_prob"]),
             }
         if self.screen is not None:
-            acts = getattr(rec, "activations", None) if rec is not None else None
-            if acts is None and rec is not None:
-                acts = dict(rec.outputs)
-            pending = {"tensor": x, "logits": logits, "activations": acts, "cam": result.cam}
             if defer_screen and hasattr(self.screen, "score_observations"):
-                result.pending_screen = pending
+                result.pending_screen = obs
                 return result
-            self._set_screen(result, self.screen.score(raw_image, **pending))
+            self._set_screen(result, self.screen.score(obs))
         result.verdict = decide_verdict(result.in_distribution, result.rejected, None, self.threshold)
         return result
 
-    def screen_results(self, results: Sequence[ImageResult]) -> None:
-        """The screen's answers for results made with ``explain(..., defer_screen=True)``, in one vectorised call
-        (the same numbers as one call each); each result's verdict is updated.
-
-        Args:
-            results: results whose ``raw_image`` is still there (the data profile needs it); others are skipped.
-                Any object with ``pending_screen``, ``raw_image``, ``rejected``, ``p_suitable`` and the screen's
-                answer fields will do (a segmentation cohort's items: ``pending_screen`` from
-                :meth:`segmentation_screen_inputs`).
-        """
+    def screen_results(self, results: Sequence[Any]) -> None:
+        """The screen's answers for results made with ``explain(..., defer_screen=True)`` (or any object with
+        ``pending_screen`` holding an :class:`Observation`), in one vectorised call (the same numbers as one call
+        each); each result's screen fields and verdict are updated."""
         todo = [r for r in results if r.pending_screen is not None]
         if not todo:
             return
-        obs = [self.screen.observe(r.raw_image, **r.pending_screen) for r in todo]
-        for r, s in zip(todo, self.screen.score_observations(obs)):
+        for r, s in zip(todo, self.screen.score_observations([r.pending_screen for r in todo])):
             r.pending_screen = None
             self._set_screen(r, s)
 
@@ -435,28 +573,6 @@ class ImagePipeline:
                 f"the screen was fitted for a {fitted} model but it is used with a {task} model: fit a screen for "
                 "this bundle (gamverify screen fit)"
             )
-
-    def segmentation_screen_inputs(self, x: Any) -> dict[str, Any]:
-        """What the screen needs of a segmentation input besides the raw image, for ``screen.score(raw, **inputs)``
-        or a result's ``pending_screen`` (:meth:`screen_results`).
-
-        The preprocessed tensor (the layout detector), and, only when a detector needs the model (early layers:
-        ``Screen.needs_network``), the activations of one no-grad pass through the bundle's inferer
-        (``Screen.record``: a ``SlidingWindowInferer`` runs window by window, the features are averaged over the
-        windows). The Seg-Grad-CAM passes are not recorded: that would tie the features to how many labels are explained
-        and how the CAM walks the windows.
-
-        Args:
-            x: preprocessed (C, *spatial) image (from :meth:`load`).
-
-        Returns:
-            ``{"tensor": x, "activations": dict or None}``.
-        """
-        acts = None
-        if getattr(self.screen, "needs_network", False) and hasattr(self.screen, "record"):
-            inferer = self.bundle.inferer() if self.bundle is not None else None
-            _, acts = self.screen.record(self.network, x, inferer)
-        return {"tensor": x, "activations": acts}
 
     def _set_screen(self, result: ImageResult, answer: Mapping[str, Any]) -> None:
         s = dict(answer)

@@ -34,11 +34,12 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses differ between 
 
 
 class PreprocessingError(ValueError):
-    """An image the preprocessing cannot read or transform; ``cause`` is the one-line reason (``"EOFError: ..."``)."""
+    """An image the preprocessing cannot read or transform; ``cause`` is the one-line reason (``"EOFError: ..."``);
+    ``raw_image`` is the image as read when the read succeeded and a later step failed (else ``None``: unreadable)."""
 
-    def __init__(self, path: str, cause: str) -> None:
+    def __init__(self, path: str, cause: str, raw_image: Any = None) -> None:
         super().__init__(f"cannot preprocess {path}: {cause}")
-        self.path, self.cause = path, cause
+        self.path, self.cause, self.raw_image = path, cause, raw_image
 
 
 def error_message(err: BaseException) -> str:
@@ -136,8 +137,9 @@ class ImageResult:
         p_suitable: the verifier's P(suitable).
         verdict: see :data:`VERDICTS`.
         files: written files (``map``, ``overlay``, ``summary``).
-        pending_screen: what the screen needs, kept by ``explain(..., defer_screen=True)`` until
+        pending_screen: the observation the screen will judge, kept by ``explain(..., defer_screen=True)`` until
             :meth:`ImagePipeline.screen_results`.
+        observation: the engine's :class:`~monai_gamverify.apps.pipeline.observation.Observation` of the image.
     """
 
     image: str
@@ -159,7 +161,8 @@ class ImageResult:
     p_suitable: float | None = None
     verdict: str = "unverified"
     files: dict[str, str] = field(default_factory=dict)
-    pending_screen: dict[str, Any] | None = field(default=None, repr=False)
+    pending_screen: Any = field(default=None, repr=False)
+    observation: Any = field(default=None, repr=False)
 
     @property
     def prediction_name(self) -> str:

@@ -12,9 +12,8 @@ import torch
 
 from monai_gamverify.apps.pipeline.engine import ImagePipeline
 from monai_gamverify.apps.pipeline.result import decide_verdict, image_stem
-from monai_gamverify.io import save_map, to_input_grid, write_json
+from monai_gamverify.io import save_map, write_json
 from monai_gamverify.visualize.plots import overlay_png
-from monai_gamverify.visualize.segcam import bundle_activation, bundle_segmentation_cam, label_index, predicted_mask
 
 __all__ = ["explain_segmentation"]
 
@@ -23,23 +22,24 @@ def explain_segmentation(
     pipe: ImagePipeline,
     image: str | os.PathLike,
     out_dir: str | os.PathLike,
-    label: int | str,
+    label: int | str | None = None,
     *,
     box: Sequence[Sequence[int]] | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
     """Explain one label of a segmentation bundle on one image and write the map on the input's grid.
 
-    The image is read and preprocessed by the engine (:meth:`ImagePipeline.load`: DICOM series too, geometry checked);
-    the target is the sum of the label's logits over its predicted mask (or ``box``), explained through the
-    bundle's inferer (:func:`~monai_gamverify.visualize.segcam.bundle_segmentation_cam`); the map goes back on the
-    input grid with the one inverse (``io.grid.to_input_grid``).
+    The engine observes the image (:meth:`ImagePipeline.observe`: read, preprocessing, one no-grad pass through the
+    bundle's inferer, then the Seg-Grad-CAM of the label: the sum of its logits over its predicted mask, or ``box``);
+    the map goes back on the input grid with the one inverse (``io.grid.to_input_grid``).
 
     Args:
         pipe: an engine made by :meth:`ImagePipeline.from_bundle` for a segmentation bundle.
         image: a file, a DICOM file or a DICOM series directory.
         out_dir: output directory.
-        label: label name (the bundle's ``channel_def``) or output channel index.
+        label: label name (the bundle's ``channel_def``) or output channel index (default: the first foreground
+            channel, :func:`~monai_gamverify.visualize.segcam.default_segmentation_label`: 1 for a softmax output, 0
+            for a sigmoid or single-channel one).
         box: ``[[lo, hi], ...]`` per spatial axis of the preprocessed grid restricting the region.
         name: file stem (default ``<image stem>_<method>_<label>``).
 
@@ -56,14 +56,12 @@ def explain_segmentation(
     if bm is None:
         raise ValueError("segmentation explanations need an engine made from a bundle (ImagePipeline.from_bundle)")
     pipe.check_screen("segmentation")
-    raw, x = pipe.load(image)
-    maps, logits = bundle_segmentation_cam(
-        bm, x.unsqueeze(0).to(pipe.device), label, layer=pipe.target_layers, box=box, method=pipe.method
-    )
-    idx = label_index(label, bm.class_names)
-    label_name = bm.class_names[idx] if idx < len(bm.class_names) else str(idx)
-    cam = maps[0].detach().cpu()
-    cam_in, ref = to_input_grid(cam, x, pipe.preprocessing) if pipe.invert else (cam, x)
+    obs = pipe.observe(image, class_idx=label, box=box)
+    raw, x = obs.raw_image, obs.input
+    idx = obs.explained_class
+    label_name = next(iter(obs.raw_maps))
+    cam = obs.cam
+    cam_in, ref = obs.on_input_grid() if pipe.invert else (cam, x)
     stem = name or f"{image_stem(image)}_{pipe.method}_{label_name}"
     out = Path(out_dir)
     files = {"map": str(save_map(cam_in, out / f"{stem}.nii.gz", reference=ref))}
@@ -79,11 +77,11 @@ def explain_segmentation(
         "label_index": idx,
         "layer": pipe.target_layers,
         "method": pipe.method,
-        "predicted_voxels": int(predicted_mask(logits, idx, bundle_activation(bm)).sum()),
+        "predicted_voxels": obs.predicted_voxels[label_name],
         **files,
     }
     if pipe.screen is not None:
-        answer = pipe.screen.score(raw, **pipe.segmentation_screen_inputs(x))
+        answer = pipe.screen.score(obs)
         ok = bool(answer["in_distribution"])
         summary.update(in_distribution=ok, p_value=answer.get("p_value"), reasons=list(answer.get("reasons", [])))
         summary["verdict"] = decide_verdict(ok, None, None, pipe.threshold)
