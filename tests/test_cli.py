@@ -112,7 +112,7 @@ def test_library_value_error_is_one_line_and_traceback_on_request(capsys, monkey
 
 @pytest.fixture
 def fake_run_screen(monkeypatch):
-    import monai_gamverify.screening as screening
+    import monai_gamverify.apps.screening as screening
 
     seen = {}
 
@@ -120,7 +120,7 @@ def fake_run_screen(monkeypatch):
         seen.update(screen=screen, images=list(images), out=out, **kwargs)
         df = pd.DataFrame({"image": images, "in_distribution": [True] * len(images)})
         df.attrs["dataset"] = {"like_training_data": True, "n_rejected": 0, "n": len(images), "expected_rate": 0.05,
-                               "p_value": 1.0}  # fmt: skip
+                               "p_value": 1.0, "errors": []}  # fmt: skip
         return df
 
     monkeypatch.setattr(screening, "run_screen", fake)
@@ -149,8 +149,9 @@ def test_screen_run_takes_space_separated_paths(argv, fake_run_screen, capsys):
 def test_screen_fit_forwards_lists_and_options(monkeypatch, capsys):
     """``--calibration_splits validation`` reaches fit_screen as a list of one split (not a string whose characters
     would be read as splits), and every fit_screen option has a flag."""
-    import monai_gamverify.screening as screening
+    import monai_gamverify.apps.screening as screening
 
+    real_fit_screen = screening.fit_screen
     seen = {}
 
     class Fitted:
@@ -170,7 +171,7 @@ def test_screen_fit_forwards_lists_and_options(monkeypatch, capsys):
     assert seen["calibration_dirs"] == ["more_a", "more_b"] and seen["combine"] == "maxz" and seen["alpha"] == 0.1
     assert seen["overrides"] == {"network_name": "small_cnn"} and seen["bundle_root"] == "bundles/sos"
     assert "20 calibration images" in out
-    fit_params = set(inspect.signature(screening.commands.fit_screen).parameters)
+    fit_params = set(inspect.signature(real_fit_screen).parameters)
     assert fit_params <= set(inspect.signature(cli.screen_fit).parameters), "a fit_screen option without a flag"
 
 

@@ -78,6 +78,7 @@ from monai_gamverify.screening.persistence import read_screen, save_screen
 from monai_gamverify.screening.profile import DataProfile, attach_tensor, intensity_window_of, profile_image
 from monai_gamverify.screening.recorder import PENULTIMATE
 from monai_gamverify.screening.scores import monotone, raw_scores, statistic
+from monai_gamverify.utils import plain_tensor
 
 __all__ = ["Screen", "COMBINE", "TASKS"]
 
@@ -91,7 +92,7 @@ _NO_MODEL = ("profile", "layout")
 
 def _as_np(x: Any) -> np.ndarray:
     t = torch.as_tensor(x).detach().cpu()
-    t = t.as_tensor() if hasattr(t, "as_tensor") else t
+    t = plain_tensor(t)
     return t.to(torch.float64).numpy()
 
 
@@ -331,7 +332,7 @@ class Screen:
             rec.logits = _as_np(observation.logits).reshape(-1)
         if self.cam_layer is not None and observation.cam is not None:
             c = observation.cam
-            c = (c.as_tensor() if hasattr(c, "as_tensor") else torch.as_tensor(c)).detach().cpu().float()
+            c = torch.as_tensor(plain_tensor(c)).detach().cpu().float()
             while c.ndim < self.spatial_dims + 1:
                 c = c.unsqueeze(0)
             rec.cam = c

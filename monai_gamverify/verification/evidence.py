@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.cam import GradCAM
 from monai_gamverify.visualize.featuremaps import feature_map
 
@@ -83,7 +84,7 @@ def common_grid(maps: torch.Tensor, grid: int = GRID) -> torch.Tensor:
     """
     if maps.ndim not in (4, 5):
         raise ValueError(f"maps must be (B, 1, H, W) or (B, 1, D, H, W), got shape {tuple(maps.shape)}")
-    maps = torch.as_tensor(maps.as_tensor() if hasattr(maps, "as_tensor") else maps).float()
+    maps = plain_tensor(maps).float()
     pool = F.adaptive_avg_pool2d if maps.ndim == 4 else F.adaptive_avg_pool3d
     pooled = pool(maps, (grid,) * (maps.ndim - 2))
     flat = pooled.flatten(1)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_gamverify.utils import plain_tensor
+
 __all__ = ["CommonGrid", "rank_normalize"]
 
 
@@ -67,7 +69,7 @@ class CommonGrid:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.fn(x)
-        maps = maps.as_tensor() if hasattr(maps, "as_tensor") else maps
+        maps = plain_tensor(maps)
         dims = maps.ndim - 2
         size = (self.grid,) * dims if isinstance(self.grid, int) else tuple(self.grid)
         pooled = (F.adaptive_avg_pool2d if dims == 2 else F.adaptive_avg_pool3d)(maps.float(), size)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_gamverify.io import affine_of, save_nifti, write_json
+from monai_gamverify.utils import plain_tensor
 from monai_gamverify.visualize.plots import overlay_png
 
 __all__ = [
@@ -27,11 +28,6 @@ __all__ = [
 ]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def plain_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Drop MONAI metadata: arithmetic on MetaTensors is slower and carries meta we do not want in sums."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def progress_bar(data: Iterable, progress: bool, desc: str) -> Iterable:

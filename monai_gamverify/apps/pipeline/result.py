@@ -14,6 +14,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, ScaleIntensityRanged
 
 from monai_gamverify.transforms.dictionary import CheckImaged
+from monai_gamverify.utils import plain_tensor
 
 __all__ = [
     "ImageResult",
@@ -112,7 +113,7 @@ def simple_preprocessing(
 
 def plain(x: torch.Tensor) -> torch.Tensor:
     """The plain tensor of a ``MetaTensor`` (a tensor unchanged)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+    return plain_tensor(x)
 
 
 @dataclass
