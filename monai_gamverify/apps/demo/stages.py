@@ -1,5 +1,5 @@
-"""The demo's stages: cohorts (1), explanations through the engine (3), verification (4), attribution energy (5)
-and the K+1 garbage class (6)."""
+"""The demo's stages: cohorts (1), explanations through the engine (3), label-free model verdicts (4), attribution
+energy (5) and the K+1 garbage class (6)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from monai_gamverify.visualize.cam import GradCAM
 from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.text import describe_map
 
-__all__ = ["prepare_cohorts", "explain_examples", "verify_models", "ground_truth", "energy_stage", "garbage_stage",
-           "CANDIDATES", "TARGETS"]  # fmt: skip
+__all__ = ["prepare_cohorts", "verdict_cohorts", "explain_examples", "verify_models", "ground_truth", "energy_stage",
+           "garbage_stage", "CANDIDATES", "TARGETS"]  # fmt: skip
 
 logger = logging.getLogger("monai_gamverify.apps.demo")
 
@@ -95,12 +95,29 @@ def _garbage_datalist(data: Path, ratio: float, seed: int) -> dict:
     return {"kind": "garbage", "out_dir": str(out), "splits": {k: len(v) for k, v in lists.items()}, "labels": labels}
 
 
+def verdict_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: int = 0, progress: bool = True) -> dict:
+    """The cohorts of the verification stage under ``data_dir``: ``sos_cue`` (the ``sos`` cohort's very volumes
+    carrying the marker: the shortcut model's ground truth with and without its cue on one test split), and the
+    label-free verdict's targets ``sos_target`` (``settings.n_target`` SOS volumes no model saw) and
+    ``sos_target_marker`` (the same volumes carrying the marker).
+
+    Returns:
+        name -> summary dict of :func:`monai_gamverify.data.synthetic.make_cohort`.
+    """
+    data, seeds = Path(data_dir), _cohort_seeds(seed)
+    out = {"sos_cue": make_cohort("sos", n=settings.n["sos"], size=settings.size, seed=seeds["sos"],
+                                  out_dir=data / "sos_cue", progress=progress, cue="marker")}  # fmt: skip
+    for name, cue in (("sos_target", "none"), ("sos_target_marker", "marker")):
+        out[name] = make_cohort("sos", n=settings.n_target, size=settings.size, seed=seeds["sos_target"],
+                                out_dir=data / name, progress=progress, cue=cue)  # fmt: skip
+    return out
+
+
 def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: int = 0, progress: bool = True) -> dict:
     """Write the demo cohorts under ``data_dir``: ``sos``, ``chin``, ``cvm``, ``quality``, ``sos_marker`` (SOS volumes
     carrying a burned-in marker whose intensity encodes the stage: the shortcut model's training data), ``noise``,
-    ``garbage``, ``sos_cue`` (the ``sos`` cohort's very volumes carrying the marker: the shortcut model's ground truth
-    with and without its cue on one test split), and the label-free verdict's target volumes ``sos_target``
-    (``settings.n_target`` SOS volumes no model saw) and ``sos_target_marker`` (the same volumes carrying the marker).
+    ``garbage``, and the verification stage's ``sos_cue``, ``sos_target`` and ``sos_target_marker``
+    (:func:`verdict_cohorts`).
 
     Args:
         data_dir: output folder.
@@ -135,12 +152,7 @@ def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: i
             progress=progress,
             cue=cue,
         )
-    # the same subjects with the cue: the SOS cohort (ground truth of the shortcut model) and the verdict's targets
-    out["sos_cue"] = make_cohort("sos", n=settings.n["sos"], size=settings.size, seed=seeds["sos"],
-                                 out_dir=data / "sos_cue", progress=progress, cue="marker")  # fmt: skip
-    for name, cue in (("sos_target", "none"), ("sos_target_marker", "marker")):
-        out[name] = make_cohort("sos", n=settings.n_target, size=settings.size, seed=seeds["sos_target"],
-                                out_dir=data / name, progress=progress, cue=cue)  # fmt: skip
+    out.update(verdict_cohorts(data, settings, seed, progress))
     out["noise"] = _noise_cohort(data / "noise", settings.n["noise"], settings.size, seeds["noise"])
     out["garbage"] = _garbage_datalist(data, settings.garbage_ratio, seed)
     return out
