@@ -516,8 +516,9 @@ def demo(
 ) -> str:
     """Run the whole package on synthetic data and write one report directory; returns the report's path.
 
-    Cohorts, five small bundle models (shipped weights, or ``--train True`` to train them here), Grad-CAM
-    explanations, verification (Methods 1 and 2), attribution energy and the K+1 garbage class; a self-contained
+    Cohorts, seven small bundle models (shipped weights, or ``--train True`` to train them here; one is a shortcut
+    model), Grad-CAM explanations, the label-free model verdicts next to one trusted reference, attribution energy,
+    the K+1 garbage class and the in-distribution screens; a self-contained
     ``report.html`` with CSV/JSON tables, NIfTI maps, PNG figures and TensorBoard logs. See
     ``monai_gamverify.apps.demo.run_demo`` and docs/demo.md.
 

@@ -1,4 +1,4 @@
-"""Train the six ``gamverify demo`` models and write the weights the package ships (``apps/demo_weights``).
+"""Train the ``gamverify demo`` models and write the weights the package ships (``apps/demo_weights``).
 
 The models are trained exactly as ``gamverify demo --train True`` would train them: the demo's cohorts (same
 settings and seed, so byte-identical volumes) and each bundle's ``configs/train.json`` through
@@ -9,9 +9,13 @@ SHA-256 of every file, the validation metric, the training time and the versions
 
 Usage:
     python scripts/make_demo_weights.py --seed 0 [--out monai_gamverify/apps/demo_weights] [--work /tmp/gv_weights]
-        [--device cpu]
+        [--device cpu] [--only sos_shortcut,...]
 
-The shipped files were produced with ``--seed 0`` on CPU (see ``docs/demo.md`` for the measured metrics).
+``--only`` trains just the named models and keeps every other shipped file byte-identical: it refuses unless each
+other model's file is present, its SHA-256 matches the manifest and its entry of the training configuration
+(cohort size and seed, epochs, bundle overrides) is unchanged; the manifest's configuration is then updated to the
+current one. The shipped files were produced with ``--seed 0`` on CPU (see ``docs/demo.md`` for the measured
+metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +35,40 @@ from monai_gamverify.apps.demo import MODELS, WEIGHTS_DIR, demo_settings, prepar
 from monai_gamverify.io import atomic_path, write_json
 
 
+def _kept_models(out: Path, config: dict, keep: list[str]) -> dict[str, dict]:
+    """The manifest entries of the shipped models that ``--only`` keeps, after checking that each is still what the
+    current configuration would train (file present, SHA-256 as in the manifest, same cohort, epochs and overrides).
+
+    Raises:
+        SystemExit: a kept model is missing, changed, or would now be trained differently (retrain it too).
+    """
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"--only needs the shipped weights and {manifest}; run without --only")
+    meta = json.loads(manifest.read_text())
+    old = meta.get("config", {})
+    problems = []
+    for key in ("seed", "size", "quality_size", "garbage_ratio"):
+        if old.get(key) != config[key]:
+            problems.append(f"{key}: {old.get(key)} -> {config[key]}")
+    kept = {}
+    for name in keep:
+        spec, entry = config["models"][name], meta.get("models", {}).get(name)
+        path = out / f"{name}.pt"
+        cohorts = [spec["data"]] if spec["data"] != "garbage" else ["sos", "chin", "cvm"]
+        if entry is None or not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            problems.append(f"{name}: file missing or changed")
+        elif old.get("models", {}).get(name) != spec or old.get("epochs", {}).get(name) != config["epochs"][name]:
+            problems.append(f"{name}: its training configuration changed")
+        elif any(old.get("n", {}).get(c) != config["n"][c] for c in cohorts):
+            problems.append(f"{name}: the size of its training cohort changed")
+        else:
+            kept[name] = entry
+    if problems:
+        raise SystemExit("--only cannot keep the other shipped weights: " + "; ".join(problems) + " (retrain them)")
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/gamverify_demo_weights", help="scratch folder (cohorts, runs, logs)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--only", default=None, help="comma-separated models to (re)train; the others are kept as shipped")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = demo_settings(quick=False)
     work, out = Path(args.work), Path(args.out)
+    config = weights_config(settings, args.seed)
+    names = list(MODELS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    kept = _kept_models(out, config, [n for n in MODELS if n not in names]) if args.only else {}
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     prepare_cohorts(work / "data", settings, seed=args.seed)
@@ -59,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         tb_dir=work / "tensorboard",
         log_dir=work / "logs",
+        names=names,
     )
     out.mkdir(parents=True, exist_ok=True)
-    models = {}
+    models = dict(kept)
     for name, run in runs.items():
         state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -76,11 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             **{k: v for k, v in run.items() if k != "checkpoint"},
             "bundle": MODELS[name]["bundle"],
         }
+    models = {n: models[n] for n in MODELS}  # the manifest lists the models in the demo's order
+    command = f"python scripts/make_demo_weights.py --seed {args.seed}"
+    previous = json.loads((out / "manifest.json").read_text()) if kept else {}
+    updated = [*previous.get("updated_with", []), f"{command} --only {','.join(names)}"] if kept else []
     manifest = {
-        "created_with": f"python scripts/make_demo_weights.py --seed {args.seed}",
-        "config": weights_config(settings, args.seed),
+        "created_with": previous.get("created_with", command),
+        **({"updated_with": updated} if updated else {}),
+        "config": config,
         "models": models,
-        "total_seconds": round(time.perf_counter() - t0, 1),
+        "total_seconds": round(previous.get("total_seconds", 0.0) + time.perf_counter() - t0, 1),
         "versions": {
             "monai_gamverify": monai_gamverify.__version__,
             "monai": monai.__version__,
@@ -91,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(manifest, out / "manifest.json")
     keys = ("best_metric_name", "best_metric", "seconds")
-    print(json.dumps({k: {kk: v[kk] for kk in keys} for k, v in models.items()}))
+    print(json.dumps({k: {kk: v[kk] for kk in keys} for k, v in models.items() if k in runs}))
     print(f"weights and manifest -> {out} ({manifest['total_seconds']:.0f} s)")
     return 0
 

@@ -23,8 +23,16 @@ from monai_gamverify.apps.demo import (
     shipped_weights,
     weights_config,
 )
-from monai_gamverify.apps.demo.settings import N_STAGES
+from monai_gamverify.apps.demo.report import verdicts as verdict_lines
+from monai_gamverify.apps.demo.settings import N_STAGES, bundles_dir
+from monai_gamverify.apps.demo.stages import CANDIDATES, TARGETS, verdict_cohorts, verify_models
 from monai_gamverify.apps.report import PNG_SIGNATURE, external_references
+from monai_gamverify.apps.suitability import default_prior_path
+from monai_gamverify.data.synthetic import make_cohort
+from monai_gamverify.verification.suitability import VERDICTS, SuitabilityPrior
+
+#: the shipped prior's path, read before the stand-in replaces it for the other tests
+PRIOR_AT_IMPORT = default_prior_path()
 
 SUMMARY_KEYS = {
     "out",
@@ -47,6 +55,24 @@ SUMMARY_KEYS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def stand_in_prior(tmp_path_factory):
+    """A stand-in for the prior shipped with the package (suitable-pair rows drawn around the demo's own SOS pairs;
+    seeded), so that these tests do not depend on that file: a quick run's 1-epoch models make no meaningful verdict
+    on SOS candidates anyway, and chin and CVM are refused by their task metadata whatever the prior."""
+    rng = np.random.default_rng(0)
+    rows = [
+        {"agreement": a, "attention": b, "features": c, "atc": np.nan}
+        for a, b, c in zip(rng.normal(0.85, 0.08, 30), rng.normal(0.55, 0.1, 30), rng.normal(0.78, 0.07, 30))
+    ]
+    path = SuitabilityPrior.from_pairs(rows, source="test stand-in", n_images=20).save(
+        tmp_path_factory.mktemp("prior") / "prior.json"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("monai_gamverify.apps.suitability._PRIOR", path)
+        yield path
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     n = torch.get_num_threads()
@@ -65,29 +91,56 @@ def test_summary_keys_and_files(demo):
     assert s["mode"] == "quick" and s["weights"] == "trained" and s["report"] == str(out / "report.html")
     assert json.loads((out / "summary.json").read_text())["key_figures"] == pytest.approx(s["key_figures"], nan_ok=True)
     assert set(s["timings_s"]) >= {"cohorts", "models", "verification", "energy", "garbage", "report", "total"}
-    for name in MODELS:
-        assert (out / "models" / name / "model.pt").is_file(), name
+    for name in MODELS:  # each model trained in its own copy of its bundle, with the passport training writes
+        assert (out / "models" / name / "models" / "model.pt").is_file(), name
+        assert (out / "models" / name / "configs" / "train.json").is_file(), name
+        if MODELS[name]["bundle"] == "sos_staging":
+            assert (out / "models" / name / "models" / "passport.json").is_file(), name
         assert list((out / "tensorboard" / f"train_{name}").glob("events.out.tfevents.*")), name
+    assert not (bundles_dir() / "sos_staging" / "models" / "passport.json").exists()  # the package's bundle untouched
     assert list((out / "tensorboard" / "summary").glob("events.out.tfevents.*"))
-    for method in ("gradcam", "featuremap"):
-        d = out / "verify" / method
-        for f in ("roc.png", "reference_map.png", "feature_distributions.png", "features.csv", "cv.json"):
-            assert (d / f).is_file(), (method, f)
+    for target in TARGETS:
+        for f in ("verdicts.csv", "verdicts.json", "report.html"):
+            assert (out / "verify" / target / f).is_file(), (target, f)
+    assert (out / "verify" / "ground_truth.csv").is_file()
     for f in ("energy_table.csv", "energy_loo.csv", "ae.csv", "consensus.csv", "regression_metrics.csv"):
         assert (out / "energy" / f).is_file(), f
     assert len(list((out / "energy").glob("energy_scatter_*.png"))) == 5
     assert (out / "garbage" / "rejections.csv").is_file()
     text = format_summary(s)
     assert "verdicts:" in text and str(out / "report.html") in text
+    assert "model chin (trained on other data): not suitable for the SOS data (label-free, p = 0): another task" in text
 
 
 def test_figures_agree_with_the_files(demo):
     out, s = demo
-    cv = json.loads((out / "verify" / "gradcam" / "cv.json").read_text())
-    key = s["key_figures"]["verifier model-level ROC AUC, leave-models-out (Method 1)"]
-    assert cv["protocol"] == "leave-models-out"  # two models per label: the candidate is always an unseen model
-    assert key == pytest.approx(cv["model_level"]["roc_auc"], nan_ok=True)
-    assert set(s["verification"]["gradcam"]["per_model"]) == {"sos_b", "sos_kplus1", "chin", "cvm"}
+    # the label-free verdicts: one per candidate and target, recomputed key figures, chin and CVM refused by task
+    v = s["verification"]
+    assert v["prior"]["source"] == "test stand-in" and v["n_images"] == demo_settings(quick=True).n_target
+    lines = {(subject, text): good for subject, text, good in verdict_lines(s)}
+    for target, info in v["targets"].items():
+        table = pd.read_csv(out / "verify" / target / "verdicts.csv")
+        assert list(table["model"]) == list(CANDIDATES) == [r["model"] for r in info["verdicts"]]
+        assert set(table["verdict"]) <= set(VERDICTS)
+        for name in ("chin", "cvm"):
+            row = table.set_index("model").loc[name]
+            assert row["verdict"] == "not suitable" and row["p_value"] == 0 and "another task" in row["reasons"]
+        what = "clean SOS target" if target == "clean" else "SOS target carrying the marker"
+        right = np.mean([verdict == CANDIDATES[m][1] for m, verdict in zip(table["model"], table["verdict"])])
+        assert s["key_figures"][f"label-free model verdicts as expected, {what}"] == pytest.approx(right)
+    for name in ("chin", "cvm"):
+        subject = f"model {name} (trained on other data)"
+        found = [good for (subj, text), good in lines.items() if subj == subject and "label-free" in text]
+        assert found == [True], (name, found)
+    truth = pd.read_csv(out / "verify" / "ground_truth.csv").set_index("model")
+    assert set(truth.index) == {"sos_ref", "sos_b", "sos_kplus1", "sos_shortcut"}
+    short = truth.loc["sos_shortcut"]
+    assert s["key_figures"]["shortcut model accuracy, SOS test split with the marker"] == pytest.approx(
+        short["accuracy, SOS test split with the marker"], nan_ok=True
+    )
+    assert s["key_figures"]["shortcut model accuracy, SOS test split without the marker"] == pytest.approx(
+        short["accuracy, SOS test split"], nan_ok=True
+    )
     # the screen's table recomputed from its per-image file
     items = pd.read_csv(out / "screening" / "screen_items.csv")
     for row in s["screen"]["rejections"]:
@@ -120,15 +173,17 @@ def test_report_html_is_self_contained(demo):
     srcs = re.findall(r'<img src="([^"]+)"', text)
     n = demo_settings(quick=True).n_examples
     n_rejected_pictures = len(s["screen"]["pictures"])
-    # overlays, (ROC, reference map, features) x 2 methods, AE scatters, pictures of inputs the screen rejected
-    assert len(srcs) == 2 * n + 2 * 3 + 5 + n_rejected_pictures
+    n_mean_maps = len(list((out / "verify").glob("*/maps/*_mean_maps.png")))
+    assert n_mean_maps == len(TARGETS) * len(CANDIDATES)
+    # overlays, mean maps of every candidate on every target, AE scatters, pictures of inputs the screen rejected
+    assert len(srcs) == 2 * n + n_mean_maps + 5 + n_rejected_pictures
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_SIGNATURE)
     for heading in (
         "Explanations",
-        "Method 1",
-        "Method 2",
+        "Model verdicts (label-free)",
+        "ground truth",
         "Attribution energy",
         "Garbage class",
         "In-distribution screen",
@@ -145,9 +200,10 @@ def test_shipped_weights(tmp_path):
         pytest.skip(f"no shipped weights in {WEIGHTS_DIR}")
     from monai_gamverify.apps.demo import load_model as _load
 
+    assert set(found) == set(MODELS)
     for name, path in found.items():  # every file loads into its bundle network with weights_only=True
         bm = _load(name, path, torch.device("cpu"))
-        head = bm.network.head
+        head = [m for m in bm.network.modules() if isinstance(m, torch.nn.Linear)][-1]
         expected = {"chin": 2, "cvm": 6, "sos_kplus1": 6, "quality": 5}.get(name, 5)
         assert head.out_features == expected, name
     assert shipped_weights(settings, seed=1) is None  # trained for seed 0 only
@@ -159,6 +215,40 @@ def test_shipped_weights(tmp_path):
     (copy / "chin.pt").write_bytes((copy / "chin.pt").read_bytes()[:-10])
     assert shipped_weights(settings, 0, weights_dir=copy) is None
     assert json.loads((copy / "manifest.json").read_text())["config"] == weights_config(settings, 0)
+
+
+def test_missing_prior_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("monai_gamverify.apps.suitability._PRIOR", tmp_path / "no_prior.json")
+    with pytest.raises(FileNotFoundError, match="prior"):
+        run_demo(tmp_path / "x", quick=True, train=True, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_shipped_verdicts_are_right(tmp_path):
+    """The user's case on the shipped weights and the **shipped prior**: every candidate's label-free verdict as
+    expected on the clean SOS target and on the same volumes carrying the marker (chin, CVM and the shortcut model
+    not suitable, the SOS models suitable), and the shortcut model measured to rely on its marker."""
+    if not PRIOR_AT_IMPORT.is_file():
+        pytest.skip(f"no shipped prior {PRIOR_AT_IMPORT} (scripts/experiment_verify.py --write-prior)")
+    settings = demo_settings()
+    found = shipped_weights(settings, seed=0)
+    if found is None:
+        pytest.skip(f"no shipped weights in {WEIGHTS_DIR}")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_cohort("sos", n=settings.n["sos"], size=settings.size, seed=0, out_dir=tmp_path / "sos", progress=False)
+        verdict_cohorts(tmp_path, settings, seed=0, progress=False)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("monai_gamverify.apps.suitability._PRIOR", PRIOR_AT_IMPORT)
+            res = verify_models(tmp_path, found, tmp_path / "verify", settings, 0, torch.device("cpu"), False)
+    finally:
+        torch.set_num_threads(n)
+    for target, info in res["targets"].items():
+        got = dict(zip(info["verdicts"]["model"], info["verdicts"]["verdict"]))
+        assert got == {m: expected for m, (_, expected) in CANDIDATES.items()}, (target, info["summary"])
+    short = res["truth"].set_index("model").loc["sos_shortcut"]
+    assert short["accuracy, SOS test split with the marker"] >= 0.7 > 0.5 > short["accuracy, SOS test split"]
 
 
 def test_no_weights_without_training_is_a_clear_error(tmp_path):

@@ -7,27 +7,77 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from monai_gamverify.apps.demo.settings import SOS_NAMES
+from monai_gamverify.apps.demo.stages import CANDIDATES, TARGETS
 from monai_gamverify.apps.report import Report
 
-__all__ = ["verdicts", "write_report", "tensorboard_summary", "format_summary", "records"]
+__all__ = ["verdicts", "verdict_figures", "write_report", "tensorboard_summary", "format_summary", "records"]
 
 
 # ------------------------------------------------------------------------------------------------- 7 report
+def _p(p: float | None) -> str:
+    return "n/a" if p is None or not np.isfinite(p) else f"{p:.2g}"
+
+
+def _shortcut_truth(truth: list[dict]) -> dict | None:
+    row = next((r for r in truth if r["model"] == "sos_shortcut"), None)
+    if row is None:
+        return None
+    return {"with": row["accuracy, SOS test split with the marker"], "without": row["accuracy, SOS test split"]}
+
+
+def verdict_figures(verification: Mapping[str, Any]) -> dict[str, float]:
+    """Key figures of the verification stage: the share of label-free verdicts that are right per target, and the
+    shortcut model's measured accuracy with and without its cue."""
+    out = {}
+    for target, info in verification["targets"].items():
+        df = info["verdicts"]
+        right = [v == CANDIDATES[m][1] for m, v in zip(df["model"], df["verdict"])]
+        what = "clean SOS target" if target == "clean" else "SOS target carrying the marker"
+        out[f"label-free model verdicts as expected, {what}"] = float(np.mean(right)) if right else float("nan")
+    truth = verification["truth"]
+    short = _shortcut_truth(truth.to_dict(orient="records") if isinstance(truth, pd.DataFrame) else list(truth))
+    if short is not None:
+        out["shortcut model accuracy, SOS test split with the marker"] = float(short["with"])
+        out["shortcut model accuracy, SOS test split without the marker"] = float(short["without"])
+    return out
+
+
 def verdicts(summary: dict) -> list[tuple[str, str, bool]]:
+    """The report's and the printed summary's verdict lines: ``(subject, text, as expected)``.
+
+    Every candidate's label-free verdict on the clean SOS target (and the shortcut model's on the same volumes
+    carrying its marker), the shortcut model's measured ground truth, each model's own screen, the rejections of the
+    K+1 model and of the screen, and the attribution-energy result.
+    """
     out = []
-    v = summary["verification"]["gradcam"]
-    for name, info in v["per_model"].items():
-        truth = "trained on SOS" if info["label"] == 1 else "trained on other data"
-        verdict = info.get("verdict", "suitable" if info["mean_p_suitable"] >= 0.5 else "not suitable")
-        interval = f" [{info['ci_low']:.2f}, {info['ci_high']:.2f}]" if "ci_low" in info else ""
+    v = summary["verification"]
+    for target, info in v["targets"].items():
+        where = TARGETS[target][1]
+        for row in info["verdicts"]:
+            name = row["model"]
+            if target != "clean" and name != "sos_shortcut":  # the other models' verdicts there: in the report
+                continue
+            kind, expected = CANDIDATES[name]
+            out.append(
+                (
+                    f"model {name} ({kind})",
+                    f"{row['verdict']} for {where} (label-free, p = {_p(row['p_value'])}): {row['reasons']}",
+                    row["verdict"] == expected,
+                )
+            )
+    short = _shortcut_truth(v.get("truth", []))
+    if short is not None:
+        chance = 1.0 / len(SOS_NAMES)
         out.append(
             (
-                f"model {name} ({truth})",
-                f"{verdict} for the SOS data ({v.get('protocol', 'cross-validated')}): mean P(suitable) "
-                f"{info['mean_p_suitable']:.2f}{interval}",
-                verdict == ("suitable" if info["label"] == 1 else "not suitable"),
+                "model sos_shortcut (ground truth, measured)",
+                f"accuracy {short['with']:.2f} on the SOS test split carrying the marker, {short['without']:.2f} on "
+                f"the same volumes without it (chance {chance:.2f}): it relies on the marker, not on the anatomy",
+                short["with"] >= chance + 0.5 and short["without"] < chance + 0.3,
             )
         )
     for row in summary.get("screen", {}).get("models", []):  # the dataset judged by each model's own screen
@@ -88,7 +138,9 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
 
     sec = rep.section(
         "Models",
-        "Five small_cnn bundles. Weights: "
+        "Seven bundles: six small_cnn models (the SOS reference, a second SOS model, the K+1 SOS model, a chin, a CVM "
+        "and an image-quality model) and a DenseNet trained on SOS volumes carrying a stage-encoding marker (a "
+        "shortcut model). Weights: "
         + (
             "shipped with the package (scripts/make_demo_weights.py --seed 0, same bundle configs and cohorts)."
             if summary["weights"] == "shipped"
@@ -112,30 +164,35 @@ def write_report(out: Path, summary: dict, results: dict) -> Path:
             )
         sec.add_figure(row["overlay"], f"{row['model']} on {row['id']}: {row['text']}{extra}")
 
-    methods = {"gradcam": "Method 1: Grad-CAM attention maps", "featuremap": "Method 2: early feature maps"}
-    for method, what in methods.items():
-        v = results["verification"][method]
-        d = Path(v["dir"])
-        sec = rep.section(
-            f"Verification, {what}",
-            f"Every candidate's map of every SOS test volume is compared with the reference model's mean map "
-            f"(layer {v['reference_layer']}) by seven similarity features; a Random Forest learns 'trained on similar "
-            f"data' (label 1) vs not (label 0). Protocol: {v['protocol']} (each fold's test models were never seen by "
-            "the forest: the real use, a candidate model the verifier never saw); folds grouped by subject are shown "
-            "as a secondary line only, since every model sits in every training fold there. A model's verdict comes "
-            "from the bootstrap interval of its mean out-of-fold P(suitable): suitable when the interval lies above "
-            "0.5, not suitable below, else undecided.",
-        )
-        sec.add_figure(d / "roc.png", "ROC of the out-of-fold P(suitable)")
-        sec.add_figure(d / "reference_map.png", "reference map (mean normalised map of the reference model)")
-        sec.add_figure(v["feature_distributions"], "per-label feature distributions")
-        per_model = pd.DataFrame([{"model": k, **vals} for k, vals in v["per_model"].items()])
-        sec.add_table(per_model, f"model-level verdicts ({v['protocol']}): mean out-of-fold P(suitable), 95 % interval")
-        sec.add_table(pd.DataFrame([v["cv_mean"]]), f"cross-validation, {v['protocol']} (mean over folds)")
-        sec.add_table(
-            pd.DataFrame([v["cv_secondary"]]), "secondary: folds grouped by subject (models seen in training)"
-        )
-        sec.add_table(pd.read_csv(d / "summary.csv"), "per-label feature statistics")
+    v = results["verification"]
+    sec = rep.section(
+        "Model verdicts (label-free)",
+        "Is each candidate model suitable for the SOS data? The user's case: one trusted reference model (sos_ref), "
+        f"{v['n_images']} unlabeled SOS volumes no model saw, and no zoo of known-bad models "
+        "(monai_gamverify.apps.suitability.verify_suitability). Every model reads the volumes through its bundle; "
+        "the evidence is task compatibility from the bundle's metadata (classes), prediction agreement with the "
+        "reference (Cohen's kappa), attention agreement (Method 1: the mean Grad-CAM maps on one common grid) and "
+        "early-feature agreement (Method 2). H0 'the candidate behaves next to the reference like a suitable model' "
+        "is tested by an exact conformal p-value against the null rows of the prior shipped with the package "
+        f"({v['prior']['rows']} suitable pairs: {v['prior']['source']}); rejected at alpha = {v['alpha']}: not "
+        "suitable; not rejected and predictions related beyond chance: suitable; otherwise undecided. The same "
+        "volumes carrying the stage-encoding marker are the data a shortcut model agrees on: there its predictions "
+        "match the reference's, and only its attention can tell. The ground truth (measured accuracy on labelled "
+        "volumes) is never shown to the verdict.",
+    )
+    cols = ["model", "verdict", "expected", "p_value", "agreement", "p_agreement", "attention", "p_attention",
+            "features", "p_features", "related_p", "reasons"]  # fmt: skip
+    for target, info in v["targets"].items():
+        df = info["verdicts"].copy()
+        df.insert(2, "expected", [CANDIDATES[m][1] for m in df["model"]])
+        sec.add_table(df[[c for c in cols if c in df]], f"verdicts on {TARGETS[target][1]} ({info['dir']})")
+    sec.add_table(v["truth"], "ground truth: measured accuracy of the SOS-task models (ground_truth.csv)")
+    for target, info in v["targets"].items():
+        for name in CANDIDATES:
+            png = Path(info["dir"]) / "maps" / f"{name}_mean_maps.png"
+            if png.is_file():
+                sec.add_figure(png, f"{name} on {TARGETS[target][1]}: mean Grad-CAM maps, reference | candidate",
+                               width=360)  # fmt: skip
 
     e = results["energy"]
     sec = rep.section(
@@ -196,11 +253,9 @@ def tensorboard_summary(tb: Path, summary: dict) -> None:
 
     writer = SummaryWriter(log_dir=str(tb / "summary"))
     try:
-        for method, v in summary["verification"].items():
-            for k, val in v["cv_mean"].items():
-                writer.add_scalar(f"verify_{method}/{k}", val, 0)
-            for name, info in v["per_model"].items():
-                writer.add_scalar(f"verify_{method}/mean_p_suitable_{name}", info["mean_p_suitable"], 0)
+        for target, info in summary["verification"]["targets"].items():
+            for row in info["verdicts"]:
+                writer.add_scalar(f"verify_{target}/p_value_{row['model']}", row["p_value"], 0)
         for row in summary["energy"]["table"]:
             writer.add_scalar(f"energy/rho_{row['category']}", row["rho"], 0)
             writer.add_scalar(f"energy/median_loo_rho_{row['category']}", row["median_loo_rho"], 0)

@@ -1,4 +1,4 @@
-"""One demo run: the seven stages in order, one report directory."""
+"""One demo run: the eight stages in order, one report directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from monai_gamverify.apps.demo.report import format_summary, records, tensorboard_summary, verdicts, write_report
+from monai_gamverify.apps.demo.report import (
+    format_summary,
+    records,
+    tensorboard_summary,
+    verdict_figures,
+    verdicts,
+    write_report,
+)
 from monai_gamverify.apps.demo.screening import model_screens, screen_stage
 from monai_gamverify.apps.demo.settings import MODELS, N_STAGES, WEIGHTS_DIR, demo_settings, torch_device
 from monai_gamverify.apps.demo.stages import (
@@ -24,6 +31,7 @@ from monai_gamverify.apps.demo.stages import (
     verify_models,
 )
 from monai_gamverify.apps.demo.weights import load_model, shipped_weights, train_models
+from monai_gamverify.apps.suitability import default_prior_path
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.io import write_json
 
@@ -66,10 +74,12 @@ def run_demo(
     """Run the whole demo and write one report directory (see the module docstring for the stages).
 
     Written to ``out``: ``report.html`` (self-contained), ``summary.json``, ``data/`` (cohorts), ``models/``
-    (checkpoints used), ``cams/`` (NIfTI maps, PNG overlays, ``explanations.csv``), ``verify/gradcam`` and
-    ``verify/featuremap`` (verifier report: CSV/JSON/PNG, ``verifier.skops``), ``energy/`` (AE tables and scatter
-    plots), ``garbage/`` (rejection and OOD tables), ``tensorboard/`` (training runs when trained, and ``summary``),
-    ``logs/`` (bundle training logs).
+    (checkpoints used), ``cams/`` (NIfTI maps, PNG overlays, ``explanations.csv``), ``verify/clean`` and
+    ``verify/marker`` (the label-free verdicts on the clean target volumes and on the same volumes carrying the marker:
+    ``verdicts.csv``, ``verdicts.json``, mean maps, ``report.html``), ``verify/ground_truth.csv`` (measured accuracy
+    of the SOS-task models, never shown to the verdict), ``energy/`` (AE tables and scatter plots), ``garbage/``
+    (rejection and OOD tables), ``screening/`` (screens), ``tensorboard/`` (training runs when trained, and
+    ``summary``), ``logs/`` (bundle training logs).
 
     Args:
         out: report directory: new, empty, or a previous demo output (marked by :data:`DEMO_MARKER`), whose results
@@ -88,12 +98,13 @@ def run_demo(
         ``verification``, ``energy``, ``garbage``, ``models``, ``cohorts``, ``timings_s``, ``files``, ...
 
     Raises:
-        FileNotFoundError: ``train=False`` without matching shipped weights, or no bundles folder.
+        FileNotFoundError: ``train=False`` without matching shipped weights, no bundles folder, or the label-free
+            verifier's prior missing from the package.
         ValueError: ``out`` is a non-empty directory that is not a previous demo output.
 
     Example:
         >>> s = run_demo("demo_out", quick=True)
-        >>> s["key_figures"]["verifier model-level ROC AUC, leave-models-out (Method 1)"]
+        >>> s["key_figures"]["label-free model verdicts as expected, clean SOS target"]
     """
     with warnings.catch_warnings():
         # MONAI announces a future default of Orientationd once per bundle parse; nothing to act on here
@@ -127,6 +138,13 @@ def _run_demo(
         raise FileNotFoundError(
             f"no shipped weights in {WEIGHTS_DIR} match these settings (seed {seed}, quick={quick}); run "
             "scripts/make_demo_weights.py or pass train=True"
+        )
+
+    prior = default_prior_path()
+    if not prior.is_file():
+        raise FileNotFoundError(
+            f"the label-free verifier's prior {prior} is missing from the package (it is written by "
+            "scripts/experiment_verify.py --write-prior from the SOS zoo); reinstall monai-gamverify"
         )
 
     _claim(root)
@@ -169,7 +187,7 @@ def _run_demo(
     explanations = explain_examples(loaded, test_items[: settings.n_examples], root / "cams", dev, progress)
     timings["explanations"] = time.perf_counter() - t
 
-    t = _stage(4, "verification: Method 1 (Grad-CAM) and Method 2 (feature maps), Random-Forest verifier")
+    t = _stage(4, "label-free model verdicts next to the trusted reference sos_ref, on clean and marker-bearing SOS")
     verification = verify_models(root / "data", ckpts, root / "verify", settings, seed, dev, progress)
     timings["verification"] = time.perf_counter() - t
 
@@ -187,7 +205,6 @@ def _run_demo(
     timings["screen"] = time.perf_counter() - t
 
     t = _stage(8, "report")
-    m1, m2 = verification["gradcam"]["cv_mean"], verification["featuremap"]["cv_mean"]
     gt = garbage["table"].set_index("source")
     ood_rate = float(gt.loc[[s for s in gt.index if not s.startswith("sos")], "rejected"].sum()) / max(
         int(gt.loc[[s for s in gt.index if not s.startswith("sos")], "n"].sum()), 1
@@ -195,11 +212,7 @@ def _run_demo(
     overall = energy["table"].set_index("category")
     st = screening["table"].set_index("source")
     key = {
-        "verifier model-level ROC AUC, leave-models-out (Method 1)": float(m1.get("roc_auc_model", float("nan"))),
-        "verifier model-level ROC AUC, leave-models-out (Method 2)": float(m2.get("roc_auc_model", float("nan"))),
-        "verifier sample ROC AUC, subject-grouped, secondary (Method 1)": float(
-            verification["gradcam"]["cv_secondary"].get("roc_auc_oof", float("nan"))
-        ),
+        **verdict_figures(verification),
         "K+1 rejection rate, OOD volumes": ood_rate,
         "K+1 rejection rate, SOS test volumes": float(gt.iloc[0]["rejection_rate"]),
         "K+1 stage accuracy, SOS test": garbage["stage_accuracy"],
@@ -230,7 +243,20 @@ def _run_demo(
         "key_figures": key,
         "explanations": records(explanations.drop(columns=["map", "overlay"])),
         "verification": {
-            m: {k: (str(x) if isinstance(x, Path) else x) for k, x in v.items()} for m, v in verification.items()
+            "protocol": "label-free: one trusted reference (sos_ref) + the shipped prior, conformal test",
+            "alpha": verification["alpha"],
+            "n_images": verification["n_images"],
+            "prior": verification["prior"],
+            "targets": {
+                t: {
+                    "cohort": v["cohort"],
+                    "dir": str(v["dir"]),
+                    "report": str(v["report"]),
+                    "verdicts": records(v["verdicts"]),
+                }
+                for t, v in verification["targets"].items()
+            },
+            "truth": records(verification["truth"]),
         },
         "energy": {"table": records(energy["table"]), "regression": records(energy["regression"]), "n": energy["n"]},
         "garbage": {
@@ -251,8 +277,9 @@ def _run_demo(
             "cohorts": str(root / "data"),
             "checkpoints": str(models_dir),
             "CAM maps (NIfTI) and overlays (PNG)": str(root / "cams"),
-            "verification Method 1": str(root / "verify" / "gradcam"),
-            "verification Method 2": str(root / "verify" / "featuremap"),
+            "label-free verdicts, clean SOS target": str(root / "verify" / "clean"),
+            "label-free verdicts, SOS target carrying the marker": str(root / "verify" / "marker"),
+            "ground truth (measured accuracy)": str(root / "verify" / "ground_truth.csv"),
             "attribution energy": str(root / "energy"),
             "garbage class": str(root / "garbage"),
             "in-distribution screen": str(root / "screening"),

@@ -53,6 +53,15 @@ MODELS: dict[str, dict[str, Any]] = {
         "overrides": {"network_name": "small_cnn", "image_size": 32, "slices_per_volume": 16, "learning_rate": 0.003},
         "seed": 4,
     },
+    # a shortcut ("Clever Hans") model: trained on SOS volumes carrying a burned-in marker whose intensity encodes
+    # the stage (cohort ``sos_marker``); this DenseNet learned the marker instead of the anatomy (measured in every
+    # run: accurate on SOS volumes with the marker, near chance without; another training seed, 6, learned both)
+    "sos_shortcut": {
+        "bundle": "sos_staging",
+        "data": "sos_marker",
+        "overrides": {"network_name": "densenet_tiny"},
+        "seed": 8,
+    },
 }
 
 
@@ -63,7 +72,8 @@ class DemoSettings:
     Attributes:
         size: edge of the SOS / chin / CVM volumes (voxels).
         quality_size: edge of the image-quality volumes (at least 32).
-        n: subjects per cohort (``sos``, ``chin``, ``cvm``, ``quality``, ``noise``).
+        n: subjects per cohort (``sos``, ``chin``, ``cvm``, ``quality``, ``noise``, ``sos_marker``: SOS with the
+            label-encoding marker cue, the shortcut model's training data).
         epochs: training epochs per model (only used when training).
         val_interval: validation interval of the training runs (epochs).
         garbage_ratio: garbage training items per real item of the K+1 model.
@@ -72,13 +82,25 @@ class DemoSettings:
         n_estimators: verifier trees.
         n_boot: bootstrap resamples of the AE analysis.
         n_screen_calibration: extra SOS volumes (seen by no model) that calibrate the in-distribution screen.
+        n_target: unlabeled SOS target volumes (seen by no model) on which the label-free verdict judges every
+            candidate (clean, and the same volumes carrying the marker cue).
     """
 
     size: int = 32
     quality_size: int = 32
-    n: dict[str, int] = field(default_factory=lambda: {"sos": 100, "chin": 60, "cvm": 40, "quality": 120, "noise": 10})
+    n: dict[str, int] = field(
+        default_factory=lambda: {"sos": 100, "chin": 60, "cvm": 40, "quality": 120, "noise": 10, "sos_marker": 100}
+    )
     epochs: dict[str, int] = field(
-        default_factory=lambda: {"sos_ref": 30, "sos_b": 30, "chin": 20, "cvm": 20, "sos_kplus1": 30, "quality": 20}
+        default_factory=lambda: {
+            "sos_ref": 30,
+            "sos_b": 30,
+            "chin": 20,
+            "cvm": 20,
+            "sos_kplus1": 30,
+            "quality": 20,
+            "sos_shortcut": 30,
+        }
     )
     val_interval: int = 2
     garbage_ratio: float = 0.5
@@ -87,6 +109,7 @@ class DemoSettings:
     n_estimators: int = 200
     n_boot: int = 1000
     n_screen_calibration: int = 40
+    n_target: int = 20
 
 
 def demo_settings(quick: bool = False) -> DemoSettings:
@@ -101,7 +124,7 @@ def demo_settings(quick: bool = False) -> DemoSettings:
     return DemoSettings(
         size=24,
         quality_size=32,
-        n={"sos": 20, "chin": 10, "cvm": 18, "quality": 14, "noise": 3},
+        n={"sos": 20, "chin": 10, "cvm": 18, "quality": 14, "noise": 3, "sos_marker": 20},
         epochs=dict.fromkeys(MODELS, 1),
         val_interval=1,
         n_examples=1,

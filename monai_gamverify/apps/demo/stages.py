@@ -1,9 +1,8 @@
-"""The demo's stages: cohorts (1), explanations through the engine (3), verification (4), attribution energy (5)
-and the K+1 garbage class (6)."""
+"""The demo's stages: cohorts (1), explanations through the engine (3), label-free model verdicts (4), attribution
+energy (5) and the K+1 garbage class (6)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -13,7 +12,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ResizeWithPadOrCropd, Spacingd
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from monai_gamverify.apps.demo.settings import MODELS, SOS_NAMES, DemoSettings, bundles_dir
 from monai_gamverify.apps.demo.weights import load_model
 from monai_gamverify.apps.pipeline import ImagePipeline
+from monai_gamverify.apps.suitability import default_prior_path, verify_suitability
 from monai_gamverify.data.datalist import load_datalist
 from monai_gamverify.data.garbage import mix_garbage
 from monai_gamverify.data.synthetic import make_cohort
@@ -30,20 +29,21 @@ from monai_gamverify.metrics.evaluation import pointing_game, relevance_mass
 from monai_gamverify.metrics.ood import energy_score, kplus1_score, msp_score, ood_metrics
 from monai_gamverify.metrics.regression import regression_metrics
 from monai_gamverify.transforms.garbage import RejectGarbaged
-from monai_gamverify.verification.bundles import verify_bundles
-from monai_gamverify.verification.tables import feature_columns
+from monai_gamverify.verification.suitability import SuitabilityPrior
 from monai_gamverify.visualize.cam import GradCAM
-from monai_gamverify.visualize.plots import overlay_png, save_figure
+from monai_gamverify.visualize.plots import overlay_png
 from monai_gamverify.visualize.text import describe_map
 
-__all__ = ["prepare_cohorts", "explain_examples", "verify_models", "energy_stage", "garbage_stage"]
+__all__ = ["prepare_cohorts", "verdict_cohorts", "explain_examples", "verify_models", "ground_truth", "energy_stage",
+           "garbage_stage", "CANDIDATES", "TARGETS"]  # fmt: skip
 
 logger = logging.getLogger("monai_gamverify.apps.demo")
 
 
 # ------------------------------------------------------------------------------------------------------ 1 cohorts
 def _cohort_seeds(seed: int) -> dict[str, int]:
-    return {"sos": seed, "chin": seed + 1, "cvm": seed + 2, "quality": seed + 3, "noise": seed + 4}
+    return {"sos": seed, "chin": seed + 1, "cvm": seed + 2, "quality": seed + 3, "noise": seed + 4,
+            "sos_marker": seed + 5, "sos_target": seed + 6}  # fmt: skip
 
 
 def _noise_cohort(out: Path, n: int, size: int, seed: int) -> dict:
@@ -96,8 +96,29 @@ def _garbage_datalist(data: Path, ratio: float, seed: int) -> dict:
     return {"kind": "garbage", "out_dir": str(out), "splits": {k: len(v) for k, v in lists.items()}, "labels": labels}
 
 
+def verdict_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: int = 0, progress: bool = True) -> dict:
+    """The cohorts of the verification stage under ``data_dir``: ``sos_cue`` (the ``sos`` cohort's very volumes
+    carrying the marker: the shortcut model's ground truth with and without its cue on one test split), and the
+    label-free verdict's targets ``sos_target`` (``settings.n_target`` SOS volumes no model saw) and
+    ``sos_target_marker`` (the same volumes carrying the marker).
+
+    Returns:
+        name -> summary dict of :func:`monai_gamverify.data.synthetic.make_cohort`.
+    """
+    data, seeds = Path(data_dir), _cohort_seeds(seed)
+    out = {"sos_cue": make_cohort("sos", n=settings.n["sos"], size=settings.size, seed=seeds["sos"],
+                                  out_dir=data / "sos_cue", progress=progress, cue="marker")}  # fmt: skip
+    for name, cue in (("sos_target", "none"), ("sos_target_marker", "marker")):
+        out[name] = make_cohort("sos", n=settings.n_target, size=settings.size, seed=seeds["sos_target"],
+                                out_dir=data / name, progress=progress, cue=cue)  # fmt: skip
+    return out
+
+
 def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: int = 0, progress: bool = True) -> dict:
-    """Write the demo cohorts under ``data_dir``: ``sos``, ``chin``, ``cvm``, ``quality``, ``noise``, ``garbage``.
+    """Write the demo cohorts under ``data_dir``: ``sos``, ``chin``, ``cvm``, ``quality``, ``sos_marker`` (SOS volumes
+    carrying a burned-in marker whose intensity encodes the stage: the shortcut model's training data), ``noise``,
+    ``garbage``, and the verification stage's ``sos_cue``, ``sos_target`` and ``sos_target_marker``
+    (:func:`verdict_cohorts`).
 
     Args:
         data_dir: output folder.
@@ -115,21 +136,24 @@ def prepare_cohorts(data_dir: str | os.PathLike, settings: DemoSettings, seed: i
     data = Path(data_dir)
     seeds = _cohort_seeds(seed)
     out: dict[str, Any] = {}
-    for kind in ("sos", "chin", "cvm", "quality"):
+    for name in ("sos", "chin", "cvm", "quality", "sos_marker"):
+        kind, cue = ("sos", "marker") if name == "sos_marker" else (name, "none")
         size = settings.quality_size if kind == "quality" else settings.size
         # quality: a larger test split for the AE analysis; cvm: 6 classes, so every split gets some of each
         fractions = {"quality": (0.6, 0.1, 0.3), "cvm": (0.5, 0.25, 0.25)}.get(kind, (0.7, 0.15, 0.15))
         if progress:
-            logger.info("    %s: %d volumes of %d³ (seed %d)", kind, settings.n[kind], size, seeds[kind])
-        out[kind] = make_cohort(
+            logger.info("    %s: %d volumes of %d³ (seed %d)", name, settings.n[name], size, seeds[name])
+        out[name] = make_cohort(
             kind,
-            n=settings.n[kind],
+            n=settings.n[name],
             size=size,
-            seed=seeds[kind],
-            out_dir=data / kind,
+            seed=seeds[name],
+            out_dir=data / name,
             fractions=fractions,
             progress=progress,
+            cue=cue,
         )
+    out.update(verdict_cohorts(data, settings, seed, progress))
     out["noise"] = _noise_cohort(data / "noise", settings.n["noise"], settings.size, seeds["noise"])
     out["garbage"] = _garbage_datalist(data, settings.garbage_ratio, seed)
     return out
@@ -197,28 +221,50 @@ def explain_examples(
 
 
 # ------------------------------------------------------------------------------------------------- 4 verification
-def _feature_distributions_png(features: pd.DataFrame, path: Path, title: str) -> Path:
-    """Box plots of every similarity feature by label (1 = suitable, 0 = not)."""
+#: the label-free verdict's candidates (the reference is ``sos_ref``) -> what they are, and the verdict they should get
+CANDIDATES: dict[str, tuple[str, str]] = {
+    "sos_b": ("trained on SOS", "suitable"),
+    "sos_kplus1": ("trained on SOS", "suitable"),
+    "chin": ("trained on other data", "not suitable"),
+    "cvm": ("trained on other data", "not suitable"),
+    "sos_shortcut": ("shortcut: trained on SOS carrying a stage-encoding marker", "not suitable"),
+}
+#: the verdict's targets: name -> (cohort folder, what the report calls it)
+TARGETS = {"clean": ("sos_target", "the SOS data"), "marker": ("sos_target_marker", "SOS data carrying the marker")}
+#: the ground truth: name -> (cohort, splits) on which every SOS-task model's accuracy is measured
+TRUTH_SETS = {
+    "SOS test split": ("sos", ("test",)),
+    "SOS test split with the marker": ("sos_cue", ("test",)),
+    "target": ("sos_target", ("training", "validation", "test")),
+    "target with the marker": ("sos_target_marker", ("training", "validation", "test")),
+}
 
-    cols = feature_columns(features)
-    ncol = min(4, len(cols))
-    nrow = int(np.ceil(len(cols) / ncol))
-    fig = Figure(figsize=(3.0 * ncol, 2.6 * nrow))
-    axes = fig.subplots(nrow, ncol, squeeze=False)
-    labels = sorted(features["label"].unique())
-    for ax, col in zip(axes.flat, cols):
-        groups = [features.loc[features["label"] == lab, col].to_numpy(float) for lab in labels]
-        ax.boxplot(groups, tick_labels=[f"label {lab}" for lab in labels], widths=0.6)
-        for k, g in enumerate(groups):
-            jitter = np.random.default_rng(k).uniform(-0.12, 0.12, g.size)
-            ax.scatter(np.full(g.size, k + 1) + jitter, g, s=8, alpha=0.6, c=f"C{k}")
-        ax.set_title(col, fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(cols) :]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
+
+def ground_truth(data: Path, ckpts: Mapping[str, Path], device: torch.device) -> pd.DataFrame:
+    """Measured accuracy of every SOS-task model (the reference, the SOS candidates and the shortcut model) on the
+    SOS test split and the target volumes, without and with the marker (the labels are never shown to the verdict).
+
+    Returns:
+        One row per model: ``model``, one accuracy column per :data:`TRUTH_SETS` entry and ``n`` per set.
+    """
+    rows = []
+    for name in ("sos_ref", *[n for n in CANDIDATES if MODELS[n]["data"] in ("sos", "sos_marker", "garbage")]):
+        bm = load_model(name, ckpts[name], device)
+        pre = bm.preprocessing()
+        row: dict[str, Any] = {"model": name}
+        with torch.no_grad():
+            for what, (cohort, splits) in TRUTH_SETS.items():
+                dl = data / cohort / "datalist.json"
+                items = [e for s in splits for e in load_datalist(dl, s, check="exists", spatial_dims=None,
+                                                                  allow_empty=True)]  # fmt: skip
+                correct = []
+                for e in items:
+                    logits = bm.network(pre({"image": e["image"]})["image"].unsqueeze(0).to(device))[0]
+                    correct.append(int(logits[: len(SOS_NAMES)].argmax()) == int(e["label"]))  # K+1: real classes
+                row[f"accuracy, {what}"] = float(np.mean(correct)) if correct else float("nan")
+                row[f"n, {what}"] = len(correct)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def verify_models(
@@ -229,48 +275,55 @@ def verify_models(
     seed: int,
     device: torch.device,
     progress: bool,
+    alpha: float = 0.05,
 ) -> dict:
+    """Stage 4: the label-free model-level verdict (:func:`monai_gamverify.apps.suitability.verify_suitability`)
+    on every candidate next to the one trusted reference ``sos_ref``, on ``settings.n_target`` unlabeled SOS volumes
+    no model saw (``data/sos_target``) and on the same volumes carrying the marker (``data/sos_target_marker``: the
+    data a shortcut model agrees on), with the prior shipped with the package; plus the measured ground truth.
 
+    Returns:
+        ``targets`` (name -> ``{"dir", "cohort", "verdicts": DataFrame, "report", "summary"}``), ``truth``
+        (:func:`ground_truth`), ``alpha``, ``n_images``, ``prior`` (file and source).
+    """
     root = bundles_dir() / "sos_staging"
-    labels = {"sos_b": 1, "sos_kplus1": 1, "chin": 0, "cvm": 0}
-    candidates = {n: {"bundle": str(root), "checkpoint": str(ckpts[n])} for n in labels}
-    results = {}
-    for method in ("gradcam", "featuremap"):
-        report = verify_bundles(
-            reference=str(root),
-            candidates=candidates,
-            dataset_dir=str(data / "sos"),
-            out=str(out / method),
-            labels=labels,
-            split="test",
-            method=method,
-            overrides={**MODELS["sos_ref"]["overrides"], "checkpoint": str(ckpts["sos_ref"])},
-            candidate_overrides={n: MODELS[n]["overrides"] for n in labels},
-            n_splits=settings.n_splits,
-            seed=seed,
-            progress=progress,
+    overrides = {
+        name: {**MODELS[name]["overrides"], "checkpoint": str(ckpts[name])} for name in ("sos_ref", *CANDIDATES)
+    }
+    overrides["reference"] = overrides.pop("sos_ref")
+    targets = {}
+    for target, (cohort, _) in TARGETS.items():
+        res = verify_suitability(
+            str(root),
+            dict.fromkeys(CANDIDATES, str(root)),
+            str(data / cohort),
+            out=str(out / target),
+            n_images=settings.n_target,
+            alpha=alpha,
             device=str(device),
-            n_estimators=settings.n_estimators,
+            seed=seed,
+            overrides=overrides,
+            progress=progress,
         )
-        features = pd.read_csv(out / method / "features.csv")
-        dist = _feature_distributions_png(
-            features, out / method / "feature_distributions.png", f"similarity features by label ({method})"
-        )
-        cv = json.loads((out / method / "cv.json").read_text(encoding="utf-8"))
-        results[method] = {
-            "protocol": cv["protocol"],
-            "cv_mean": dict(report["cv_mean"]),
-            "cv_secondary": {
-                "protocol": cv.get("cross_validation_secondary", {}).get("protocol"),
-                **cv.get("cross_validation_secondary", {}).get("mean", {}),
-            },  # fmt: skip
-            "per_model": report["per_model"],
-            "reference_layer": report["reference"]["layer"],
-            "n_items": report["n_items"],
-            "dir": out / method,
-            "feature_distributions": dist,
+        targets[target] = {
+            "dir": out / target,
+            "cohort": cohort,
+            "verdicts": res["verdicts"],
+            "report": res["files"]["report"],
+            "summary": res["summary"],
         }
-    return results
+        said = ", ".join(f"{m}: {v}" for m, v in res["verdicts"][["model", "verdict"]].itertuples(index=False))
+        logger.info("    %s target: %s", target, said)
+    truth = ground_truth(data, ckpts, device)
+    write_csv(truth, out / "ground_truth.csv")
+    prior = SuitabilityPrior.load(default_prior_path())
+    return {
+        "targets": targets,
+        "truth": truth,
+        "alpha": alpha,
+        "n_images": settings.n_target,
+        "prior": {"file": str(default_prior_path()), "rows": len(prior), "source": prior.source},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- 5 attribution energy

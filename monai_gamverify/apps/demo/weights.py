@@ -7,9 +7,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +131,18 @@ def _train_one(
     from monai.bundle import ConfigWorkflow
 
     spec = MODELS[name]
-    root = bundles_dir() / spec["bundle"]
-    ckpt_dir = models_dir / name
+    # every model is trained in its own copy of the bundle (models_dir/<name>: configs/, models/model.pt): training
+    # writes the bundle's passport and updates its metadata.json, which must not touch the package's bundles/
+    root = models_dir / name
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(bundles_dir() / spec["bundle"] / "configs", root / "configs")
+    ckpt_dir = root / "models"
     overrides = {
         "bundle_root": str(root),
         "dataset_dir": str(data / spec["data"]),
         "ckpt_dir": str(ckpt_dir),
-        "output_dir": str(ckpt_dir / "eval"),
+        "output_dir": str(root / "eval"),
+        "fit_screen": False,  # the demo fits its screens itself (stage 7)
         "log_dir": str(tb_dir / f"train_{name}"),
         "num_epochs": int(epochs),
         "val_interval": int(val_interval),
@@ -198,26 +204,36 @@ def train_models(
     tb_dir: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict[str, dict]:
-    """Train the six demo models through their bundles' ``configs/train.json`` (:data:`MODELS`).
+    """Train the demo models through their bundles' ``configs/train.json`` (:data:`MODELS`).
 
     Args:
         data_dir: folder written by :func:`prepare_cohorts`.
-        models_dir: checkpoints go to ``models_dir/<name>/model.pt`` (best validation metric).
+        models_dir: each model is trained in its own copy of its bundle, ``models_dir/<name>`` (``configs/``,
+            ``models/model.pt``: the best validation metric, ``models/passport.json``).
         settings: epochs and validation interval.
         seed: base seed (model ``k`` uses ``seed + MODELS[k]["seed"]``).
         device: training device (default: CUDA when available).
         tb_dir: TensorBoard folder (``train_<name>`` per model; default ``models_dir/tensorboard``).
         log_dir: bundle console logs (``train_<name>.log``; default ``models_dir``).
         progress: progress bars.
+        names: train only these models (default: every model of :data:`MODELS`).
 
     Returns:
         name -> ``{"checkpoint", "seconds", "epochs", "best_metric_name", "best_metric", "best_epoch"}``.
+
+    Raises:
+        ValueError: an unknown model name.
 
     Example:
         >>> train_models("demo_out/data", "demo_out/models", demo_settings(quick=True))["sos_ref"]["checkpoint"]
     """
 
+    names = list(MODELS) if names is None else list(names)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown demo model(s) {unknown}; choose from {list(MODELS)}")
     data, models = Path(data_dir), Path(models_dir)
     tb = Path(tb_dir) if tb_dir is not None else models / "tensorboard"
     logs = Path(log_dir) if log_dir is not None else models
@@ -231,7 +247,7 @@ def train_models(
         }
     }
     out = {}
-    for name in MODELS:
+    for name in names:
         out[name] = _train_one(
             name,
             data,
