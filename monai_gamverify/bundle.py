@@ -30,6 +30,7 @@ __all__ = [
     "PASSPORT_FORMAT",
     "PASSPORT_NAME",
     "read_passport",
+    "passport_path",
     "BundleModel",
     "BundleReport",
     "LayerTrace",
@@ -398,10 +399,21 @@ PASSPORT_NAME = "passport.json"
 PASSPORT_FORMAT = "monai-gamverify/passport/1"
 
 
-def read_passport(bundle_root: str | os.PathLike) -> dict:
-    """``models/passport.json`` of a bundle (written when it was trained with this package's ``train.json``), or
-    ``{}`` when there is none; an unreadable or foreign file raises ``ValueError`` naming it."""
-    path = Path(bundle_root) / "models" / PASSPORT_NAME
+def passport_path(bundle_root: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """Where the passport of a bundle's checkpoint lives: ``models/passport.json`` for the bundle's own weights
+    (``model.pt`` / ``model.ts`` or none given), ``models/passport_<stem>.json`` for another checkpoint of the same
+    bundle (e.g. the K+1 model ``model_garbage.pt``), so that training one never rewrites the other's."""
+    name = Path(checkpoint).name if checkpoint is not None else "model.pt"
+    stem = Path(name).stem
+    fname = PASSPORT_NAME if stem == "model" else f"passport_{stem}.json"
+    return Path(bundle_root) / "models" / fname
+
+
+def read_passport(bundle_root: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> dict:
+    """The passport of a bundle's checkpoint (:func:`passport_path`; written when it was trained with this
+    package's ``train.json``), or ``{}`` when there is none; an unreadable or foreign file raises ``ValueError``
+    naming it."""
+    path = passport_path(bundle_root, checkpoint)
     if not path.is_file():
         return {}
     try:
@@ -565,10 +577,13 @@ def load_bundle(
     parser.read_config(str(cfg))
     parser.read_meta(str(meta_path))
     parser["bundle_root"] = str(root)
-    passport = read_passport(root)
+    ckpt_arg = Path(checkpoint) if checkpoint is not None else _default_checkpoint(root)
+    passport = read_passport(root, ckpt_arg)
     # what training ran with (network, classes, window), so nobody repeats the overrides; the caller's still win
     for key, value in (passport.get("settings") or {}).items():
-        if key in parser and key not in (overrides or {}):
+        parent = key.rsplit("#", 1)[0] if "#" in key else None  # a network argument the config leaves at its default
+        settable = key in parser or (parent is not None and parent in parser and isinstance(parser[parent], dict))
+        if settable and key not in (overrides or {}):
             parser[key] = value
     for key, value in (overrides or {}).items():
         parser[key] = value

@@ -384,8 +384,14 @@ def verify(
             good = {n: cands[n]["bundle"] if isinstance(cands[n], dict) else cands[n] for n, v in lab.items() if int(v)}
             good = {"reference": reference, **good}
             path = Path(out) / "verifier.json"
-            fit_verifier(good, dataset_dir, path, n_images=n_images, device=device, seed=seed, overrides=ovr)
-            print(f"verifier for new candidates (label-free, --verifier): {path}")
+            if len(good) < 2:
+                print("no verifier.json: it needs the reference and at least one candidate labelled 1")
+                return
+            try:  # the study is written; a verifier that cannot be fitted is reported, not fatal
+                fit_verifier(good, dataset_dir, path, n_images=n_images, device=device, seed=seed, overrides=ovr)
+                print(f"verifier for new candidates (label-free, --verifier): {path}")
+            except (ValueError, OSError) as err:
+                print(f"no verifier.json: {type(err).__name__}: {err}", file=sys.stderr)
         return
     from monai_gamverify.apps.suitability import verify_suitability
 

@@ -147,7 +147,9 @@ def test_verify_bundles_dicom_equals_nifti(data, tmp_path, one_thread):
     small2 = {**TINY, "num_classes": 2}
     cands = {
         "sos_b": str(_bundle(tmp_path, SOS, "sos_b", 1, TINY)),
+        "sos_c": str(_bundle(tmp_path, SOS, "sos_c", 3, TINY)),
         "chin": str(_bundle(tmp_path, SOS, "chin", 2, small2)),
+        "chin_c": str(_bundle(tmp_path, SOS, "chin_c", 4, small2)),
     }
     tables, maps = {}, {}
     for kind in ("nii", "dcm"):
@@ -158,9 +160,9 @@ def test_verify_bundles_dicom_equals_nifti(data, tmp_path, one_thread):
             str(data),
             out=str(out),
             datalist=str(data / f"{kind}.json"),
-            labels={"sos_b": 1, "chin": 0},
+            labels={"sos_b": 1, "sos_c": 1, "chin": 0, "chin_c": 0},
             overrides=TINY,
-            candidate_overrides={"*": TINY, "chin": {"num_classes": 2}},
+            candidate_overrides={"*": TINY, "chin": {"num_classes": 2}, "chin_c": {"num_classes": 2}},
             n_splits=2,
             n_estimators=10,
             progress=False,
@@ -170,9 +172,9 @@ def test_verify_bundles_dicom_equals_nifti(data, tmp_path, one_thread):
         tables[kind] = pd.read_csv(out / "features.csv")
         maps[kind] = nib.load(str(out / "reference_map.nii.gz"))
     a, b = tables["dcm"], tables["nii"]
-    assert len(a) == len(b) == 2 * N
+    assert len(a) == len(b) == 4 * N
     # every "case_i/CT" is its own sample (ids unique although the series directories share a name)
-    assert a.groupby("model")["sample_id"].nunique().to_dict() == {"chin": N, "sos_b": N}
+    assert a.groupby("model")["sample_id"].nunique().to_dict() == {"chin": N, "chin_c": N, "sos_b": N, "sos_c": N}
     assert list(a["model"]) == list(b["model"])
     values = [c for c in b.columns if c not in ("model", "sample_id", "subject_id", "label")]
     assert values and pd.api.types.is_numeric_dtype(b[values[0]])

@@ -221,7 +221,7 @@ def demo_bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     from monai_gamverify.data.synthetic import make_cohort
 
-    make_cohort("sos", n=10, size=32, seed=77, out_dir=root / "data", progress=False)
+    make_cohort("sos", n=20, size=32, seed=77, out_dir=root / "data", progress=False)
     return root, {n: _demo_bundle(root, n) for n in ("sos_ref", "sos_b", "chin", "cvm")}
 
 
@@ -231,8 +231,11 @@ def test_verify_command_label_free_on_real_bundles(demo_bundles, capsys):
     root, b = demo_bundles
     broken = shutil.copytree(b["sos_b"], root / "broken")
     (broken / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    bare = shutil.copytree(b["sos_b"], root / "bare")  # a bundle whose metadata declares nothing about its task
+    (bare / "configs" / "metadata.json").write_text(json.dumps({"version": "0.1.0", "name": "bare"}))
     cands = {"sos_b": str(b["sos_b"]), "chin": str(b["chin"]), "cvm": str(b["cvm"]), "broken": str(broken)}
-    verify(str(b["sos_ref"]), json.dumps(cands), str(root / "data"), out=str(root / "out"), n_images=10)
+    cands["bare"] = str(bare)
+    verify(str(b["sos_ref"]), json.dumps(cands), str(root / "data"), out=str(root / "out"), n_images=20)
     printed = capsys.readouterr().out
     import pandas as pd
 
@@ -241,7 +244,9 @@ def test_verify_command_label_free_on_real_bundles(demo_bundles, capsys):
     assert df.loc["chin", "verdict"] == "not suitable" and "another task" in df.loc["chin", "reasons"]
     assert df.loc["cvm", "verdict"] == "not suitable"
     assert df.loc["broken", "verdict"] == "undecided" and "broken" in df.loc["broken", "reasons"]
-    assert df.loc["sos_b", "verdict"] in ("suitable", "undecided")  # judged, not refused
+    assert df.loc["sos_b", "verdict"] == "suitable", df.loc["sos_b", "reasons"]  # the passport's width applied
+    assert df.loc["bare", "agreement"] == pytest.approx(df.loc["sos_b", "agreement"]), df.loc["bare", "reasons"]
+    assert "another task" not in df.loc["bare", "reasons"] and "could not" not in df.loc["bare", "reasons"]
     assert "report.html" in printed and (root / "out" / "report.html").stat().st_size > 1000
 
 

@@ -39,19 +39,21 @@ def setup(tmp_path_factory):
         "tmp": tmp,
         "ref": _bundle(tmp, "ref", 0),
         "sos_b": _bundle(tmp, "sos_b", 1),
+        "sos_c": _bundle(tmp, "sos_c", 3),
         "chin": _bundle(tmp, "chin_b", 2, num_classes=2),
+        "chin_c": _bundle(tmp, "chin_c", 4, num_classes=2),
     }
 
 
 def _kwargs(s):
     return {
         "reference": str(s["ref"]),
-        "candidates": {"sos_b": str(s["sos_b"]), "chin": str(s["chin"])},
+        "candidates": {n: str(s[n]) for n in ("sos_b", "sos_c", "chin", "chin_c")},
         "dataset_dir": str(s["tmp"] / "sos"),
-        "labels": {"sos_b": 1, "chin": 0},
+        "labels": {"sos_b": 1, "sos_c": 1, "chin": 0, "chin_c": 0},  # two per label: leave-models-out folds
         "split": "training",
         "overrides": SMALL,
-        "candidate_overrides": {"*": SMALL, "chin": {"num_classes": 2}},
+        "candidate_overrides": {"*": SMALL, "chin": {"num_classes": 2}, "chin_c": {"num_classes": 2}},
         "n_splits": 2,
         "n_estimators": 10,
         "progress": False,
@@ -69,15 +71,16 @@ def test_verify_bundles_report(setup, capsys):
     n_items = report["n_items"]
     assert n_items == 6
     table = pd.read_csv(out / "features.csv")
-    assert len(table) == n_items * 2
-    assert set(table["model"]) == {"sos_b", "chin"}
-    assert table.groupby("model")["label"].first().to_dict() == {"chin": 0, "sos_b": 1}
+    assert len(table) == n_items * 4
+    assert set(table["model"]) == {"sos_b", "sos_c", "chin", "chin_c"}
+    assert table.groupby("model")["label"].first().to_dict() == {"chin": 0, "chin_c": 0, "sos_b": 1, "sos_c": 1}
     cv = json.loads((out / "cv.json").read_text())
     assert {"cross_validation", "per_model", "feature_importances", "method", "models"} <= set(cv)
     assert cv["models"]["chin"]["layer"] == "res4"
     for name in ("roc.png", "predictions.csv", "summary.csv", "verifier.skops", "reference_map.nii.gz"):
         assert (out / name).is_file(), name
-    assert set(report["per_model"]) == {"sos_b", "chin"}
+    assert set(report["per_model"]) == {"sos_b", "sos_c", "chin", "chin_c"}
+    assert cv["protocol"] == "leave-models-out"
     assert capsys.readouterr().out == ""  # the library logs; `gamverify verify` prints the summary
     assert "mean P(suitable)" in report["summary"] and str(out) in report["summary"]
 
@@ -86,21 +89,29 @@ def test_verify_bundles_featuremap(setup):
     out = setup["tmp"] / "report_fm"
     report = verify_bundles(out=str(out), method="featuremap", max_items=4, **_kwargs(setup))
     assert report["reference"]["layer"] == "stem"
-    assert len(pd.read_csv(out / "features.csv")) == 8
+    assert len(pd.read_csv(out / "features.csv")) == 16
 
 
 def test_verify_bundles_errors(setup):
     kw = _kwargs(setup)
     with pytest.raises(ValueError, match="unknown candidate"):
-        verify_bundles(**{**kw, "labels": {"sos_b": 1, "chinn": 0}})
+        verify_bundles(**{**kw, "labels": {"sos_b": 1, "sos_c": 1, "chin": 0, "chinn": 0}})
     with pytest.raises(ValueError, match="has no label"):
-        verify_bundles(**{**kw, "labels": {"sos_b": 1}})
+        verify_bundles(**{**kw, "labels": {"sos_b": 1, "sos_c": 1, "chin": 0}})
+    one_each = {
+        "candidates": {"sos_b": str(setup["sos_b"]), "chin": str(setup["chin"])},
+        "labels": {"sos_b": 1, "chin": 0},
+        "candidate_overrides": {"*": SMALL, "chin": {"num_classes": 2}},
+    }
+    with pytest.raises(ValueError, match="leave-models-out"):  # no silent fallback to subject-grouped folds
+        verify_bundles(**{**kw, **one_each})
+    nope = {**kw["candidates"], "chin": str(setup["tmp"] / "nope")}
     with pytest.raises(FileNotFoundError, match="bundle not found"):
-        verify_bundles(**{**kw, "candidates": {"sos_b": str(setup["sos_b"]), "chin": str(setup["tmp"] / "nope")}})
+        verify_bundles(**{**kw, "candidates": nope})
     no_weights = setup["tmp"] / "no_weights"
     shutil.copytree(BUNDLE, no_weights, ignore=shutil.ignore_patterns("models", "eval"))
     with pytest.raises(FileNotFoundError, match="no trained weights"):
-        verify_bundles(**{**kw, "candidates": {"sos_b": str(setup["sos_b"]), "chin": str(no_weights)}})
+        verify_bundles(**{**kw, "candidates": {**kw["candidates"], "chin": str(no_weights)}})
     empty = setup["tmp"] / "empty"
     empty.mkdir()
     (empty / "datalist.json").write_text(json.dumps({"training": [], "test": []}))
@@ -118,9 +129,9 @@ def test_verify_config(setup):
         dataset_dir=str(setup["tmp"] / "sos"),
         output_dir=str(out),
         network_name="small_cnn",
-        candidates={"sos_b": str(setup["sos_b"]), "chin": str(setup["chin"])},
-        labels={"sos_b": 1, "chin": 0},
-        candidate_overrides={"*": SMALL, "chin": {"num_classes": 2}},
+        candidates={n: str(setup[n]) for n in ("sos_b", "sos_c", "chin", "chin_c")},
+        labels={"sos_b": 1, "sos_c": 1, "chin": 0, "chin_c": 0},
+        candidate_overrides={"*": SMALL, "chin": {"num_classes": 2}, "chin_c": {"num_classes": 2}},
         split="training",
         n_splits=2,
         n_estimators=10,
@@ -128,7 +139,7 @@ def test_verify_config(setup):
         progress=False,
         device="cpu",
     )
-    assert len(pd.read_csv(out / "features.csv")) == 8
+    assert len(pd.read_csv(out / "features.csv")) == 16
     assert (out / "cv.json").is_file()
 
 

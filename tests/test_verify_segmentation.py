@@ -187,7 +187,8 @@ def test_cli_passes_label(monkeypatch, capsys):
 
     monkeypatch.setattr(vb, "verify_bundles", fake)
     for value, want in (("spleen", "spleen"), ("1", 1)):
-        argv = ["gamverify", "verify", "--reference", "r", "--candidates", '{"a": "b"}', "--dataset_dir", "d"]
+        argv = ["gamverify", "verify", "--reference", "r", "--candidates", '{"a": "b"}', "--dataset_dir", "d",
+                "--labels", '{"a": 1}']  # fmt: skip
         monkeypatch.setattr(sys, "argv", [*argv, "--label", value])
         cli.main()
         assert seen["label"] == want and type(seen["label"]) is type(want)

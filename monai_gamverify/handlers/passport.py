@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from monai_gamverify.bundle import PASSPORT_FORMAT, PASSPORT_NAME, load_checkpoint
+from monai_gamverify.bundle import PASSPORT_FORMAT, load_checkpoint, passport_path
 from monai_gamverify.io import write_json
 
 __all__ = ["BundlePassport", "validation_confidences", "write_passport"]
@@ -107,6 +107,7 @@ def write_passport(
     val_conf: Mapping[str, Sequence] | None = None,
     screen: str | None = None,
     update_metadata: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> Path:
     """Write ``models/passport.json`` (and update ``configs/metadata.json``) for a trained bundle.
 
@@ -117,7 +118,10 @@ def write_passport(
         feature_layers: its early layers (Method 2, screen).
         val_conf: validation confidences (:func:`validation_confidences`).
         screen: the screen's folder, relative to ``models/``.
-        update_metadata: rewrite ``configs/metadata.json`` to describe the trained network.
+        update_metadata: rewrite ``configs/metadata.json`` to describe the trained network (only for the bundle's
+            own weights, ``model.pt``).
+        checkpoint: the weights the passport describes (default ``models/model.pt``); another checkpoint of the
+            same bundle gets its own passport (:func:`~monai_gamverify.bundle.passport_path`).
 
     Returns:
         The passport's path.
@@ -134,9 +138,10 @@ def write_passport(
         doc["val_accuracy"] = sum(doc["val_conf"]["correct"]) / n if n else None
     if screen:
         doc["screen"] = str(screen)
-    path = write_json(doc, root / "models" / PASSPORT_NAME)
+    path = write_json(doc, passport_path(root, checkpoint))
     meta_path = root / "configs" / "metadata.json"
-    if update_metadata and meta_path.is_file():
+    own_weights = path.name == passport_path(root).name
+    if update_metadata and own_weights and meta_path.is_file():
         _update_metadata(meta_path, doc["settings"], cam_layer, feature_layers)
     return path
 
@@ -199,16 +204,18 @@ class BundlePassport:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # one writer under torchrun: rank 0 (the checkpoint saver's rank)
         root = Path(self.bundle_root)
         ckpt = Path(self.checkpoint) if self.checkpoint else root / "models" / "model.pt"
-        network = engine.network
+        network = getattr(engine.network, "module", engine.network)  # DistributedDataParallel wraps the network
         val_conf = None
         if self.validator is not None and getattr(self.validator, "data_loader", None) is not None:
             best = copy.deepcopy(network)
             if ckpt.is_file():
                 load_checkpoint(best, ckpt)
             val_conf = validation_confidences(best, self.validator.data_loader)
-        path = write_passport(root, self.settings, self.cam_layer, self.feature_layers, val_conf)
+        path = write_passport(root, self.settings, self.cam_layer, self.feature_layers, val_conf, checkpoint=ckpt)
         logger.info("bundle passport written: %s", path)
         if self.fit_screen:
             fit_screen = self.fit_screen
@@ -216,10 +223,14 @@ class BundlePassport:
                 raise TypeError("BundlePassport(fit_screen=...) takes the screen-fitting function, not a flag")
             if not self.dataset_dir:
                 raise ValueError("BundlePassport(fit_screen=True) needs dataset_dir")
+            screen_dir = "screen" if ckpt.stem == "model" else f"screen_{ckpt.stem}"
+            out = root / "models" / screen_dir
             try:
-                fit_screen(root, self.dataset_dir, root / "models" / "screen", datalist=self.datalist)
-            except ValueError as err:  # e.g. too few calibration images: the weights stay good, say why no screen
-                logger.warning("no screen fitted for %s: %s", root, err)
+                fit_screen(root, self.dataset_dir, out, datalist=self.datalist, checkpoint=ckpt)
+            except Exception as err:  # e.g. too few calibration images: the weights are saved, say why no screen
+                logger.warning("no screen fitted for %s: %s: %s", ckpt, type(err).__name__, err)
                 return
-            write_passport(root, self.settings, self.cam_layer, self.feature_layers, val_conf, screen="screen")
-            logger.info("screen fitted: %s", root / "models" / "screen")
+            write_passport(
+                root, self.settings, self.cam_layer, self.feature_layers, val_conf, screen=screen_dir, checkpoint=ckpt
+            )
+            logger.info("screen fitted: %s", root / "models" / screen_dir)
