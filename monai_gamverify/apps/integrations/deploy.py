@@ -26,7 +26,9 @@ import argparse
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ from monai_gamverify.io.dicom import series_affine_from_metadata
 
 __all__ = [
     "GamverifyRunner",
+    "StudyResult",
+    "model_info",
+    "read_dicom_folder",
+    "write_datasets",
     "image_array_and_affine",
     "sdk_available",
     "resolve_bundle",
@@ -281,6 +287,8 @@ class GamverifyRunner:
         bundle_path: bundle directory or SDK model path.
         output_folder: where the map and the JSON go (created).
         bundle_name: the bundle's directory name when the model path holds several.
+        dicom_input: the DICOM input folder of an SDK app: a judged DICOM volume also gets its DICOM answer (SR,
+            Secondary Capture overlay, SEG) in ``<output_folder>/dicom/`` (:meth:`write_dicom_for`).
         kwargs: :class:`~monai_gamverify.apps.integrations.SuitabilityPipeline` arguments (``reference``, ``verifier``,
             ``threshold``, ``overrides``, ``checkpoint``, ``require_weights``, ``garbage_threshold``, ``device`` ...).
 
@@ -294,9 +302,11 @@ class GamverifyRunner:
         output_folder: str | os.PathLike,
         *,
         bundle_name: str | None = None,
+        dicom_input: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         self.bundle_path = resolve_bundle(bundle_path, name=bundle_name)
+        self.dicom_input = Path(dicom_input) if dicom_input is not None else None
         self.output_folder = Path(output_folder)
         self.kwargs = dict(kwargs)
         self.weights = check_weights(
@@ -317,8 +327,6 @@ class GamverifyRunner:
         Returns:
             ``(prediction, cam path, verdict)``; ``<name>_gamverify.json`` with all of it is written beside the map.
         """
-        from monai_gamverify.io import write_json
-
         dicom: dict[str, Any] = {}
         if isinstance(value, (str, os.PathLike)):
             res = self.pipeline.run(value, self.output_folder)
@@ -328,6 +336,15 @@ class GamverifyRunner:
                 dicom = {k: _jsonable(meta[k]) for k in DICOM_RECORD_KEYS if meta.get(k) is not None}
             arr, affine, name = image_array_and_affine(value)
             res = self.pipeline.run_array(arr, self.output_folder, affine=affine, name=name)
+        record = self._record(res, dicom)
+        if self.dicom_input is not None and dicom.get("SeriesInstanceUID"):
+            self.write_dicom_for(dicom["SeriesInstanceUID"], record)
+        return record["prediction"], Path(record["cam"]), {k: record[k] for k in _VERDICT_KEYS}
+
+    def _record(self, res: Mapping[str, Any], dicom: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON record of one pipeline answer, written as ``<name>_gamverify.json`` beside the map."""
+        from monai_gamverify.io import write_json
+
         if res.get("task") == "segmentation":  # label map + Seg-Grad-CAM of the pipeline's label
             prediction = {
                 "label_map": res["label_map"],
@@ -358,16 +375,214 @@ class GamverifyRunner:
         record = {
             "image": res["image"],
             "bundle": str(self.bundle_path),
+            "model": self.model,
             "prediction": prediction,
             "cam": str(cam),
             "cam_layer": res["cam_layer"],
             "cam_method": res["cam_method"],
             **verdict,
         }
-        if dicom.get("SeriesInstanceUID"):
-            record["dicom"] = dicom
+        if dicom and dicom.get("SeriesInstanceUID"):
+            record["dicom"] = dict(dicom)
         write_json(record, self.output_folder / f"{stem}_gamverify.json")
-        return prediction, cam, verdict
+        return record
+
+    @property
+    def model(self) -> dict[str, str]:
+        """``{"name", "version"}`` of the bundle (its ``metadata.json``)."""
+        return model_info(self.bundle_path)
+
+    def protocol(self) -> str:
+        """How the verdict is reached, in words (for the SR)."""
+        kw = self.kwargs
+        parts = [
+            f"verifier {Path(kw['verifier']).name}" if kw.get("verifier") else "no verifier (unverified)",
+            f"reference {Path(kw['reference']).name}" if kw.get("reference") else "no reference map",
+            f"threshold {self.pipeline.threshold:g}",
+            f"screen {Path(str(kw['screen'])).name}"
+            if isinstance(kw.get("screen"), (str, os.PathLike))
+            else ("screen given" if kw.get("screen") is not None else "no in-distribution screen"),
+            f"CAM {self.pipeline.method} at {self.pipeline.layer}",
+        ]
+        return "; ".join(parts)
+
+    def dicom_objects(self, source: Any, record: Mapping[str, Any]) -> list[Any]:
+        """SR + Secondary Capture overlay (+ SEG for a segmentation bundle) of one judged series, built in memory.
+
+        Args:
+            source: the :class:`~monai_gamverify.io.dicom_out.SourceVolume` the record was computed on.
+            record: :meth:`_record`'s answer.
+
+        Raises:
+            ValueError: a map is not on the series' grid (nothing is returned then).
+        """
+        import nibabel as nib
+
+        from monai_gamverify.io.dicom_out import overlay_sc, report_sr, segmentation_seg, to_source_frames
+
+        cam_img = nib.load(record["cam"])
+        cam = to_source_frames(np.asarray(cam_img.dataobj, dtype=np.float32), cam_img.affine, source)
+        objects = [report_sr(source.datasets, record, self.model, protocol=self.protocol())]
+        objects += overlay_sc(source, cam, description=f"gamverify attention {record['cam_method']}")
+        pred = record["prediction"]
+        if "label_map" in pred:
+            seg_img = nib.load(pred["label_map"])
+            labels = to_source_frames(np.asarray(seg_img.dataobj), seg_img.affine, source)
+            objects.append(segmentation_seg(source, labels, pred["labels"], self.model))
+        return objects
+
+    def run_study(self, datasets: Sequence[Any]) -> StudyResult:
+        """Judge a study given as pydicom datasets and build its DICOM answer; never raises for bad input.
+
+        The best image series (:func:`~monai_gamverify.io.dicom_out.select_series`) that reads as one volume is
+        judged (a series that does not is logged, named in the SR, and the next one tried); the answer is the SR,
+        the overlay series and (segmentation) the SEG. A study with no usable series, or a failure while judging or
+        writing, gives one SR saying so (``status`` ``"not judged"``) and nothing else: never a partial answer.
+
+        Args:
+            datasets: the study's instances (with pixel data).
+
+        Returns:
+            :class:`StudyResult`.
+        """
+        from monai_gamverify.io.dicom_out import (
+            SeriesError,
+            failure_sr,
+            group_series,
+            select_series,
+            source_volume,
+        )
+
+        datasets = list(datasets)
+        t0 = time.perf_counter()
+        study = str(getattr(datasets[0], "StudyInstanceUID", "")) if datasets else ""
+        skipped: list[str] = []
+        try:
+            series = group_series(datasets)
+            source = None
+            for uid in select_series(series):
+                try:
+                    source = source_volume(series[uid])
+                    break
+                except SeriesError as err:
+                    logger.warning("study %s: %s", study, err)
+                    skipped.append(str(err))
+            if source is None:
+                raise SeriesError("no usable image series: " + " | ".join(skipped))
+            t1 = time.perf_counter()
+            record = self._record(
+                self.pipeline.run_array(source.array, self.output_folder, affine=source.affine, name=source.series_uid),
+                {"StudyInstanceUID": study, "SeriesInstanceUID": source.series_uid,
+                 "Modality": str(getattr(source.datasets[0], "Modality", ""))},
+            )  # fmt: skip
+            t2 = time.perf_counter()
+            if skipped:
+                record["reasons"] = [*(record.get("reasons") or []), *(f"skipped: {s}" for s in skipped)]
+            objects = self.dicom_objects(source, record)
+            t3 = time.perf_counter()
+        except Exception as err:  # bad input or a failure while judging: one SR that says so, nothing partial
+            reason = str(err) if isinstance(err, SeriesError) else f"{type(err).__name__}: {err}"
+            logger.error("study %s not judged: %s", study, reason)
+            objects = []
+            if datasets:
+                try:
+                    objects = [failure_sr(datasets, reason, self.model)]
+                except Exception as sr_err:  # a header too broken to link an SR to: the log line must do
+                    logger.error("study %s: no SR written either: %s: %s", study, type(sr_err).__name__, sr_err)
+            return StudyResult(study, "not judged", reason, None, objects, {"total": time.perf_counter() - t0})
+        times = {"volume": t1 - t0, "model": t2 - t1, "dicom_build": t3 - t2}
+        return StudyResult(study, "judged", None, record, objects, times)
+
+    def write_dicom_for(self, series_uid: str, record: Mapping[str, Any]) -> list[Path]:
+        """SDK route: read the judged series from :attr:`dicom_input` and write its DICOM answer to
+        ``<output_folder>/dicom/``; an error is logged and leaves no file."""
+        from monai_gamverify.io.dicom_out import source_volume
+
+        datasets = [
+            ds for ds in read_dicom_folder(self.dicom_input) if getattr(ds, "SeriesInstanceUID", None) == series_uid
+        ]
+        try:
+            objects = self.dicom_objects(source_volume(datasets), record)
+        except Exception as err:
+            logger.error("series %s: no DICOM answer written: %s", series_uid, err)
+            return []
+        return write_datasets(objects, self.output_folder / "dicom")
+
+
+@dataclass
+class StudyResult:
+    """What :meth:`GamverifyRunner.run_study` made of a study.
+
+    Attributes:
+        study_uid: StudyInstanceUID.
+        status: ``"judged"`` or ``"not judged"``.
+        reason: why not judged (naming the series), else ``None``.
+        record: the JSON record of the judged series, else ``None``.
+        objects: the DICOM answer (SR, overlay instances, SEG; or the one failure SR).
+        times: seconds per step (``volume``, ``model``, ``dicom_build``).
+    """
+
+    study_uid: str
+    status: str
+    reason: str | None
+    record: dict[str, Any] | None
+    objects: list[Any] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary (SOP classes and counts of the answer)."""
+        classes: dict[str, int] = {}
+        for ds in self.objects:
+            name = getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
+            classes[name] = classes.get(name, 0) + 1
+        out = {"study": self.study_uid, "status": self.status, "objects": classes, "times": self.times}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.record:
+            out.update({k: self.record.get(k) for k in ("verdict", "p_suitable", "in_distribution", "p_value")})
+            out["series"] = (self.record.get("dicom") or {}).get("SeriesInstanceUID")
+        return out
+
+
+def model_info(bundle: str | os.PathLike) -> dict[str, str]:
+    """``{"name", "version"}`` from a bundle's ``configs/metadata.json`` (``"unknown"`` where absent)."""
+    from monai_gamverify.bundle import read_metadata
+
+    try:
+        meta, _ = read_metadata(bundle)
+    except (FileNotFoundError, ValueError):
+        meta = {}
+    return {"name": str(meta.get("name") or Path(bundle).name), "version": str(meta.get("version") or "unknown")}
+
+
+def read_dicom_folder(folder: str | os.PathLike) -> list[Any]:
+    """Every DICOM file under ``folder`` (recursively) read with pydicom; unreadable files are logged and skipped."""
+    import pydicom
+
+    from monai_gamverify.io.dicom import is_dicom_file
+
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and is_dicom_file(path):
+            try:
+                out.append(pydicom.dcmread(str(path)))
+            except Exception as err:
+                logger.warning("skipping %s: not readable as DICOM (%s)", path, err)
+    return out
+
+
+def write_datasets(datasets: Sequence[Any], folder: str | os.PathLike) -> list[Path]:
+    """Write datasets as ``<Modality>_<SeriesNumber>_<InstanceNumber>.dcm`` files (a folder per series)."""
+    out = []
+    for ds in datasets:
+        path = Path(folder) / str(ds.SeriesInstanceUID) / f"{ds.Modality}_{int(ds.InstanceNumber):04d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(str(path), enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+_VERDICT_KEYS = ("verdict", "in_distribution", "p_value", "reasons", "p_suitable", "threshold", "features")
 
 
 def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argparse.Namespace, list[str]]:
