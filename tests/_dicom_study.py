@@ -101,14 +101,16 @@ def drop_slice(datasets: list[Dataset], index: int) -> list[Dataset]:
 
 def compress_undecodable(datasets: list[Dataset]) -> list[Dataset]:
     """The series in JPEG Lossless SV1 with pixel data no decoder here reads (a corrupt / unsupported codestream)."""
+    import copy
+
     from pydicom.encaps import encapsulate
 
     out = []
     for ds in datasets:
-        ds = pydicom.Dataset(ds)
-        ds.file_meta = FileMetaDataset(ds.file_meta)
+        ds = copy.deepcopy(ds)
         ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1
         ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # encapsulated (what dcmwrite sets; the network encoder does not)
         out.append(ds)
     return out

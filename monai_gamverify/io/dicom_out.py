@@ -312,6 +312,31 @@ def _link(ds: Any) -> Any:
     return out
 
 
+_GEOMETRY_KEYWORDS = (
+    "Modality",
+    "FrameOfReferenceUID",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+)
+
+
+def _geometry_link(ds: Any) -> Any:
+    """:func:`_link` plus the image geometry (what a SEG takes from its source images)."""
+    out = _link(ds)
+    for key in _GEOMETRY_KEYWORDS:
+        if key in ds:
+            setattr(out, key, getattr(ds, key))
+    return out
+
+
 def _code(value: str, meaning: str) -> Any:
     return _hd().sr.CodedConcept(value=value, scheme_designator=_SCHEME, meaning=meaning)
 
@@ -614,7 +639,7 @@ def segmentation_seg(
     ]
     first = source.datasets[0]
     seg = hd.seg.Segmentation(
-        source_images=source.datasets,
+        source_images=[_geometry_link(ds) for ds in source.datasets],  # highdicom copies more of the patient module
         pixel_array=mapped,
         segmentation_type="BINARY",
         segment_descriptions=segments,
