@@ -82,6 +82,7 @@ class OrthancServer:
             "SaveJobs": False,
             "ConcurrentJobs": 1,
             "StableAge": 1,
+            "SyncStorageArea": False,  # no fsync per instance: a test server, its folder is thrown away
         }
         self.config_path = self.folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))

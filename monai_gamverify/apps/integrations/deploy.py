@@ -52,6 +52,8 @@ __all__ = [
     "DICOM_RECORD_KEYS",
     "parse_app_options",
     "runner_kwargs",
+    "run_dicom_folder",
+    "folder_main",
 ]
 
 #: series selection rules for ``DICOMSeriesSelectorOperator``: the first CT series, else the first MR series, that is
@@ -616,6 +618,9 @@ def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argp
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     if dicom:
         parser.add_argument("--rules", default=None, help="series selection rules: JSON text or a .json file")
+        parser.add_argument(
+            "--no-dicom-out", dest="dicom_out", action="store_false", help="write no DICOM SR / overlay / SEG"
+        )
     opts, rest = parser.parse_known_args(list(argv))
     try:
         opts.overrides = json.loads(opts.overrides) if opts.overrides else None
@@ -655,6 +660,62 @@ def runner_kwargs(opts: argparse.Namespace) -> dict[str, Any]:
         **({"screen": opts.screen} if opts.screen else {}),
         **({"label": opts.label} if opts.label is not None else {}),
     }
+
+
+def run_dicom_folder(
+    input_folder: str | os.PathLike,
+    output_folder: str | os.PathLike,
+    model_path: str | os.PathLike,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The DICOM app without the SDK: judge the study in a folder, write its DICOM answer under
+    ``<output_folder>/dicom/<SeriesInstanceUID>/`` beside the NIfTI map and JSON record.
+
+    What :class:`GamverifyRunner.run_study` does for the PACS route, on files: the best usable image series is
+    judged (SR + Secondary Capture overlay + SEG for a segmentation bundle), or one SR says why none could be.
+
+    Args:
+        input_folder: DICOM files (searched recursively; one study).
+        output_folder: where the results go.
+        model_path: bundle or SDK model path.
+        kwargs: :class:`GamverifyRunner` arguments.
+
+    Returns:
+        :meth:`StudyResult.summary` plus ``files`` (the DICOM files written).
+
+    Raises:
+        ValueError: the folder holds no DICOM file, or several studies.
+    """
+    datasets = read_dicom_folder(input_folder)
+    if not datasets:
+        raise ValueError(f"no DICOM file in {input_folder}")
+    studies = sorted({str(getattr(ds, "StudyInstanceUID", "")) for ds in datasets})
+    if len(studies) > 1:
+        raise ValueError(f"{input_folder} holds {len(studies)} studies {studies}: give one study per run")
+    result = GamverifyRunner(model_path, output_folder, **kwargs).run_study(datasets)
+    files = write_datasets(result.objects, Path(output_folder) / "dicom")
+    return {**result.summary(), "files": [str(f) for f in files]}
+
+
+def folder_main(argv: Sequence[str] | None = None) -> int:
+    """``python examples/deploy_dicom_app -i STUDY -o OUT -m MODEL [app options]`` without the SDK: one JSON summary on
+    stdout (:func:`run_dicom_folder`); exit status 0 when the study was judged, 2 when an SR says why not."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts, rest = parse_app_options(argv, dicom=True)
+    parser = argparse.ArgumentParser(description="DICOM study folder -> SR + overlay (+ SEG), without the SDK")
+    parser.add_argument("-i", "--input", default=os.environ.get("HOLOSCAN_INPUT_PATH"), help="DICOM study folder")
+    parser.add_argument("-o", "--output", default=os.environ.get("HOLOSCAN_OUTPUT_PATH"), help="output folder")
+    parser.add_argument("-m", "--model", default=os.environ.get("HOLOSCAN_MODEL_PATH"), help="bundle or model path")
+    args = parser.parse_args(rest)
+    for name in ("input", "output", "model"):
+        if not getattr(args, name):
+            parser.error(f"--{name} is required (or its HOLOSCAN_*_PATH variable)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    summary = run_dicom_folder(args.input, args.output, args.model, **runner_kwargs(opts))
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "judged" else 2
 
 
 def _jsonable(value: Any) -> Any:

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import re
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -129,6 +130,10 @@ def _associate(ae: Any, node: PacsNode, **kwargs: Any) -> Any:
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         raise PacsError(f"association with {node} as {ae.ae_title} {why} (is the node up and this AE known to it?)")
+    try:  # each DIMSE message is written in pieces: without TCP_NODELAY every instance waits for a delayed ACK
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError) as err:  # another pynetdicom layout: slower, not wrong
+        logger.debug("TCP_NODELAY not set on the association with %s: %s", node, err)
     return assoc
 
 
