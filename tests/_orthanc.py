@@ -76,7 +76,7 @@ class OrthancServer:
             "DicomAlwaysAllowMove": False,
             "DicomCheckModalityHost": True,
             "DicomModalities": {aet.lower(): [aet, "127.0.0.1", 104] for aet in CLIENT_AETS},
-            "DicomThreadsCount": 2,
+            "DicomThreadsCount": 4,
             "DicomAssociationCloseDelay": 0,
             "UnknownSopClassAccepted": False,
             "SaveJobs": False,

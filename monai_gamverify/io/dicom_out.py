@@ -500,18 +500,41 @@ def _orientation_letters(v: np.ndarray) -> str:
     return out or letters[int(order[0])][0 if v[order[0]] > 0 else 1]
 
 
-def _blend(gray: np.ndarray, cam: np.ndarray, lut: np.ndarray, alpha: float) -> np.ndarray:
-    a = (alpha * np.clip(cam, 0.0, 1.0))[..., None]
-    a[cam[..., None] < 0.1] = 0.0
-    color = lut[np.clip((cam * 255).astype(np.int32), 0, 255)]
-    return ((1 - a) * gray[..., None] + a * color).astype(np.uint8)
+def _blend_table(alpha: float) -> np.ndarray:
+    """(256 gray levels x 256 map levels, 3) uint8: the gray level blended with the ``jet`` color of the map level at
+    opacity ``alpha`` x level (none below 0.1), flattened to (65536, 3) for one lookup per pixel."""
+    import matplotlib
+
+    levels = np.arange(256, dtype=np.float32)
+    jet = matplotlib.colormaps["jet"](levels / 255.0)[:, :3].astype(np.float32) * 255.0
+    a = np.where(levels / 255.0 < 0.1, 0.0, alpha * levels / 255.0).astype(np.float32)[None, :, None]
+    table = (1.0 - a) * levels[:, None, None] + a * jet[None, :, :]
+    return np.clip(np.rint(table), 0, 255).astype(np.uint8).reshape(-1, 3)
+
+
+def _derive(template: Any, **changes: Any) -> Any:
+    """A new dataset sharing ``template``'s unchanged elements (never modified afterwards), with new elements for
+    ``changes`` (keywords) and its own file meta: what a deep copy gives for a fraction of its cost."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    out = Dataset({tag: template[tag] for tag in template.keys()})
+    out.file_meta = FileMetaDataset(copy.deepcopy(template.file_meta))
+    for keyword, value in changes.items():
+        tag = tag_for_keyword(keyword)
+        vr = "OB" if keyword == "PixelData" else dictionary_VR(tag)
+        out[tag] = DataElement(tag, vr, value)
+    out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    return out
 
 
 def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0.5, description: str = "") -> list:
     """The map blended over the source slices as a Secondary Capture RGB series, one instance per source slice.
 
     Gray: the source slice in its window (``WindowCenter``/``WindowWidth``, else the 1st-99th percentiles); color:
-    the ``jet`` colormap of the map (values in [0, 1], below 0.1 left out), opacity ``alpha`` x value. Each instance
+    the ``jet`` colormap of the map (values in [0, 1], below 0.1 left out), opacity ``alpha`` x value; both quantized
+    to 256 levels and blended by one table lookup per pixel. Each instance
     carries the frame of reference, ``ImagePositionPatient``, ``ImageOrientationPatient``, ``PixelSpacing`` and
     ``SliceThickness`` of the slice it covers, and names it in ``SourceImageSequence``.
 
@@ -524,7 +547,6 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
     Returns:
         The instances (new Series and SOP Instance UIDs).
     """
-    import matplotlib
     from pydicom.dataset import Dataset
 
     hd = _hd()
@@ -534,7 +556,7 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
         raise ValueError(
             f"map frames {frames.shape} do not match the series ({n} slices of {source.array.shape[1::-1]})"
         )
-    lut = (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    table = _blend_table(alpha)
     lo, hi = source.window
     series_uid = hd.UID()
     first = source.datasets[0]
@@ -542,10 +564,20 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
     orientation = (_orientation_letters(iop[:3]), _orientation_letters(iop[3:]))
     link = {k: getattr(first, k, None) or None for k in LINK_KEYWORDS}
     out = []
-    template = pixel_free = None
+    template = None
+    scale = 255.0 / (hi - lo)
     for k, ds in enumerate(source.datasets):
-        gray = np.clip((source.array[:, :, k].T - lo) / (hi - lo) * 255.0, 0, 255)
-        rgb = _blend(gray, frames[k], lut, alpha)
+        gray = np.clip((source.array[:, :, k].T - lo) * scale, 0, 255).astype(np.uint16)
+        level = (np.clip(frames[k], 0.0, 1.0) * 255).astype(np.uint16)
+        rgb = np.take(table, (gray << 8) | level, axis=0)
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        per_slice = {
+            "ImagePositionPatient": list(ds.ImagePositionPatient),
+            "SourceImageSequence": [ref],
+            **({"SliceThickness": ds.SliceThickness} if getattr(ds, "SliceThickness", None) is not None else {}),
+        }
         if template is None:  # highdicom builds (and checks) the first; the others differ in per-slice attributes
             template = hd.sc.SCImage(
                 pixel_array=rgb,
@@ -576,25 +608,11 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
             template.PositionReferenceIndicator = ""
             template.ImageOrientationPatient = list(first.ImageOrientationPatient)
             template.ImageComments = "attention map (jet) over the source slice; not for primary diagnosis"
+            for key, value in per_slice.items():
+                setattr(template, key, value)
             sc = template
         else:
-            sc = copy.deepcopy(pixel_free)
-            uid = hd.UID()
-            sc.SOPInstanceUID = uid
-            sc.file_meta.MediaStorageSOPInstanceUID = uid
-            sc.InstanceNumber = k + 1
-            sc.PixelData = rgb.tobytes()
-        sc.ImagePositionPatient = list(ds.ImagePositionPatient)
-        if getattr(ds, "SliceThickness", None) is not None:
-            sc.SliceThickness = ds.SliceThickness
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        sc.SourceImageSequence = [ref]
-        if k == 0:
-            pixel_free = copy.deepcopy(Dataset({e.tag: e for e in template if e.keyword != "PixelData"}))
-            pixel_free.file_meta = copy.deepcopy(template.file_meta)
-            pixel_free.preamble = getattr(template, "preamble", None)
+            sc = _derive(template, SOPInstanceUID=hd.UID(), InstanceNumber=k + 1, PixelData=rgb.tobytes(), **per_slice)
         out.append(sc)
     return out
 

@@ -208,8 +208,17 @@ def retrieve_study(node: PacsNode, study_uid: str, *, ae_title: str = DEFAULT_AE
     return received
 
 
-def store_datasets(node: PacsNode, datasets: Sequence[Any], *, ae_title: str = DEFAULT_AE_TITLE) -> list[str]:
-    """C-STORE datasets to a node, in one association.
+def store_datasets(
+    node: PacsNode, datasets: Sequence[Any], *, ae_title: str = DEFAULT_AE_TITLE, associations: int = 1
+) -> list[str]:
+    """C-STORE datasets to a node.
+
+    Args:
+        node: the destination.
+        datasets: what to store (each with ``file_meta``).
+        ae_title: this application's AE title.
+        associations: parallel associations (instances dealt round-robin): a PACS answers each C-STORE after
+            writing it, so one association waits that long per instance.
 
     Returns:
         The SOP Instance UIDs stored.
@@ -219,6 +228,17 @@ def store_datasets(node: PacsNode, datasets: Sequence[Any], *, ae_title: str = D
     """
     if not datasets:
         return []
+    n = max(1, min(int(associations), len(datasets)))
+    if n == 1:
+        return _store_one_association(node, datasets, ae_title)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n, thread_name_prefix="c-store") as pool:
+        parts = list(pool.map(lambda i: _store_one_association(node, datasets[i::n], ae_title), range(n)))
+    return [uid for part in parts for uid in part]
+
+
+def _store_one_association(node: PacsNode, datasets: Sequence[Any], ae_title: str) -> list[str]:
     ae = _ae(ae_title)
     pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
     for sop_class, syntax in pairs:
@@ -248,6 +268,7 @@ class PacsRoute:
         source: the PACS studies come from.
         destination: where the answer goes (default: ``source``).
         ae_title: this application's AE title.
+        associations: parallel C-STORE associations for the answer (:func:`store_datasets`).
 
     Example:
         >>> route = PacsRoute(GamverifyRunner("bundles/sos_staging", "out"), parse_node("ORTHANC@127.0.0.1:4242"))
@@ -262,8 +283,10 @@ class PacsRoute:
         destination: PacsNode | None = None,
         *,
         ae_title: str = DEFAULT_AE_TITLE,
+        associations: int = 4,
     ) -> None:
         self.runner = runner
+        self.associations = associations
         self.source = source
         self.destination = destination or source
         self.ae_title = ae_title
@@ -281,7 +304,7 @@ class PacsRoute:
                 return {"study": study_uid, "status": "not found", "stored": {}, "times": {"read": t_read}}
             result = self.runner.run_study(datasets)
             t1 = time.perf_counter()
-            store_datasets(self.destination, result.objects, ae_title=self.ae_title)
+            store_datasets(self.destination, result.objects, ae_title=self.ae_title, associations=self.associations)
             t2 = time.perf_counter()
         except Exception as err:  # the network or the PACS: a log line, and the next study
             logger.error("study %s: %s: %s", study_uid, type(err).__name__, err)
@@ -312,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", action="append", required=True, help="StudyInstanceUID (repeatable)")
     parser.add_argument("--ae-title", default=DEFAULT_AE_TITLE, help=f"this app's AE title ({DEFAULT_AE_TITLE})")
     parser.add_argument("-m", "--model", required=True, help="bundle, or model path holding one (SDK layout too)")
+    parser.add_argument("--associations", type=int, default=4, help="parallel C-STORE associations (4)")
     parser.add_argument("--out", default=None, help="folder for the JSON records and NIfTI maps (default: temporary)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     args, rest = parser.parse_known_args(argv)
@@ -328,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gamverify_pacs_") as tmp:
         runner = GamverifyRunner(args.model, args.out or tmp, **runner_kwargs(opts))
-        route = PacsRoute(runner, source, destination, ae_title=args.ae_title)
+        route = PacsRoute(runner, source, destination, ae_title=args.ae_title, associations=args.associations)
         failed = 0
         for uid in args.study:
             summary = route.process(uid)
