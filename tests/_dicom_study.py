@@ -35,8 +35,10 @@ def ct_series(
     patient_id: str = "GV-TEST-1",
     seed: int = 0,
     description: str = "test CT",
+    volume: np.ndarray | None = None,
 ) -> list[Dataset]:
-    """A CT series (int16 stored, slope 1, intercept -1024), instances in shuffled order."""
+    """A CT series (uint16 stored, slope 1, intercept -1024), instances in shuffled order; ``volume`` (slice, row,
+    column) of stored values replaces the default noise with a block."""
     rng = np.random.default_rng(seed)
     rot = rotation(0.25, -0.15, 0.4) if oblique else np.eye(3)
     row_cos, col_cos = rot[:, 0], rot[:, 1]
@@ -44,6 +46,9 @@ def ct_series(
     origin = np.array([-30.0, 20.0, 100.0])
     vol = rng.normal(1000, 60, (n, rows, cols)).clip(0, 4000).astype(np.uint16)
     vol[n // 4 : 3 * n // 4, rows // 4 : rows // 2, cols // 3 : 2 * cols // 3] += 900  # asymmetric block
+    if volume is not None:
+        vol = np.asarray(volume, dtype=np.uint16)
+        n, rows, cols = vol.shape
     study = study_uid or generate_uid()
     series, frame = generate_uid(), generate_uid()
     out = []
