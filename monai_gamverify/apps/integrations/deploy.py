@@ -6,6 +6,12 @@ and ``verdict`` (dict: ``verdict``, ``p_suitable``, ``features``), and writes ``
 ``<name>_gamverify.json`` in its output folder. ``ImageFileLoaderOperator`` reads a NIfTI/NRRD/MHA file into an
 ``Image`` that keeps the affine (the SDK's ``NiftiDataLoader`` emits a bare array).
 
+DICOM out: with ``dicom_input`` (the example DICOM app's input folder) a judged DICOM volume also gets its answer as
+DICOM in ``<output folder>/dicom/`` (Comprehensive SR, Secondary Capture overlay series, SEG for a segmentation
+bundle; :mod:`monai_gamverify.io.dicom_out`). :meth:`GamverifyRunner.run_study` does the same for a study given as
+pydicom datasets (series selection, checks, one SR saying why when nothing can be judged): the PACS route
+(:mod:`~monai_gamverify.apps.integrations.pacs`) and :func:`run_dicom_folder` (the packaged app without the SDK) use it.
+
 The SDK is the optional extra ``deploy`` (``monai-deploy-app-sdk>=4``, ``pydicom``, ``highdicom``: without the last
 two ``import monai`` fails once the SDK is installed). The operator classes are built on first access; the logic they
 run, :class:`GamverifyRunner` and :func:`image_array_and_affine`, works without the SDK.
