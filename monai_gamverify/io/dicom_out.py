@@ -98,6 +98,7 @@ class SourceVolume:
         affine: 4x4 RAS affine of ``array`` (:func:`~monai_gamverify.io.dicom.dicom_affine`).
         datasets: the source instances in slice order (``array[..., k]`` is ``datasets[k]``).
         series_uid: SeriesInstanceUID.
+        window: (low, high) stored-value window of the overlay's gray (WindowCenter/Width, else percentiles).
     """
 
     array: np.ndarray
@@ -156,10 +157,16 @@ def select_series(series: Mapping[str, Sequence[Any]]) -> list[str]:
     return sorted(images, key=rank)
 
 
-def _same(datasets: Sequence[Any], key: str, uid: str, what: str) -> None:
-    values = {tuple(np.round(np.atleast_1d(np.asarray(getattr(d, key, None), dtype=float)), 4)) for d in datasets}
-    if len(values) > 1:
-        raise SeriesError(f"series {uid}: its instances have different {what} ({key}: {sorted(values)})", uid)
+def _same(datasets: Sequence[Any], key: str, uid: str, what: str, atol: float = 1e-4) -> None:
+    first = np.atleast_1d(np.asarray(getattr(datasets[0], key, None), dtype=float))
+    for ds in datasets[1:]:
+        value = np.atleast_1d(np.asarray(getattr(ds, key, None), dtype=float))
+        if value.shape != first.shape or not np.allclose(value, first, atol=atol):
+            raise SeriesError(
+                f"series {describe_series(datasets)}: its instances have different {what} ({key} {first.tolist()} "
+                f"and {value.tolist()})",
+                uid,
+            )
 
 
 def source_volume(datasets: Sequence[Any], *, gap_tolerance: float = 0.05) -> SourceVolume:
