@@ -100,7 +100,7 @@ def _threads(one_thread):
 
 
 def _push(orthanc, datasets):
-    store_datasets(parse_node(orthanc.node), datasets, ae_title="GVTEST")
+    store_datasets(parse_node(orthanc.node), datasets, ae_title="GVTEST", associations=4)
 
 
 def _results(orthanc, source):
