@@ -31,9 +31,9 @@ echo "== pip install $REPO into $ML_VENV (beside monailabel; torch and pydicom k
 "$ML_VENV/bin/python" -m pip install -q --disable-pip-version-check "$REPO" torch=="$("$ML_VENV/bin/python" -c \
     'import torch; print(torch.__version__.split("+")[0])')" pydicom=="$("$ML_VENV/bin/python" -c \
     'import pydicom; print(pydicom.__version__)')" 2> >(grep -v "^WARNING: Location" >&2)
+cd "$WORK"  # not the repository: the installed package, not the checkout, is imported
 "$ML_VENV/bin/python" -c "import monai_gamverify, monailabel, os, sys; print('monai_gamverify', monai_gamverify.__version__, \
     'from', os.path.dirname(monai_gamverify.__file__), '| monailabel', monailabel.__version__)"
-cd "$WORK"  # not the repository: the installed package, not the checkout, is imported
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 URL="http://127.0.0.1:$PORT"
 SERVER_PID=""
