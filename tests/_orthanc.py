@@ -76,7 +76,8 @@ class OrthancServer:
             "DicomAlwaysAllowMove": False,
             "DicomCheckModalityHost": True,
             "DicomModalities": {aet.lower(): [aet, "127.0.0.1", 104] for aet in CLIENT_AETS},
-            "DicomThreadsCount": 4,
+            "DicomThreadsCount": 8,
+            "MaximumPduLength": 131072,  # the largest Orthanc allows (default 16 KB)
             "DicomAssociationCloseDelay": 0,
             "UnknownSopClassAccepted": False,
             "SaveJobs": False,

@@ -122,6 +122,7 @@ def _ae(ae_title: str) -> Any:
 
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.maximum_pdu_size = 131072  # what the peer may send us (C-GET); pynetdicom's default is 16 KB
     return ae
 
 
@@ -283,7 +284,7 @@ class PacsRoute:
         destination: PacsNode | None = None,
         *,
         ae_title: str = DEFAULT_AE_TITLE,
-        associations: int = 4,
+        associations: int = 8,
     ) -> None:
         self.runner = runner
         self.associations = associations
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", action="append", required=True, help="StudyInstanceUID (repeatable)")
     parser.add_argument("--ae-title", default=DEFAULT_AE_TITLE, help=f"this app's AE title ({DEFAULT_AE_TITLE})")
     parser.add_argument("-m", "--model", required=True, help="bundle, or model path holding one (SDK layout too)")
-    parser.add_argument("--associations", type=int, default=4, help="parallel C-STORE associations (4)")
+    parser.add_argument("--associations", type=int, default=8, help="parallel C-STORE associations (8)")
     parser.add_argument("--out", default=None, help="folder for the JSON records and NIfTI maps (default: temporary)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     args, rest = parser.parse_known_args(argv)
