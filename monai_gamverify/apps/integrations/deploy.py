@@ -414,28 +414,37 @@ class GamverifyRunner:
         ]
         return "; ".join(parts)
 
-    def dicom_objects(self, source: Any, record: Mapping[str, Any]) -> list[Any]:
+    def dicom_objects(self, source: Any, record: Mapping[str, Any], maps: Mapping[str, Any] | None = None) -> list[Any]:
         """SR + Secondary Capture overlay (+ SEG for a segmentation bundle) of one judged series, built in memory.
 
         Args:
             source: the :class:`~monai_gamverify.io.dicom_out.SourceVolume` the record was computed on.
             record: :meth:`_record`'s answer.
+            maps: the pipeline's maps in memory (``run_array(..., keep_maps=True)["maps"]``); ``None`` reads the
+                record's NIfTI files.
 
         Raises:
             ValueError: a map is not on the series' grid (nothing is returned then).
         """
-        import nibabel as nib
-
+        from monai_gamverify.io import affine_of
         from monai_gamverify.io.dicom_out import overlay_sc, report_sr, segmentation_seg, to_source_frames
 
-        cam_img = nib.load(record["cam"])
-        cam = to_source_frames(np.asarray(cam_img.dataobj, dtype=np.float32), cam_img.affine, source)
+        def on_source(key: str, path: str, dtype: Any) -> np.ndarray:
+            if maps is not None and key in maps:
+                arr, ref = maps[key]
+                arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
+                return to_source_frames(arr.astype(dtype, copy=False), affine_of(ref), source)
+            import nibabel as nib
+
+            img = nib.load(path)
+            return to_source_frames(np.asarray(img.dataobj, dtype=dtype), img.affine, source)
+
+        cam = on_source("cam", record["cam"], np.float32)  # float32: the values the NIfTI holds
         objects = [report_sr(source.datasets, record, self.model, protocol=self.protocol())]
         objects += overlay_sc(source, cam, description=f"gamverify attention {record['cam_method']}")
         pred = record["prediction"]
         if "label_map" in pred:
-            seg_img = nib.load(pred["label_map"])
-            labels = to_source_frames(np.asarray(seg_img.dataobj), seg_img.affine, source)
+            labels = on_source("label_map", pred["label_map"], np.uint8)
             objects.append(segmentation_seg(source, labels, pred["labels"], self.model))
         return objects
 
@@ -478,15 +487,17 @@ class GamverifyRunner:
             if source is None:
                 raise SeriesError("no usable image series: " + " | ".join(skipped))
             t1 = time.perf_counter()
-            record = self._record(
-                self.pipeline.run_array(source.array, self.output_folder, affine=source.affine, name=source.series_uid),
-                {"StudyInstanceUID": study, "SeriesInstanceUID": source.series_uid,
-                 "Modality": str(getattr(source.datasets[0], "Modality", ""))},
-            )  # fmt: skip
+            res = self.pipeline.run_array(
+                source.array, self.output_folder, affine=source.affine, name=source.series_uid, keep_maps=True
+            )
+            maps = res.pop("maps", None)
+            record = self._record(res, {"StudyInstanceUID": study, "SeriesInstanceUID": source.series_uid,
+                                        "Modality": str(getattr(source.datasets[0], "Modality", ""))})  # fmt: skip
             t2 = time.perf_counter()
             if skipped:
                 record["reasons"] = [*(record.get("reasons") or []), *(f"skipped: {s}" for s in skipped)]
-            objects = self.dicom_objects(source, record)
+            objects = self.dicom_objects(source, record, maps)
+            del maps
             t3 = time.perf_counter()
         except Exception as err:  # bad input or a failure while judging: one SR that says so, nothing partial
             reason = str(err) if isinstance(err, SeriesError) else f"{type(err).__name__}: {err}"
