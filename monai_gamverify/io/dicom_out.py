@@ -271,6 +271,9 @@ def to_source_frames(array: Any, affine: Any, source: SourceVolume, *, atol: flo
         source: the series it must lie on.
         atol: tolerance (voxels) of the grid match.
 
+    Returns:
+        A view of ``array`` (not copied: a 512x512x128 transpose costs 0.3 s, and the writers read it in slabs).
+
     Raises:
         ValueError: the volume is not on the source grid (a permutation or flip of its axes).
     """
@@ -296,7 +299,7 @@ def to_source_frames(array: Any, affine: Any, source: SourceVolume, *, atol: flo
     expected = np.array([shape[i] - 1 if signs[i] < 0 else 0 for i in range(3)], dtype=float)
     if not np.allclose(m[:3, 3], expected, atol=atol):
         raise ValueError(f"the volume is shifted from the series' grid by {np.round(m[:3, 3] - expected, 4)} voxels")
-    return np.ascontiguousarray(np.transpose(out, (2, 1, 0)))  # (X, Y, Z) -> (Z, Y=row, X=column)
+    return np.transpose(out, (2, 1, 0))  # (X, Y, Z) -> (Z, Y=row, X=column): a view, copied by whoever needs to
 
 
 def _hd():
@@ -557,7 +560,7 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
     from pydicom.dataset import Dataset
 
     hd = _hd()
-    frames = np.asarray(cam_frames, dtype=np.float32)
+    frames = np.asarray(cam_frames)
     n = len(source.datasets)
     if frames.shape != (n, *source.array.shape[1::-1]):
         raise ValueError(
@@ -573,14 +576,13 @@ def overlay_sc(source: SourceVolume, cam_frames: np.ndarray, *, alpha: float = 0
     out = []
     template = None
     scale = 255.0 / (hi - lo)
-    gray = np.empty(frames.shape, dtype=np.uint16)  # (slice, row, column) gray levels, in slabs along the slices:
-    for k in range(0, n, 16):  # the volume's slices are its last, strided axis: one frame at a time is 2x slower
-        slab = np.clip((source.array[:, :, k : k + 16] - lo) * scale, 0, 255).astype(np.uint16)
-        gray[k : k + 16] = slab.transpose(2, 1, 0)
+    index = np.empty(frames.shape, dtype=np.uint16)  # gray level << 8 | map level, (slice, row, column)
+    for k in range(0, n, 16):  # in slabs: slices are the volume's last, strided axis (one at a time is 2x slower)
+        gray = np.clip((source.array[:, :, k : k + 16] - lo) * scale, 0, 255).astype(np.uint16).transpose(2, 1, 0)
+        level = (np.clip(frames[k : k + 16], 0.0, 1.0) * 255).astype(np.uint16)
+        np.bitwise_or(gray << 8, level, out=index[k : k + 16])
     for k, ds in enumerate(source.datasets):
-        index = gray[k] << 8
-        index |= (np.clip(frames[k], 0.0, 1.0) * 255).astype(np.uint16)
-        rgb = np.take(table, index, axis=0)
+        rgb = np.take(table, index[k], axis=0)
         ref = Dataset()
         ref.ReferencedSOPClassUID = ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
