@@ -1,8 +1,8 @@
 """This package installs beside MONAI Label 0.8.5: ``pip install --dry-run`` of torch 2.13.0 (first, as the README
 says), ``monailabel==0.8.5`` (with the ``pydicom==2.4.5`` its pydicom-seg needs) and this checkout, in a throwaway
 virtual environment, resolves (no ``ResolutionImpossible``: the package no longer requires ``jsonschema>=4``, which
-monailabel's pydicom-seg caps below 4). Slow (about 2 minutes: pip reads ~160 packages' metadata); skipped when the
-registry does not answer."""
+monailabel's pydicom-seg caps below 4). Slow (about 2 minutes the first time: pip reads ~160 packages' metadata; 30 s
+with pip's cache); skipped when the registry does not answer."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def test_resolves_beside_monailabel(tmp_path):
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    got = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"]
+        for i in json.loads(report.read_text(encoding="utf-8"))["install"]
+    }
     assert got["monailabel"] == "0.8.5" and got["monai-gamverify"] and got["torch"].startswith("2.13.0")
     assert got["pydicom"] == "2.4.5" and int(got.get("jsonschema", "3").split(".")[0]) < 4
