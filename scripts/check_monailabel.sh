@@ -7,7 +7,8 @@
 #
 # The venv: python3 -m venv $ML_VENV && $ML_VENV/bin/pip install torch==2.13.0 \
 #           && $ML_VENV/bin/pip install monailabel==0.8.5 'pydicom==2.4.5'
-# This repository is put on PYTHONPATH (its own dependencies come with monailabel: monai, nibabel, skops, pandas).
+# This package is installed into that venv with pip (`pip install $REPO`, no PYTHONPATH), beside MONAI Label: the same
+# resolution a clinic gets from `pip install monailabel==0.8.5 monai-gamverify` (tests/test_install.py checks it).
 # The bundle gets small untrained weights (small_cnn, width 4, 16^3) made here: the checks are about serving, not
 # about the model. Bounded: at most 240 s to start, N_TIMED (default 7) timed requests per route.
 set -euo pipefail
@@ -25,7 +26,14 @@ SERVER_TMP="$WORK/server_tmp"
 mkdir -p "$SERVER_TMP"
 # the launcher runs `python -m monailabel.main` from PATH: the venv's bin must come first
 export PATH="$ML_VENV/bin:$PATH"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+unset PYTHONPATH
+echo "== pip install $REPO into $ML_VENV (beside monailabel; torch and pydicom kept as installed)"
+"$ML_VENV/bin/python" -m pip install -q --disable-pip-version-check "$REPO" torch=="$("$ML_VENV/bin/python" -c \
+    'import torch; print(torch.__version__.split("+")[0])')" pydicom=="$("$ML_VENV/bin/python" -c \
+    'import pydicom; print(pydicom.__version__)')" 2> >(grep -v "^WARNING: Location" >&2)
+cd "$WORK"  # not the repository: the installed package, not the checkout, is imported
+"$ML_VENV/bin/python" -c "import monai_gamverify, monailabel, os, sys; print('monai_gamverify', monai_gamverify.__version__, \
+    'from', os.path.dirname(monai_gamverify.__file__), '| monailabel', monailabel.__version__)"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 URL="http://127.0.0.1:$PORT"
 SERVER_PID=""

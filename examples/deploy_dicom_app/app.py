@@ -9,8 +9,11 @@ Chain: ``DICOMDataLoaderOperator`` -> ``DICOMSeriesSelectorOperator`` (CT, else 
 ``GamverifyOperator``. ``-m`` may be the bundle itself or the SDK's default layout ``<model path>/models/<bundle>``.
 The bundle and its weights are checked when the app is composed, before the study is read. Writes
 ``out/<SeriesInstanceUID>_cam.nii.gz`` (the map on the series' grid, RAS affine from ImageOrientationPatient /
-ImagePositionPatient / PixelSpacing) and ``out/<SeriesInstanceUID>_gamverify.json`` (prediction, probabilities,
-garbage rejection, verdict, the series' UIDs and modality; no DICOM SR or SEG is written).
+ImagePositionPatient / PixelSpacing), ``out/<SeriesInstanceUID>_gamverify.json`` (prediction, probabilities,
+garbage rejection, verdict, the series' UIDs and modality) and the DICOM answer in
+``out/dicom/<new SeriesInstanceUID>/``: a Comprehensive SR, the Secondary Capture overlay series and, for a
+segmentation bundle, a SEG (``--no-dicom-out``: none). ``python examples/deploy_dicom_app ...`` (``__main__.py``,
+what ``monai-deploy package`` runs) does the same without the SDK when it is not installed.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class GamverifyDicomApp(Application):
             bundle_path=Path(ctx.model_path),
             output_folder=Path(ctx.output_path),
             name="gamverify",
+            dicom_input=Path(ctx.input_path) if getattr(opts, "dicom_out", True) else None,
             **runner_kwargs(opts),
         )
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=Path(ctx.input_path), name="load")

@@ -6,6 +6,12 @@ and ``verdict`` (dict: ``verdict``, ``p_suitable``, ``features``), and writes ``
 ``<name>_gamverify.json`` in its output folder. ``ImageFileLoaderOperator`` reads a NIfTI/NRRD/MHA file into an
 ``Image`` that keeps the affine (the SDK's ``NiftiDataLoader`` emits a bare array).
 
+DICOM out: with ``dicom_input`` (the example DICOM app's input folder) a judged DICOM volume also gets its answer as
+DICOM in ``<output folder>/dicom/`` (Comprehensive SR, Secondary Capture overlay series, SEG for a segmentation
+bundle; :mod:`monai_gamverify.io.dicom_out`). :meth:`GamverifyRunner.run_study` does the same for a study given as
+pydicom datasets (series selection, checks, one SR saying why when nothing can be judged): the PACS route
+(:mod:`~monai_gamverify.apps.integrations.pacs`) and :func:`run_dicom_folder` (the packaged app without the SDK) use it.
+
 The SDK is the optional extra ``deploy`` (``monai-deploy-app-sdk>=4``, ``pydicom``, ``highdicom``: without the last
 two ``import monai`` fails once the SDK is installed). The operator classes are built on first access; the logic they
 run, :class:`GamverifyRunner` and :func:`image_array_and_affine`, works without the SDK.
@@ -27,7 +33,9 @@ import argparse
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,10 @@ from monai_gamverify.io.dicom import series_affine_from_metadata
 
 __all__ = [
     "GamverifyRunner",
+    "StudyResult",
+    "model_info",
+    "read_dicom_folder",
+    "write_datasets",
     "image_array_and_affine",
     "sdk_available",
     "resolve_bundle",
@@ -47,6 +59,8 @@ __all__ = [
     "DICOM_RECORD_KEYS",
     "parse_app_options",
     "runner_kwargs",
+    "run_dicom_folder",
+    "folder_main",
 ]
 
 #: series selection rules for ``DICOMSeriesSelectorOperator``: the first CT series, else the first MR series, that is
@@ -282,6 +296,8 @@ class GamverifyRunner:
         bundle_path: bundle directory or SDK model path.
         output_folder: where the map and the JSON go (created).
         bundle_name: the bundle's directory name when the model path holds several.
+        dicom_input: the DICOM input folder of an SDK app: a judged DICOM volume also gets its DICOM answer (SR,
+            Secondary Capture overlay, SEG) in ``<output_folder>/dicom/`` (:meth:`write_dicom_for`).
         kwargs: :class:`~monai_gamverify.apps.integrations.SuitabilityPipeline` arguments (``reference``, ``verifier``,
             ``threshold``, ``overrides``, ``checkpoint``, ``require_weights``, ``garbage_threshold``, ``device`` ...).
 
@@ -295,9 +311,11 @@ class GamverifyRunner:
         output_folder: str | os.PathLike,
         *,
         bundle_name: str | None = None,
+        dicom_input: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         self.bundle_path = resolve_bundle(bundle_path, name=bundle_name)
+        self.dicom_input = Path(dicom_input) if dicom_input is not None else None
         self.output_folder = Path(output_folder)
         self.kwargs = dict(kwargs)
         self.weights = check_weights(
@@ -318,8 +336,6 @@ class GamverifyRunner:
         Returns:
             ``(prediction, cam path, verdict)``; ``<name>_gamverify.json`` with all of it is written beside the map.
         """
-        from monai_gamverify.io import write_json
-
         dicom: dict[str, Any] = {}
         if isinstance(value, (str, os.PathLike)):
             res = self.pipeline.run(value, self.output_folder)
@@ -329,6 +345,15 @@ class GamverifyRunner:
                 dicom = {k: _jsonable(meta[k]) for k in DICOM_RECORD_KEYS if meta.get(k) is not None}
             arr, affine, name = image_array_and_affine(value)
             res = self.pipeline.run_array(arr, self.output_folder, affine=affine, name=name)
+        record = self._record(res, dicom)
+        if self.dicom_input is not None and dicom.get("SeriesInstanceUID"):
+            self.write_dicom_for(dicom["SeriesInstanceUID"], record)
+        return record["prediction"], Path(record["cam"]), {k: record[k] for k in _VERDICT_KEYS}
+
+    def _record(self, res: Mapping[str, Any], dicom: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON record of one pipeline answer, written as ``<name>_gamverify.json`` beside the map."""
+        from monai_gamverify.io import write_json
+
         if res.get("task") == "segmentation":  # label map + Seg-Grad-CAM of the pipeline's label
             prediction = {
                 "label_map": res["label_map"],
@@ -359,16 +384,225 @@ class GamverifyRunner:
         record = {
             "image": res["image"],
             "bundle": str(self.bundle_path),
+            "model": self.model,
             "prediction": prediction,
             "cam": str(cam),
             "cam_layer": res["cam_layer"],
             "cam_method": res["cam_method"],
             **verdict,
         }
-        if dicom.get("SeriesInstanceUID"):
-            record["dicom"] = dicom
+        if dicom and dicom.get("SeriesInstanceUID"):
+            record["dicom"] = dict(dicom)
         write_json(record, self.output_folder / f"{stem}_gamverify.json")
-        return prediction, cam, verdict
+        return record
+
+    @property
+    def model(self) -> dict[str, str]:
+        """``{"name", "version"}`` of the bundle (its ``metadata.json``)."""
+        return model_info(self.bundle_path)
+
+    def protocol(self) -> str:
+        """How the verdict is reached, in words (for the SR)."""
+        kw = self.kwargs
+        parts = [
+            f"verifier {Path(kw['verifier']).name}" if kw.get("verifier") else "no verifier (unverified)",
+            f"reference {Path(kw['reference']).name}" if kw.get("reference") else "no reference map",
+            f"threshold {self.pipeline.threshold:g}",
+            f"screen {Path(str(kw['screen'])).name}"
+            if isinstance(kw.get("screen"), (str, os.PathLike))
+            else ("screen given" if kw.get("screen") is not None else "no in-distribution screen"),
+            f"CAM {self.pipeline.method} at {self.pipeline.layer}",
+        ]
+        return "; ".join(parts)
+
+    def dicom_objects(self, source: Any, record: Mapping[str, Any], maps: Mapping[str, Any] | None = None) -> list[Any]:
+        """SR + Secondary Capture overlay (+ SEG for a segmentation bundle) of one judged series, built in memory.
+
+        Args:
+            source: the :class:`~monai_gamverify.io.dicom_out.SourceVolume` the record was computed on.
+            record: :meth:`_record`'s answer.
+            maps: the pipeline's maps in memory (``run_array(..., keep_maps=True)["maps"]``); ``None`` reads the
+                record's NIfTI files.
+
+        Raises:
+            ValueError: a map is not on the series' grid (nothing is returned then).
+        """
+        from monai_gamverify.io import affine_of
+        from monai_gamverify.io.dicom_out import overlay_sc, report_sr, segmentation_seg, to_source_frames
+
+        def on_source(key: str, path: str, dtype: Any) -> np.ndarray:
+            if maps is not None and key in maps:
+                arr, ref = maps[key]
+                arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
+                return to_source_frames(arr.astype(dtype, copy=False), affine_of(ref), source)
+            import nibabel as nib
+
+            img = nib.load(path)
+            return to_source_frames(np.asarray(img.dataobj, dtype=dtype), img.affine, source)
+
+        cam = on_source("cam", record["cam"], np.float32)  # float32: the values the NIfTI holds
+        objects = [report_sr(source.datasets, record, self.model, protocol=self.protocol())]
+        objects += overlay_sc(source, cam, description=f"gamverify attention {record['cam_method']}")
+        pred = record["prediction"]
+        if "label_map" in pred:
+            labels = on_source("label_map", pred["label_map"], np.uint8)
+            objects.append(segmentation_seg(source, labels, pred["labels"], self.model))
+        return objects
+
+    def run_study(self, datasets: Sequence[Any]) -> StudyResult:
+        """Judge a study given as pydicom datasets and build its DICOM answer; never raises for bad input.
+
+        The best image series (:func:`~monai_gamverify.io.dicom_out.select_series`) that reads as one volume is
+        judged (a series that does not is logged, named in the SR, and the next one tried); the answer is the SR,
+        the overlay series and (segmentation) the SEG. A study with no usable series, or a failure while judging or
+        writing, gives one SR saying so (``status`` ``"not judged"``) and nothing else: never a partial answer.
+
+        Args:
+            datasets: the study's instances (with pixel data).
+
+        Returns:
+            :class:`StudyResult`.
+        """
+        from monai_gamverify.io.dicom_out import (
+            SeriesError,
+            failure_sr,
+            group_series,
+            select_series,
+            source_volume,
+        )
+
+        datasets = list(datasets)
+        t0 = time.perf_counter()
+        study = str(getattr(datasets[0], "StudyInstanceUID", "")) if datasets else ""
+        skipped: list[str] = []
+        try:
+            series = group_series(datasets)
+            source = None
+            for uid in select_series(series):
+                try:
+                    source = source_volume(series[uid])
+                    break
+                except SeriesError as err:
+                    logger.warning("study %s: %s", study, err)
+                    skipped.append(str(err))
+            if source is None:
+                raise SeriesError("no usable image series: " + " | ".join(skipped))
+            t1 = time.perf_counter()
+            res = self.pipeline.run_array(
+                source.array, self.output_folder, affine=source.affine, name=source.series_uid, keep_maps=True
+            )
+            maps = res.pop("maps", None)
+            record = self._record(res, {"StudyInstanceUID": study, "SeriesInstanceUID": source.series_uid,
+                                        "Modality": str(getattr(source.datasets[0], "Modality", ""))})  # fmt: skip
+            t2 = time.perf_counter()
+            if skipped:
+                record["reasons"] = [*(record.get("reasons") or []), *(f"skipped: {s}" for s in skipped)]
+            objects = self.dicom_objects(source, record, maps)
+            del maps
+            t3 = time.perf_counter()
+        except Exception as err:  # bad input or a failure while judging: one SR that says so, nothing partial
+            reason = str(err) if isinstance(err, SeriesError) else f"{type(err).__name__}: {err}"
+            logger.error("study %s not judged: %s", study, reason)
+            objects = []
+            if datasets:
+                try:
+                    objects = [failure_sr(datasets, reason, self.model)]
+                except Exception as sr_err:  # a header too broken to link an SR to: the log line must do
+                    logger.error("study %s: no SR written either: %s: %s", study, type(sr_err).__name__, sr_err)
+            return StudyResult(study, "not judged", reason, None, objects, {"total": time.perf_counter() - t0})
+        times = {"volume": t1 - t0, "model": t2 - t1, "dicom_build": t3 - t2}
+        return StudyResult(study, "judged", None, record, objects, times)
+
+    def write_dicom_for(self, series_uid: str, record: Mapping[str, Any]) -> list[Path]:
+        """SDK route: read the judged series from :attr:`dicom_input` and write its DICOM answer to
+        ``<output_folder>/dicom/``; an error is logged and leaves no file."""
+        from monai_gamverify.io.dicom_out import source_volume
+
+        datasets = [
+            ds for ds in read_dicom_folder(self.dicom_input) if getattr(ds, "SeriesInstanceUID", None) == series_uid
+        ]
+        try:
+            objects = self.dicom_objects(source_volume(datasets), record)
+        except Exception as err:
+            logger.error("series %s: no DICOM answer written: %s", series_uid, err)
+            return []
+        return write_datasets(objects, self.output_folder / "dicom")
+
+
+@dataclass
+class StudyResult:
+    """What :meth:`GamverifyRunner.run_study` made of a study.
+
+    Attributes:
+        study_uid: StudyInstanceUID.
+        status: ``"judged"`` or ``"not judged"``.
+        reason: why not judged (naming the series), else ``None``.
+        record: the JSON record of the judged series, else ``None``.
+        objects: the DICOM answer (SR, overlay instances, SEG; or the one failure SR).
+        times: seconds per step (``volume``, ``model``, ``dicom_build``).
+    """
+
+    study_uid: str
+    status: str
+    reason: str | None
+    record: dict[str, Any] | None
+    objects: list[Any] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary (SOP classes and counts of the answer)."""
+        classes: dict[str, int] = {}
+        for ds in self.objects:
+            name = getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
+            classes[name] = classes.get(name, 0) + 1
+        out = {"study": self.study_uid, "status": self.status, "objects": classes, "times": self.times}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.record:
+            out.update({k: self.record.get(k) for k in ("verdict", "p_suitable", "in_distribution", "p_value")})
+            out["series"] = (self.record.get("dicom") or {}).get("SeriesInstanceUID")
+        return out
+
+
+def model_info(bundle: str | os.PathLike) -> dict[str, str]:
+    """``{"name", "version"}`` from a bundle's ``configs/metadata.json`` (``"unknown"`` where absent)."""
+    from monai_gamverify.bundle import read_metadata
+
+    try:
+        meta, _ = read_metadata(bundle)
+    except (FileNotFoundError, ValueError):
+        meta = {}
+    return {"name": str(meta.get("name") or Path(bundle).name), "version": str(meta.get("version") or "unknown")}
+
+
+def read_dicom_folder(folder: str | os.PathLike) -> list[Any]:
+    """Every DICOM file under ``folder`` (recursively) read with pydicom; unreadable files are logged and skipped."""
+    import pydicom
+
+    from monai_gamverify.io.dicom import is_dicom_file
+
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and is_dicom_file(path):
+            try:
+                out.append(pydicom.dcmread(str(path)))
+            except Exception as err:
+                logger.warning("skipping %s: not readable as DICOM (%s)", path, err)
+    return out
+
+
+def write_datasets(datasets: Sequence[Any], folder: str | os.PathLike) -> list[Path]:
+    """Write datasets as ``<Modality>_<SeriesNumber>_<InstanceNumber>.dcm`` files (a folder per series)."""
+    out = []
+    for ds in datasets:
+        path = Path(folder) / str(ds.SeriesInstanceUID) / f"{ds.Modality}_{int(ds.InstanceNumber):04d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(str(path), enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+_VERDICT_KEYS = ("verdict", "in_distribution", "p_value", "reasons", "p_suitable", "threshold", "features")
 
 
 def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argparse.Namespace, list[str]]:
@@ -402,6 +636,9 @@ def parse_app_options(argv: Sequence[str], *, dicom: bool = False) -> tuple[argp
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     if dicom:
         parser.add_argument("--rules", default=None, help="series selection rules: JSON text or a .json file")
+        parser.add_argument(
+            "--no-dicom-out", dest="dicom_out", action="store_false", help="write no DICOM SR / overlay / SEG"
+        )
     opts, rest = parser.parse_known_args(list(argv))
     try:
         opts.overrides = json.loads(opts.overrides) if opts.overrides else None
@@ -441,6 +678,62 @@ def runner_kwargs(opts: argparse.Namespace) -> dict[str, Any]:
         **({"screen": opts.screen} if opts.screen else {}),
         **({"label": opts.label} if opts.label is not None else {}),
     }
+
+
+def run_dicom_folder(
+    input_folder: str | os.PathLike,
+    output_folder: str | os.PathLike,
+    model_path: str | os.PathLike,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The DICOM app without the SDK: judge the study in a folder, write its DICOM answer under
+    ``<output_folder>/dicom/<SeriesInstanceUID>/`` beside the NIfTI map and JSON record.
+
+    What :class:`GamverifyRunner.run_study` does for the PACS route, on files: the best usable image series is
+    judged (SR + Secondary Capture overlay + SEG for a segmentation bundle), or one SR says why none could be.
+
+    Args:
+        input_folder: DICOM files (searched recursively; one study).
+        output_folder: where the results go.
+        model_path: bundle or SDK model path.
+        kwargs: :class:`GamverifyRunner` arguments.
+
+    Returns:
+        :meth:`StudyResult.summary` plus ``files`` (the DICOM files written).
+
+    Raises:
+        ValueError: the folder holds no DICOM file, or several studies.
+    """
+    datasets = read_dicom_folder(input_folder)
+    if not datasets:
+        raise ValueError(f"no DICOM file in {input_folder}")
+    studies = sorted({str(getattr(ds, "StudyInstanceUID", "")) for ds in datasets})
+    if len(studies) > 1:
+        raise ValueError(f"{input_folder} holds {len(studies)} studies {studies}: give one study per run")
+    result = GamverifyRunner(model_path, output_folder, **kwargs).run_study(datasets)
+    files = write_datasets(result.objects, Path(output_folder) / "dicom")
+    return {**result.summary(), "files": [str(f) for f in files]}
+
+
+def folder_main(argv: Sequence[str] | None = None) -> int:
+    """``python examples/deploy_dicom_app -i STUDY -o OUT -m MODEL [app options]`` without the SDK: one JSON summary on
+    stdout (:func:`run_dicom_folder`); exit status 0 when the study was judged, 2 when an SR says why not."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts, rest = parse_app_options(argv, dicom=True)
+    parser = argparse.ArgumentParser(description="DICOM study folder -> SR + overlay (+ SEG), without the SDK")
+    parser.add_argument("-i", "--input", default=os.environ.get("HOLOSCAN_INPUT_PATH"), help="DICOM study folder")
+    parser.add_argument("-o", "--output", default=os.environ.get("HOLOSCAN_OUTPUT_PATH"), help="output folder")
+    parser.add_argument("-m", "--model", default=os.environ.get("HOLOSCAN_MODEL_PATH"), help="bundle or model path")
+    args = parser.parse_args(rest)
+    for name in ("input", "output", "model"):
+        if not getattr(args, name):
+            parser.error(f"--{name} is required (or its HOLOSCAN_*_PATH variable)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    summary = run_dicom_folder(args.input, args.output, args.model, **runner_kwargs(opts))
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "judged" else 2
 
 
 def _jsonable(value: Any) -> Any:
