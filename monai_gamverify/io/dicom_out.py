@@ -24,6 +24,7 @@ from the source; nothing else of the source header is carried over (:data:`LINK_
 
 highdicom (extra ``dicom``) is imported on first use.
 """
+# long module: the series checks and the three DICOM writers (SR, Secondary Capture, SEG) share one UID policy
 
 from __future__ import annotations
 

@@ -56,6 +56,7 @@ Example:
     >>> pipe.screen.score(pipe.observe("new.nii.gz"))
     {'in_distribution': True, 'p_value': 0.41, 'reasons': [], ...}
 """
+# long module: the Screen estimator (record, fit, score, save, load) holds its own state in one class
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Over 500 lines because it is the one engine every route shares: construction fro
 the observation (its strategies are in :mod:`~monai_gamverify.apps.pipeline.strategies`), the per-image rules, the
 batched features and verdicts, the files. Splitting these would spread one image's path over several modules.
 """
+# long module: the single-image engine; load, observe, screen, verify and write share its state
 
 from __future__ import annotations
 
