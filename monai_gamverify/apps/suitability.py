@@ -176,6 +176,11 @@ def _load(role: str, name: str, root: Any, device: Any, overrides: Mapping | Non
     checkpoint = overrides.pop("checkpoint", None)  # a weights file other than models/model.pt
     try:
         bm = load_bundle(path, checkpoint=checkpoint, device=device, overrides=overrides)
+        if bm.task == "segmentation":
+            raise ValueError(
+                "the label-free verdict covers classification bundles; verify segmentation bundles with the "
+                "supervised study (--labels with --label)"
+            )
         return ImagePipeline.from_bundle(bm, device=device)
     except (ValueError, OSError, RuntimeError) as err:  # name the bundle: a user has many and one does not load
         raise ValueError(f"{role} {name!r} ({path}): {type(err).__name__}: {err}") from err
