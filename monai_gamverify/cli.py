@@ -396,16 +396,7 @@ def verify(
     from monai_gamverify.apps.suitability import verify_suitability
 
     def as_dict(value: Any, what: str) -> dict:
-        if value is None:
-            return {}
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f'--{what} is not valid JSON ({err}): give \'{{"name": "bundle_dir"}}\'') from None
-        if not isinstance(value, dict):
-            raise ValueError(f"--{what} must be a JSON object {{name: value}}, got {type(value).__name__}")
-        return value
+        return {} if value is None else dict(value) if isinstance(value, dict) else json_dict(value, f"--{what}")
 
     result = verify_suitability(
         reference, as_dict(candidates, "candidates"), dataset_dir, out=out,

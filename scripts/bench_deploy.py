@@ -30,6 +30,25 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 
+#: a small network on the sos_staging bundle: what the PACS round trip runs (its weights are seeded, not trained)
+SMALL_BUNDLE = {"network_name": "small_cnn", "networks#small_cnn#width": 8, "roi_size": [32] * 3, "pixdim": [2.5] * 3}
+
+
+def seeded_bundle(work: Path, seed: int = 0) -> tuple[Path, dict]:
+    """A copy of the sos_staging bundle under ``work`` with seeded random weights, and its config overrides."""
+    import torch
+
+    from monai_gamverify.bundle import load_bundle
+
+    bundle = work / "sos_staging"
+    shutil.copytree(REPO / "bundles" / "sos_staging" / "configs", bundle / "configs")
+    torch.manual_seed(seed)
+    net = load_bundle(bundle, overrides=SMALL_BUNDLE, require_weights=False, device="cpu").network
+    (bundle / "models").mkdir()
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    return bundle, dict(SMALL_BUNDLE)
+
+
 def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -48,18 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from monai_gamverify.apps.integrations.deploy import GamverifyRunner
     from monai_gamverify.apps.integrations.pacs import PacsRoute, parse_node, store_datasets
-    from monai_gamverify.bundle import load_bundle
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    overrides = {"network_name": "small_cnn", "networks#small_cnn#width": 8, "roi_size": [32] * 3, "pixdim": [2.5] * 3}
     with tempfile.TemporaryDirectory(prefix="bench_deploy_") as tmp:
         work = Path(tmp)
-        bundle = work / "sos_staging"
-        shutil.copytree(REPO / "bundles" / "sos_staging" / "configs", bundle / "configs")
-        torch.manual_seed(0)
-        net = load_bundle(bundle, overrides=overrides, require_weights=False, device="cpu").network
-        (bundle / "models").mkdir()
-        torch.save(net.state_dict(), bundle / "models" / "model.pt")
+        bundle, overrides = seeded_bundle(work)
         runner = GamverifyRunner(bundle, work / "out", overrides=overrides, device="cpu")
         with OrthancServer(work / "orthanc") as orthanc:
             node = parse_node(orthanc.node)

@@ -12,7 +12,6 @@ PixelSpacing aspect, beside the source slice they cover: the three frames the ma
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 
 def phantom(n: int = 48, size: int = 128, seed: int = 0) -> np.ndarray:
@@ -46,23 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
     from _dicom_study import ct_series
     from _orthanc import OrthancServer
+    from bench_deploy import seeded_bundle
 
     from monai_gamverify.apps.integrations.deploy import GamverifyRunner
     from monai_gamverify.apps.integrations.pacs import PacsRoute, parse_node, store_datasets
-    from monai_gamverify.bundle import load_bundle
 
-    overrides = {"network_name": "small_cnn", "networks#small_cnn#width": 8, "roi_size": [32] * 3, "pixdim": [2.5] * 3}
     with tempfile.TemporaryDirectory(prefix="render_overlay_") as tmp:
         work = Path(tmp)
-        bundle = work / "sos_staging"
-        shutil.copytree(REPO / "bundles" / "sos_staging" / "configs", bundle / "configs")
-        torch.manual_seed(0)
-        net = load_bundle(bundle, overrides=overrides, require_weights=False, device="cpu").network
-        (bundle / "models").mkdir()
-        torch.save(net.state_dict(), bundle / "models" / "model.pt")
+        bundle, overrides = seeded_bundle(work)
         study = ct_series(volume=phantom(), spacing=(1.2, 0.9), step=2.5, oblique=False, description="phantom CT")
         with OrthancServer(work / "orthanc") as orthanc:
             node = parse_node(orthanc.node)

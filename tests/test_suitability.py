@@ -26,6 +26,7 @@ from monai_gamverify.verification.evidence import (
     map_agreement,
     mean_map_agreement,
     observe_model,
+    prediction_agreement,
     task_mismatches,
 )
 from monai_gamverify.verification.suitability import (
@@ -45,6 +46,16 @@ def test_cohen_kappa_equals_sklearn(seed):
     a = rng.integers(0, 5, 30)
     b = np.where(rng.random(30) < 0.6, a, rng.integers(0, 5, 30))
     assert cohen_kappa(a, b) == pytest.approx(cohen_kappa_score(a, b), abs=1e-12)
+
+
+def test_prediction_agreement_reads_a_kplus1_candidate_over_the_reference_classes():
+    rng = np.random.default_rng(7)
+    ref = ModelObservation(rng.random((12, 3)), torch.zeros(12, 1, 2, 2))
+    cand = ModelObservation(np.c_[ref.probs[:, ::-1], np.full(12, 9.0)], torch.zeros(12, 1, 2, 2))  # garbage wins
+    want = cohen_kappa_score(ref.probs[:, ::-1].argmax(1), ref.probs.argmax(1))
+    assert prediction_agreement(cand, ref) == pytest.approx(want)
+    with pytest.raises(ValueError, match="label spaces"):
+        prediction_agreement(ModelObservation(rng.random((12, 5)), torch.zeros(12, 1, 2, 2)), ref)
 
 
 def test_cohen_kappa_constant_is_zero_not_nan():

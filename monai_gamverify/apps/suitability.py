@@ -30,7 +30,7 @@ from monai_gamverify.apps.pipeline import ImagePipeline
 from monai_gamverify.apps.report import Report
 from monai_gamverify.bundle import BundleModel, load_bundle
 from monai_gamverify.data.datalist import list_images, read_datalist_split
-from monai_gamverify.io import write_csv, write_json
+from monai_gamverify.io import affine_of, write_csv, write_json
 from monai_gamverify.verification.evidence import EVIDENCE, ModelObservation, atc_accuracy, observe_model
 from monai_gamverify.verification.suitability import (
     SuitabilityPrior,
@@ -123,7 +123,7 @@ def target_images(dataset_dir: str | os.PathLike, n_images: int = 20, seed: int 
 def _aligner(ref_images: Sequence[Any], images: Sequence[Any]):
     """A map resampler onto the reference's preprocessed grid, or None when both grids are the same."""
     same = all(
-        tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(_affine(a), _affine(b), atol=1e-4)
+        tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(affine_of(a), affine_of(b), atol=1e-4)
         for a, b in zip(ref_images, images)
     )
     if same:
@@ -132,25 +132,16 @@ def _aligner(ref_images: Sequence[Any], images: Sequence[Any]):
     from monai.transforms import SpatialResample
 
     resample = SpatialResample(mode="bilinear", padding_mode="zeros")
-    state = {"i": 0}
 
-    def align(maps: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    def align(maps: torch.Tensor, start: int) -> torch.Tensor:
         out = []
-        for m in maps:
-            i = state["i"]
-            src = MetaTensor(m.float(), affine=torch.as_tensor(_affine(images[i])))
-            dst_affine = torch.as_tensor(_affine(ref_images[i]))
-            dst = resample(src, dst_affine=dst_affine, spatial_size=ref_images[i].shape[1:])
-            out.append(torch.as_tensor(dst))
-            state["i"] += 1
+        for i, m in enumerate(maps, start):
+            src = MetaTensor(m.float(), affine=torch.as_tensor(affine_of(images[i])))
+            dst_affine = torch.as_tensor(affine_of(ref_images[i]))
+            out.append(torch.as_tensor(resample(src, dst_affine=dst_affine, spatial_size=ref_images[i].shape[1:])))
         return torch.stack(out)
 
     return align
-
-
-def _affine(img: Any) -> np.ndarray:
-    aff = getattr(img, "affine", None)
-    return np.eye(img.ndim) if aff is None else np.asarray(aff, float).reshape(-1, aff.shape[-1])[-aff.shape[-1] :]
 
 
 def observe_bundle(
@@ -163,7 +154,7 @@ def observe_bundle(
     feature = bm.feature_layers[0] if bm.feature_layers else None
     return observe_model(
         bm.network, x, pipe.target_layers[0] if isinstance(pipe.target_layers, list) else pipe.target_layers,
-        feature_layer=feature, batch_size=1 if align is not None else 8, val_conf=bm.passport.get("val_conf"),
+        feature_layer=feature, val_conf=bm.passport.get("val_conf"),
         info=task_info(bm), align=align,
     )  # fmt: skip
 

@@ -36,19 +36,6 @@ __all__ = ["BundlePassport", "validation_confidences", "write_passport"]
 logger = logging.getLogger(__name__)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready copy of a config value (tensors, tuples and numpy scalars become lists and numbers)."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
-
-
 @torch.no_grad()
 def validation_confidences(network: torch.nn.Module, loader: Any, device: Any = None) -> dict[str, list]:
     """Maximum softmax probability and correctness of every validation image (what ATC needs).
@@ -127,7 +114,7 @@ def write_passport(
         The passport's path.
     """
     root = Path(bundle_root)
-    doc: dict[str, Any] = {"format": PASSPORT_FORMAT, "settings": _plain(dict(settings))}
+    doc: dict[str, Any] = {"format": PASSPORT_FORMAT, "settings": dict(settings)}
     if cam_layer:
         doc["cam_layer"] = str(cam_layer)
     if feature_layers:

@@ -33,6 +33,7 @@ __all__ = [
     "observe_model",
     "common_grid",
     "cohen_kappa",
+    "aligned_probabilities",
     "prediction_agreement",
     "map_agreement",
     "mean_map_agreement",
@@ -102,7 +103,7 @@ def observe_model(
     batch_size: int = 8,
     val_conf: Mapping[str, Sequence[float]] | None = None,
     info: Mapping[str, Any] | None = None,
-    align: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    align: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> ModelObservation:
     """Observe a classifier on preprocessed target images: probabilities, Grad-CAM of the predicted class and the
     early feature map, both on the common grid. One forward + backward per batch for the CAM (the logits come from
@@ -117,8 +118,9 @@ def observe_model(
         batch_size: images per pass.
         val_conf: the model's validation confidences, kept for :func:`atc_accuracy`.
         info: task metadata kept for :func:`task_mismatches`.
-        align: ``(maps, images) -> maps`` applied to each batch's maps (on the input's grid) before the common
-            grid, e.g. a resampling onto the reference model's grid when two bundles preprocess differently.
+        align: ``(maps, start) -> maps`` applied to each batch's maps (on the input's grid; ``start`` = index of the
+            batch's first image) before the common grid, e.g. a resampling onto the reference model's grid when two
+            bundles preprocess differently.
 
     Returns:
         :class:`ModelObservation`.
@@ -137,8 +139,8 @@ def observe_model(
         cam_maps = res.maps.cpu()
         feat_maps = feature_map(model, xb, feature_layer).cpu() if feature_layer is not None else None
         if align is not None:
-            cam_maps = align(cam_maps, xb)
-            feat_maps = None if feat_maps is None else align(feat_maps, xb)
+            cam_maps = align(cam_maps, i)
+            feat_maps = None if feat_maps is None else align(feat_maps, i)
         maps.append(common_grid(cam_maps, grid))
         if feat_maps is not None:
             feats.append(common_grid(feat_maps, grid))
@@ -173,14 +175,31 @@ def cohen_kappa(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) ->
     return float((observed - expected) / (1.0 - expected))
 
 
+def aligned_probabilities(candidate: ModelObservation, reference: ModelObservation) -> np.ndarray | None:
+    """The candidate's probabilities over the reference's classes: its own when the label spaces match, the first K
+    columns of a K+1 (garbage-class) model, ``None`` when the label spaces differ otherwise."""
+    kc, kr = candidate.probs.shape[1], reference.probs.shape[1]
+    if kc == kr:
+        return candidate.probs
+    if kc == kr + 1:
+        return candidate.probs[:, :kr]
+    return None
+
+
 def prediction_agreement(candidate: ModelObservation, reference: ModelObservation) -> float:
-    """Cohen's kappa of the candidate's and the reference's predicted classes (label spaces must match)."""
-    if candidate.probs.shape != reference.probs.shape:
+    """Cohen's kappa of the candidate's and the reference's predicted classes on the same images (a K+1 candidate
+    over its first K classes).
+
+    Raises:
+        ValueError: other images or label spaces that cannot be aligned (:func:`aligned_probabilities`).
+    """
+    probs = aligned_probabilities(candidate, reference)
+    if probs is None or len(probs) != len(reference.probs):
         raise ValueError(
-            "prediction agreement needs the same images and classes: "
+            "prediction agreement needs the same images and label spaces: "
             f"{candidate.probs.shape} vs {reference.probs.shape}"
         )
-    return cohen_kappa(candidate.predictions, reference.predictions)
+    return cohen_kappa(probs.argmax(1), reference.predictions)
 
 
 def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

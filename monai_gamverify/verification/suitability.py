@@ -38,10 +38,12 @@ from monai_gamverify.io import write_json
 from monai_gamverify.verification.evidence import (
     EVIDENCE,
     ModelObservation,
+    aligned_probabilities,
     atc_accuracy,
     cohen_kappa,
     disattenuated_agreement,
     mean_map_agreement,
+    prediction_agreement,
     task_mismatches,
 )
 
@@ -72,16 +74,6 @@ _DESCRIBE = {
 }
 
 
-def _aligned_probs(candidate: ModelObservation, reference: ModelObservation) -> np.ndarray | None:
-    """The candidate's probabilities over the reference's classes (a K+1 model: its first K columns), or None."""
-    kc, kr = candidate.probs.shape[1], reference.probs.shape[1]
-    if kc == kr:
-        return candidate.probs
-    if kc == kr + 1:
-        return candidate.probs[:, :kr]
-    return None
-
-
 def pair_evidence(candidate: ModelObservation, reference: ModelObservation) -> dict[str, float]:
     """Every evidence of a (candidate, reference) pair observed on the same images (NaN where it cannot be
     computed: agreement across label spaces, features without a feature layer, ATC without validation
@@ -92,8 +84,8 @@ def pair_evidence(candidate: ModelObservation, reference: ModelObservation) -> d
     """
     if len(candidate.probs) != len(reference.probs):
         raise ValueError(f"candidate and reference observed {len(candidate.probs)} and {len(reference.probs)} images")
-    probs = _aligned_probs(candidate, reference)
-    agreement = np.nan if probs is None else cohen_kappa(probs.argmax(1), reference.predictions)
+    aligned = aligned_probabilities(candidate, reference) is not None
+    agreement = prediction_agreement(candidate, reference) if aligned else np.nan
     attention = disattenuated_agreement(candidate.cam, reference.cam)
     features = np.nan
     if candidate.features is not None and reference.features is not None:
@@ -303,7 +295,8 @@ def judge_candidate(
     mismatch = task_mismatches(candidate.info, reference.info)
     if mismatch:
         return SuitabilityVerdict("not suitable", 0.0, ["another task: " + "; ".join(mismatch)], screen_p=screen_p)
-    if _aligned_probs(candidate, reference) is None:
+    probs = aligned_probabilities(candidate, reference)
+    if probs is None:
         k = (candidate.probs.shape[1], reference.probs.shape[1])
         return SuitabilityVerdict(
             "not suitable", 0.0, [f"another task: it predicts {k[0]} classes, the reference {k[1]}"], screen_p=screen_p
@@ -324,9 +317,7 @@ def judge_candidate(
     cols = [EVIDENCE.index(e) for e in use]
     null = null[:, cols]
     null = null[np.isfinite(null).all(axis=1)] if len(cols) else null[:0]
-    related = related_pvalue(
-        _aligned_probs(candidate, reference).argmax(1), reference.predictions, n_perm=n_perm, seed=seed
-    )
+    related = related_pvalue(probs.argmax(1), reference.predictions, n_perm=n_perm, seed=seed)
     if len(null) + 1 < int(np.ceil(1.0 / alpha)) or not use:
         reasons = [
             f"too few null rows ({len(null)}) to test at alpha = {alpha}: give >= {int(np.ceil(1 / alpha)) - 1} "
