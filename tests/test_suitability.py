@@ -151,6 +151,10 @@ def test_task_mismatch_decides_with_words():
     kplus1 = {"num_classes": 6, "class_names": [*"abcde", "garbage"]}
     assert task_mismatches(kplus1, {"num_classes": 5, "class_names": list("abcde")}) == []
     assert task_mismatches({}, {"num_classes": 5}) == []  # a bundle without metadata: nothing to compare
+    other_grid = {"num_classes": 5, "spatial_shape": [24] * 3, "pixdim": [1.67] * 3, "intensity_window": [-1000, 2000]}
+    same_task = {"num_classes": 5, "spatial_shape": [32] * 3, "pixdim": [1.25] * 3, "intensity_window": [-1000, 2000]}
+    assert task_mismatches(other_grid, same_task) == []  # another preprocessing grid is not another task
+    assert "window" in task_mismatches({**other_grid, "intensity_window": [0, 1]}, same_task)[0]
 
 
 def test_verdicts_with_a_prior_and_with_references_only():

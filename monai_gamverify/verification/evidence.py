@@ -299,7 +299,8 @@ def task_mismatches(candidate: Mapping[str, Any], reference: Mapping[str, Any], 
 
     Compares what both declare (a field missing on either side is not a mismatch, but is reported by the caller as
     unknown): number of classes (a K+1 model whose first K class names are the reference's is compatible), class
-    names, modality, input channels, spatial shape, voxel size (relative tolerance ``rtol``) and intensity window.
+    names, modality, input channels and intensity window (relative tolerance ``rtol``). Input shape and voxel size
+    are not compared: they are how a bundle preprocesses, and its maps are brought onto the reference's grid.
 
     Args:
         candidate: task info (keys ``num_classes``, ``class_names``, ``modality``, ``num_channels``,
@@ -323,7 +324,9 @@ def task_mismatches(candidate: Mapping[str, Any], reference: Mapping[str, Any], 
         vc, vr = candidate.get(key), reference.get(key)
         if vc is not None and vr is not None and str(vc).lower() != str(vr).lower():
             reasons.append(f"its {what} is {vc}, the reference's {vr}")
-    for key, what in (("spatial_shape", "input shape"), ("pixdim", "voxel size"), ("intensity_window", "window")):
+    # input shape and voxel size are how a bundle preprocesses, not its task: its maps are resampled onto the
+    # reference's grid instead (apps.suitability); the intensity window says which images it reads
+    for key, what in (("intensity_window", "window"),):
         vc, vr = candidate.get(key), reference.get(key)
         if vc is None or vr is None:
             continue

@@ -14,7 +14,7 @@ of a suitable candidate is <= alpha under exchangeability, whatever the evidence
 Rejecting H0 says *not suitable*. Not rejecting it is not yet a proof: *suitable* also needs positive evidence that
 the candidate is related to the reference (its predictions agree beyond chance: a seeded permutation test of
 Cohen's kappa). Otherwise the verdict is *undecided*. A task mismatch in the bundles' metadata (classes, modality,
-input geometry, window) decides *not suitable* by itself, with p = 0, and the candidate's own in-distribution
+input channels, intensity window) decides *not suitable* by itself, with p = 0, and the candidate's own in-distribution
 screen (when it ships one) is a second test (Bonferroni over the two).
 
 Example:
